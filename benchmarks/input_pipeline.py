@@ -1,0 +1,115 @@
+"""Speed and padding of the training input pipeline alone, on real text; prints one JSON object.
+
+  python benchmarks/input_pipeline.py [--batch_tokens=25000] [--runs=5] [--batches=20]
+
+Uses ../shared/data (Multi30k and the WMT EN-DE sample) as local parallel text. For each
+corpus: BPE vocabulary training time, length-index time, and for 'bucket' and 'pack' batching
+the real (non-padding) token throughput of the iterator (median of --runs runs of --batches
+batches, source + target tokens) and the real-token fraction over one epoch (of the full
+batches, and of all batches including the epoch's partial last one).
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from absl import logging  # noqa: E402
+import numpy as np  # noqa: E402
+
+from transformer import config_defaults as cd  # noqa: E402
+from transformer import data  # noqa: E402
+from transformer import tokenizer as tk  # noqa: E402
+
+DATA = pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'data'
+CORPORA = {  # name: (train prefix, default vocabulary size)
+    'multi30k': (DATA / 'multi30k' / 'train', 8000),
+    'wmt_ende_sample': (DATA / 'wmt_ende_sample' / 'train.tok', 37000),
+}
+
+
+def _real_tokens(batch):
+  return int((batch['inputs_segmentation'] > 0).sum() + (batch['targets_segmentation'] > 0).sum())
+
+
+def bench_corpus(prefix, vocab_size, args):
+  c = cd.base_config()
+  c.vocab_size = vocab_size
+  c.data.update(source='local', train=str(prefix), batch_tokens=args.batch_tokens,
+                max_length=args.max_length, bucket_step=args.bucket_step,
+                bucket_growth=args.bucket_growth)
+  out = {}
+  with tempfile.TemporaryDirectory() as workdir:
+    start = time.perf_counter()
+    tok = tk.load_or_train(c, workdir)
+    out['vocab_train_seconds'] = round(time.perf_counter() - start, 3)
+    out['vocab_pieces'] = tok.vocab_size
+    for batching in ('bucket', 'pack'):
+      c.data.batching = batching
+      start = time.perf_counter()
+      it = data.make_train_iterator(c, tok)
+      init = time.perf_counter() - start  # first one builds the length index, then cached
+      # Real-token fraction over one epoch: of the batches with every row in use (what a
+      # large corpus sees), and of all batches, including the epoch's partial last batch,
+      # whose empty rows weigh a lot when an epoch has only a dozen batches.
+      real, total = np.zeros(2), np.zeros(2)
+      shapes = set()
+      while True:
+        batch = next(it)
+        if it.get_state()['epoch'] != 0:
+          break
+        full = bool((batch['inputs_segmentation'] > 0).any(axis=1).all())
+        for k in ((0, 1) if full else (1,)):
+          real[k] += _real_tokens(batch)
+          total[k] += 2 * batch['inputs'].size
+        shapes.add(batch['inputs'].shape)
+      speeds = []
+      for _ in range(args.runs):
+        start, tokens = time.perf_counter(), 0
+        for _ in range(args.batches):
+          tokens += _real_tokens(next(it))
+        speeds.append(tokens / (time.perf_counter() - start))
+      out[batching] = dict(
+          tokens_per_second=round(statistics.median(speeds)),
+          tokens_per_second_runs=[round(s) for s in speeds],
+          real_token_fraction=round(real[0] / total[0], 4),
+          real_token_fraction_whole_epoch=round(real[1] / total[1], 4),
+          batch_shapes_in_epoch=len(shapes),
+          iterator_init_seconds=round(init, 3),
+      )
+    out['stats'] = it.stats
+  return out
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--batch_tokens', type=int, default=25_000)
+  parser.add_argument('--max_length', type=int, default=256)
+  defaults = cd.base_config().data
+  parser.add_argument('--bucket_step', type=int, default=defaults.bucket_step)
+  parser.add_argument('--bucket_growth', type=float, default=defaults.bucket_growth)
+  parser.add_argument('--runs', type=int, default=5)
+  parser.add_argument('--batches', type=int, default=20)
+  parser.add_argument('--corpora', default=','.join(CORPORA))
+  args = parser.parse_args()
+  logging.set_verbosity(logging.WARNING)
+  result = dict(benchmark='input_pipeline', machine=f'{platform.machine()}, {os.cpu_count()} cpus',
+                settings=vars(args), corpora={})
+  for name in args.corpora.split(','):
+    prefix, vocab_size = CORPORA[name]
+    if not pathlib.Path(f'{prefix}.en').exists():
+      result['corpora'][name] = f'skipped: {prefix}.en not present'
+      continue
+    result['corpora'][name] = bench_corpus(prefix, vocab_size, args)
+  print(json.dumps(result, default=lambda x: x.item() if isinstance(x, np.generic) else str(x)))
+
+
+if __name__ == '__main__':
+  main()

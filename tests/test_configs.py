@@ -1,0 +1,106 @@
+"""Configs of the paper and the `summary` command line."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from transformer import config_defaults as cd
+from transformer import model as model_lib
+from transformer.summary import count_parameters, forward_flops
+
+from test_model import hand_count
+
+TABLE3_ROWS = ['base', 'A1', 'A2', 'A3', 'A4', 'B1', 'B2', 'C1', 'C2', 'C3', 'C4', 'C5', 'C6',
+               'C7', 'D1', 'D2', 'D3', 'D4', 'E', 'big']
+
+
+def load(repo_root, name, arg=None):
+    spec = importlib.util.spec_from_file_location(name, repo_root / 'configs' / f'{name}.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def test_every_config_builds_and_validates(repo_root):
+    for name, args in [('wmt14_ende', ['base', 'big', 'base,runlocal']),
+                       ('wmt14_enfr', ['base', 'big']), ('local', ['base', 'big']),
+                       ('demo', [None, 'runlocal']), ('table3', TABLE3_ROWS)]:
+        for arg in args:
+            c = load(repo_root, name, arg)
+            cd.validate(c)
+            assert c.source_lang != c.target_lang
+
+
+def test_paper_settings(repo_root):
+    ende_big = load(repo_root, 'wmt14_ende', 'big')
+    assert (ende_big.model.d_model, ende_big.model.num_heads, ende_big.model.dropout_rate) == (1024, 16, 0.3)
+    assert ende_big.train.steps == 300_000 and ende_big.decode.average_last == 20
+    assert load(repo_root, 'wmt14_enfr', 'big').model.dropout_rate == 0.1  # section 6.1
+    base = load(repo_root, 'wmt14_ende', 'base')
+    assert (base.train.adam_b1, base.train.adam_b2, base.train.adam_eps) == (0.9, 0.98, 1e-9)
+    assert base.train.warmup_steps == 4000 and base.train.label_smoothing == 0.1
+    assert (base.decode.beam_size, base.decode.length_penalty, base.decode.max_extra_length) == (4, 0.6, 50)
+    assert base.data.batch_tokens == 25_000 and base.vocab_size == 37000
+    assert load(repo_root, 'wmt14_enfr', 'base').vocab_size == 32000
+
+
+@pytest.mark.parametrize('row', TABLE3_ROWS)
+def test_table3_rows_count_as_the_architecture(repo_root, row):
+    c = load(repo_root, 'table3', row)
+    m = c.model
+    expected = hand_count(c.vocab_size, m.num_encoder_layers, m.num_decoder_layers, m.d_model,
+                          m.d_ff, m.num_heads, m.d_k, m.d_v)
+    if m.positional == 'learned':
+        expected += m.max_position * m.d_model
+    assert count_parameters(c)['total'] == expected
+    assert c.train.label_smoothing == {'D3': 0.0, 'D4': 0.2}.get(row, 0.1)
+
+
+def test_flop_count_matches_xla():
+    c = cd.shrink(cd.base_config())
+    c.vocab_size = 64
+    m = model_lib.create_model(c)
+    src = jnp.ones((1, 12), jnp.int32)
+    tgt = jnp.ones((1, 10), jnp.int32)
+    compiled = jax.jit(lambda m, x, y: m(x, y)).lower(m, src, tgt).compile()
+    analysis = compiled.cost_analysis()
+    analysis = analysis[0] if isinstance(analysis, list) else analysis
+    ours = forward_flops(c.model, c.vocab_size, 12, 10)['total']
+    # XLA also counts softmax, layer norm and the elementwise work; matmuls dominate.
+    assert ours <= analysis['flops'] <= 1.3 * ours
+
+
+def run_cli(repo_root, *args):
+    env = dict(os.environ, PYTHONPATH=str(repo_root))
+    return subprocess.run([sys.executable, '-m', 'transformer.summary', *args], cwd=repo_root,
+                          env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_summary_json(repo_root):
+    r = run_cli(repo_root, '--config=configs/wmt14_ende.py:big', '--json')
+    assert r.returncode == 0, r.stderr
+    s = json.loads(r.stdout)
+    assert s['parameters']['total'] == 214_245_376
+    assert s['training_flops_per_token'] == 3 * s['forward_flops_per_token']
+    assert s['memory_bytes']['total'] == 214_245_376 * 4 * 3
+
+
+@pytest.mark.parametrize('args,needle', [
+    (['--config=configs/table3.py:Z9'], "unknown config argument 'Z9'; valid: base, A1"),
+    (['--config=configs/table3.py:A1', '--config.model.nope=1'], "unknown config field 'model.nope'"),
+    (['--config=configs/table3.py:A1', '--config.model.num_heads=7'], 'not divisible by model.num_heads=7'),
+    (['--config=configs/missing.py'], "config file 'configs/missing.py' does not exist"),
+    (['--config=configs/demo.py', '--config.model.d_model=abc'], 'd_model=abc'),
+])
+def test_bad_config_input_is_one_line_and_exit_2(repo_root, args, needle):
+    r = run_cli(repo_root, *args)
+    assert r.returncode == 2
+    errors = [line for line in r.stderr.splitlines() if line.startswith('error:')]
+    assert len(errors) == 1 and needle in errors[0], r.stderr
+    assert 'Traceback' not in r.stderr

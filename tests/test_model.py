@@ -1,0 +1,196 @@
+"""The model of section 3: positions, masks, tying, parameter counts, cached decoding, sharding."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from transformer import config_defaults as cd
+from transformer import model as model_lib
+from transformer import sharding
+from transformer.multi_head_attention import attention_mask
+
+
+def tiny_config(**model_overrides):
+    c = cd.shrink(cd.base_config())
+    c.vocab_size = 40
+    c.model.dropout_rate = 0.0
+    c.model.update(model_overrides)
+    return c
+
+
+def random_tokens(rng, shape, pad_from=None):
+    x = rng.integers(3, 40, shape)
+    if pad_from is not None:
+        for row, start in enumerate(pad_from):
+            x[row, start:] = 0
+    return jnp.asarray(x, jnp.int32)
+
+
+def test_sinusoids_match_section_3_5():
+    table = model_lib.sinusoidal_table(50, 16)
+    for pos in (0, 1, 7, 49):
+        for i in range(8):
+            angle = pos / 10000 ** (2 * i / 16)
+            assert table[pos, 2 * i] == pytest.approx(math.sin(angle), abs=1e-6)
+            assert table[pos, 2 * i + 1] == pytest.approx(math.cos(angle), abs=1e-6)
+
+
+def test_attention_mask_padding_future_and_segments():
+    seg = jnp.array([[1, 1, 2, 2, 0]])
+    mask = np.asarray(attention_mask(seg, seg, causal=True))[0, 0]
+    expected = np.array([[1, 0, 0, 0, 0],
+                         [1, 1, 0, 0, 0],
+                         [0, 0, 1, 0, 0],
+                         [0, 0, 1, 1, 0],
+                         [0, 0, 0, 0, 0]], bool)
+    np.testing.assert_array_equal(mask, expected)
+
+
+@pytest.mark.parametrize('norm', ['post', 'pre'])
+def test_padding_and_future_tokens_have_no_influence(norm):
+    c = tiny_config(norm=norm)
+    m = model_lib.create_model(c, seed=0)
+    rng = np.random.default_rng(0)
+    inputs = random_tokens(rng, (2, 9), pad_from=[9, 5])
+    targets = random_tokens(rng, (2, 8), pad_from=[8, 6])
+    logits = m(inputs, targets)
+    # Padding of the source: change the padded ids (keeping them padding is implicit in
+    # segments), here by passing explicit segments and garbage tokens at padded places.
+    seg = (inputs != 0).astype(jnp.int32)
+    garbage = jnp.where(seg == 0, 7, inputs)
+    logits_garbage = m(garbage, targets, inputs_segmentation=seg)
+    real = np.asarray(targets != 0)  # outputs at padded target positions are never used
+    np.testing.assert_allclose(logits[real], logits_garbage[real], atol=1e-5)
+    # The future: changing target t+1.. leaves logits at 0..t unchanged (they read targets
+    # shifted right, so position t sees targets < t).
+    t = 4
+    changed = targets.at[:, t:].set(5)
+    logits_changed = m(inputs, changed)
+    np.testing.assert_allclose(logits[:, :t + 1], logits_changed[:, :t + 1], atol=1e-5)
+    assert not np.allclose(logits[0, t + 1:], logits_changed[0, t + 1:], atol=1e-3)
+
+
+def test_packed_examples_do_not_see_each_other():
+    c = tiny_config()
+    m = model_lib.create_model(c, seed=0)
+    rng = np.random.default_rng(1)
+    a_in, b_in = random_tokens(rng, (1, 4)), random_tokens(rng, (1, 3))
+    a_out, b_out = random_tokens(rng, (1, 5)), random_tokens(rng, (1, 2))
+    packed_in = jnp.concatenate([a_in, b_in, jnp.zeros((1, 2), jnp.int32)], 1)
+    packed_out = jnp.concatenate([a_out, b_out, jnp.zeros((1, 1), jnp.int32)], 1)
+    in_seg = jnp.array([[1, 1, 1, 1, 2, 2, 2, 0, 0]])
+    in_pos = jnp.array([[0, 1, 2, 3, 0, 1, 2, 0, 0]])
+    out_seg = jnp.array([[1, 1, 1, 1, 1, 2, 2, 0]])
+    out_pos = jnp.array([[0, 1, 2, 3, 4, 0, 1, 0]])
+    packed = m(packed_in, packed_out, in_seg, out_seg, in_pos, out_pos)
+    np.testing.assert_allclose(packed[:, :5], m(a_in, a_out), atol=1e-5)
+    np.testing.assert_allclose(packed[:, 5:7], m(b_in, b_out), atol=1e-5)
+
+
+def test_one_embedding_matrix_is_shared_three_ways():
+    c = tiny_config()
+    m = model_lib.create_model(c, seed=0)
+    params = nnx.state(m, nnx.Param)
+    vocab_sized = [p for p, x in jax.tree_util.tree_leaves_with_path(params)
+                   if c.vocab_size in x.shape]
+    assert len(vocab_sized) == 1
+    # The output projection is the embedding transposed: logits of a zeroed decoder state
+    # direction e_j equal E e_j.
+    x = jnp.eye(c.model.d_model)[:3][None]
+    np.testing.assert_allclose(m._logits(x)[0], m.embed.embedding[...][:, :3].T, atol=1e-6)
+    # Input embeddings read the same matrix (times sqrt(d_model), section 3.4).
+    emb = m._embed(jnp.array([[5]]), jnp.array([[0]]), target=True) \
+        - jnp.asarray(model_lib.sinusoidal_table(c.model.max_position, c.model.d_model))[0]
+    np.testing.assert_allclose(emb[0, 0], m.embed.embedding[...][5] * math.sqrt(c.model.d_model),
+                               atol=1e-5)
+
+
+def hand_count(vocab, n_enc, n_dec, d, d_ff, h, d_k, d_v):
+    """Parameters counted by hand: biases everywhere, no final LayerNorm (post-LN)."""
+    attention = d * h * d_k * 2 + d * h * d_v + 2 * h * d_k + h * d_v + h * d_v * d + d
+    ffn = d * d_ff + d_ff + d_ff * d + d
+    norm = 2 * d
+    return (vocab * d + n_enc * (attention + ffn + 2 * norm)
+            + n_dec * (2 * attention + ffn + 3 * norm))
+
+
+@pytest.mark.parametrize('preset,expected', [('base', 63_082_496), ('big', 214_245_376)])
+def test_parameter_counts_of_base_and_big(preset, expected):
+    from transformer.summary import count_parameters
+    c = cd.apply_model(cd.base_config(), preset)
+    m = c.model
+    assert hand_count(37000, m.num_encoder_layers, m.num_decoder_layers, m.d_model, m.d_ff,
+                      m.num_heads, m.d_k, m.d_v) == expected
+    counts = count_parameters(c)
+    assert counts['total'] == expected
+    assert counts['embedding'] == 37000 * m.d_model
+
+
+@pytest.mark.parametrize('overrides', [
+    dict(norm='post'), dict(norm='pre'), dict(positional='learned'),
+    dict(share_embeddings=False), dict(num_heads=2, d_k=4, d_v=12)])
+def test_cached_decoding_equals_full_forward(overrides):
+    c = tiny_config(**overrides)
+    m = model_lib.create_model(c, seed=3)
+    rng = np.random.default_rng(2)
+    inputs = random_tokens(rng, (3, 7), pad_from=[7, 4, 2])
+    targets = random_tokens(rng, (3, 6))
+    full = m(inputs, targets)
+    seg = (inputs != 0).astype(jnp.int32)
+    cache = m.init_cache(m.encode(inputs), max_length=6)
+    step = jax.jit(lambda tok, i, cache: m.decode_step(tok, i, cache, seg))
+    previous = jnp.zeros((3,), jnp.int32)
+    for i in range(6):
+        logits, cache = step(previous, i, cache)
+        np.testing.assert_allclose(logits, full[:, i], atol=1e-5, rtol=1e-5)
+        previous = targets[:, i]
+
+
+def test_forward_sharded_over_8_devices_equals_one_device():
+    assert jax.device_count() == 8
+    c = tiny_config()
+    rng = np.random.default_rng(4)
+    inputs = random_tokens(rng, (8, 6), pad_from=[6, 5, 4, 3, 6, 5, 4, 3])
+    targets = random_tokens(rng, (8, 5))
+    single = model_lib.create_model(c, seed=5)
+    expected = jax.jit(lambda m, x, y: m(x, y))(single, inputs, targets)
+    for data, fsdp in ((8, 1), (4, 2)):
+        mesh = sharding.make_mesh(data=data, fsdp=fsdp)
+        m = sharding.create_sharded(lambda: model_lib.create_model(c, seed=5), mesh)
+        # Same initial values as the unsharded model (up to float rounding of the init).
+        for a, b in zip(jax.tree.leaves(nnx.state(single)), jax.tree.leaves(nnx.state(m))):
+            np.testing.assert_allclose(a, b, atol=1e-6)
+        nnx.update(m, nnx.state(single))
+        bs = sharding.batch_sharding(mesh)
+        x, y = jax.device_put(inputs, bs), jax.device_put(targets, bs)
+        out = jax.jit(lambda m, x, y: m(x, y))(m, x, y)
+        assert len(out.sharding.device_set) == 8
+        np.testing.assert_allclose(out, expected, atol=1e-5)
+
+
+def test_gradient_descent_lowers_the_loss_on_a_copy_task():
+    c = tiny_config()
+    m = model_lib.create_model(c, seed=0)
+    rng = np.random.default_rng(0)
+    tokens = jnp.asarray(np.concatenate(
+        [rng.integers(3, 40, (16, 6)), np.ones((16, 1), np.int64)], 1), jnp.int32)
+    optimizer = nnx.Optimizer(m, optax.sgd(0.5), wrt=nnx.Param)
+
+    def loss_fn(m):
+        logits = m(tokens, tokens)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, tokens).mean()
+
+    @nnx.jit
+    def step(m, optimizer):
+        loss, grads = nnx.value_and_grad(loss_fn)(m)
+        optimizer.update(m, grads)
+        return loss
+
+    losses = [float(step(m, optimizer)) for _ in range(30)]
+    assert all(np.isfinite(losses))
+    assert losses[-1] < 0.7 * losses[0]

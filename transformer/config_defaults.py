@@ -1,0 +1,198 @@
+"""Shared defaults for every config file under `configs/`.
+
+Each config file builds on `base_config()`, picks a model with `MODEL_PRESETS`, and may
+apply `shrink()` (the `runlocal` switch) for tests and debugging. `validate()` is called by
+every entry point after command-line overrides, so a bad field stops the run with one line.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+# Table 3 "base" and "big" rows (section 6.2); section 3 gives the base sizes.
+MODEL_PRESETS = {
+    'base': dict(num_encoder_layers=6, num_decoder_layers=6, d_model=512, d_ff=2048,
+                 num_heads=8, d_k=64, d_v=64, dropout_rate=0.1),
+    'big': dict(num_encoder_layers=6, num_decoder_layers=6, d_model=1024, d_ff=4096,
+                num_heads=16, d_k=64, d_v=64, dropout_rate=0.3),
+}
+
+# Section 5.2 and 6.1: 100k steps and the last 5 checkpoints for base; 300k and 20 for big.
+TRAIN_PRESETS = {
+    'base': dict(steps=100_000, average_last=5),
+    'big': dict(steps=300_000, average_last=20),
+}
+
+DTYPES = ('float32', 'bfloat16', 'float16')
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """The paper's base model on WMT14 EN-DE; config files change what differs."""
+    c = ml_collections.ConfigDict()
+    # Direction is explicit, never inferred from a dataset's key order.
+    c.source_lang = 'en'
+    c.target_lang = 'de'
+    # Shared source-target BPE vocabulary (section 5.1: about 37000 for EN-DE).
+    c.vocab_size = 37000
+
+    c.model = m = ml_collections.ConfigDict()
+    m.num_encoder_layers = 6
+    m.num_decoder_layers = 6
+    m.d_model = 512
+    m.d_ff = 2048
+    m.num_heads = 8
+    m.d_k = 64  # per-head query/key width (section 3.2.2)
+    m.d_v = 64  # per-head value width
+    m.dropout_rate = 0.1  # P_drop, section 5.4: sub-layer outputs and embedding sums
+    # Departures from section 5.4, off by default: dropout on attention probabilities
+    # and on the feed-forward hidden layer (tensor2tensor used both).
+    m.attention_dropout_rate = 0.0
+    m.relu_dropout_rate = 0.0
+    m.positional = 'sinusoidal'  # section 3.5; 'learned' is Table 3 row E
+    m.max_position = 1024  # table size for positions (learned) and the sinusoid cache
+    m.norm = 'post'  # section 3.1 post-LN; 'pre' is a modern departure (option)
+    m.share_embeddings = True  # section 3.4: one matrix for both embeddings and the softmax
+    m.layer_norm_epsilon = 1e-6
+    # Compute dtype. 'auto': bfloat16 on GPU/TPU, float32 on CPU; parameters and optimizer
+    # state stay in param_dtype (float32) either way.
+    m.dtype = 'auto'
+    m.param_dtype = 'float32'
+
+    c.data = d = ml_collections.ConfigDict()
+    d.source = 'tfds'  # 'tfds' | 'local' | 'synthetic'
+    d.tfds_name = 'wmt14_translate/de-en'
+    d.tfds_data_dir = ''  # '' = TFDS default (~/tensorflow_datasets)
+    d.manual_dir = ''  # archives downloaded by hand, honoured by download_and_prepare
+    # Local parallel text: path prefixes; files are PREFIX.<source_lang>, PREFIX.<target_lang>.
+    d.train = ''
+    d.validation = ''
+    d.test = ''
+    d.vocab_sample_sentences = 2_000_000  # sentences per side used to train the BPE model
+    d.max_length = 256  # training pairs longer than this (tokens incl. EOS) are dropped
+    # Section 5.1: about 25000 source and 25000 target tokens per batch.
+    d.batch_tokens = 25_000
+    d.batching = 'bucket'  # 'bucket' (length buckets) | 'pack' (several pairs per row)
+    # Bucket boundaries: multiples of bucket_step, each >= bucket_growth x the previous one
+    # (4 and 1.15 give 21 shapes up to 256 and >= 0.84 real tokens on Multi30k and WMT).
+    d.bucket_step = 4
+    d.bucket_growth = 1.15
+    d.seed = 0
+    d.eval_batch_sentences = 64
+    # Synthetic demo task (data.source == 'synthetic').
+    d.synthetic_train_size = 20_000
+    d.synthetic_eval_size = 200
+    d.synthetic_min_words = 3
+    d.synthetic_max_words = 12
+
+    c.train = t = ml_collections.ConfigDict()
+    t.steps = 100_000
+    t.warmup_steps = 4000  # section 5.3
+    t.learning_rate_scale = 1.0  # multiplies d_model^-0.5 * min(step^-0.5, step * warmup^-1.5)
+    t.adam_b1 = 0.9
+    t.adam_b2 = 0.98
+    t.adam_eps = 1e-9
+    t.label_smoothing = 0.1  # section 5.4
+    t.grad_accum_steps = 1
+    t.seed = 0
+    t.mesh_data = -1  # devices on the 'data' axis; -1 = all that the fsdp axis leaves
+    t.mesh_fsdp = 1  # devices on the 'fsdp' axis (parameters and optimizer state sharded)
+    t.log_every_steps = 100
+    t.eval_every_steps = 1000
+    t.eval_bleu_sentences = 0  # >0: greedy BLEU on that many validation sentences per eval
+    t.checkpoint_every_steps = 1000
+    t.checkpoint_every_minutes = 10.0  # section 6.1: checkpoints written at 10-minute intervals
+    t.keep_checkpoints = 5
+
+    c.decode = dc = ml_collections.ConfigDict()
+    # Section 6.1: beam 4, length penalty 0.6, max length = input length + 50.
+    dc.beam_size = 4
+    dc.length_penalty = 0.6
+    dc.max_extra_length = 50
+    dc.average_last = 5
+    dc.batch_sentences = 64
+    return c
+
+
+def apply_model(c: ml_collections.ConfigDict, preset: str) -> ml_collections.ConfigDict:
+    """Sets the model and run length of a named preset ('base' or 'big')."""
+    if preset not in MODEL_PRESETS:
+        raise ValueError(f'unknown model {preset!r}; valid: {", ".join(MODEL_PRESETS)}')
+    c.model.update(MODEL_PRESETS[preset])
+    c.train.steps = TRAIN_PRESETS[preset]['steps']
+    c.decode.average_last = TRAIN_PRESETS[preset]['average_last']
+    c.train.keep_checkpoints = max(c.train.keep_checkpoints, c.decode.average_last)
+    return c
+
+
+def shrink(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The `runlocal` switch: a tiny model and a few steps, same code paths."""
+    c.model.update(num_encoder_layers=2, num_decoder_layers=2, d_model=32, d_ff=64,
+                   num_heads=4, d_k=8, d_v=8, max_position=256)
+    c.vocab_size = min(c.vocab_size, 500)
+    c.data.vocab_sample_sentences = min(c.data.vocab_sample_sentences, 2000)
+    c.data.max_length = min(c.data.max_length, 64)
+    c.data.batch_tokens = 1024
+    c.data.eval_batch_sentences = 16
+    c.data.synthetic_train_size = min(c.data.synthetic_train_size, 2000)
+    c.data.synthetic_eval_size = min(c.data.synthetic_eval_size, 32)
+    c.train.update(steps=20, warmup_steps=10, log_every_steps=5, eval_every_steps=10,
+                   checkpoint_every_steps=10)
+    c.decode.batch_sentences = 16
+    return c
+
+
+def parse_arg(arg: str | None, valid: tuple[str, ...], default: str) -> tuple[str, bool]:
+    """Splits a config argument 'NAME[,runlocal]' into (NAME, runlocal)."""
+    parts = [p for p in (arg or default).split(',') if p]
+    runlocal = 'runlocal' in parts
+    names = [p for p in parts if p != 'runlocal'] or [default]
+    if len(names) != 1 or names[0] not in valid:
+        raise ValueError(
+            f'unknown config argument {arg!r}; valid: {", ".join(valid)} '
+            '(optionally followed by ",runlocal")')
+    return names[0], runlocal
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+    """Raises ValueError with one line naming the field when the config cannot work."""
+    m, d, t = c.model, c.data, c.train
+
+    def need(cond, msg):
+        if not cond:
+            raise ValueError(msg)
+
+    need(c.source_lang != c.target_lang,
+         f'source_lang and target_lang are both {c.source_lang!r}')
+    need(c.vocab_size >= 8, f'vocab_size={c.vocab_size} must be at least 8')
+    for name in ('num_encoder_layers', 'num_decoder_layers', 'd_model', 'd_ff', 'num_heads',
+                 'd_k', 'd_v', 'max_position'):
+        need(isinstance(m[name], int) and m[name] > 0,
+             f'model.{name}={m[name]!r} must be a positive integer')
+    need(m.d_model % m.num_heads == 0,
+         f'model.d_model={m.d_model} is not divisible by model.num_heads={m.num_heads}; '
+         f'valid num_heads: {[h for h in range(1, m.d_model + 1) if m.d_model % h == 0]}')
+    if m.positional == 'sinusoidal':
+        need(m.d_model % 2 == 0, f'model.d_model={m.d_model} must be even for sinusoids')
+    need(m.positional in ('sinusoidal', 'learned'),
+         f'model.positional={m.positional!r}; valid: sinusoidal, learned')
+    need(m.norm in ('post', 'pre'), f'model.norm={m.norm!r}; valid: post, pre')
+    need(m.dtype in DTYPES + ('auto',),
+         f'model.dtype={m.dtype!r}; valid: auto, {", ".join(DTYPES)}')
+    need(m.param_dtype in DTYPES, f'model.param_dtype={m.param_dtype!r}; valid: {", ".join(DTYPES)}')
+    for name in ('dropout_rate', 'attention_dropout_rate', 'relu_dropout_rate'):
+        need(0.0 <= m[name] < 1.0, f'model.{name}={m[name]} must be in [0, 1)')
+    need(d.source in ('tfds', 'local', 'synthetic'),
+         f'data.source={d.source!r}; valid: tfds, local, synthetic')
+    need(d.batching in ('bucket', 'pack'), f'data.batching={d.batching!r}; valid: bucket, pack')
+    need(d.max_length <= m.max_position,
+         f'data.max_length={d.max_length} exceeds model.max_position={m.max_position}')
+    need(d.batch_tokens >= d.max_length,
+         f'data.batch_tokens={d.batch_tokens} is smaller than data.max_length={d.max_length}')
+    need(0.0 <= t.label_smoothing < 1.0, f'train.label_smoothing={t.label_smoothing} must be in [0, 1)')
+    need(t.steps > 0, f'train.steps={t.steps} must be positive')
+    need(t.warmup_steps > 0, f'train.warmup_steps={t.warmup_steps} must be positive')
+    need(t.grad_accum_steps >= 1, f'train.grad_accum_steps={t.grad_accum_steps} must be >= 1')
+    need(t.keep_checkpoints >= c.decode.average_last,
+         f'train.keep_checkpoints={t.keep_checkpoints} is fewer than '
+         f'decode.average_last={c.decode.average_last}')
+    need(c.decode.beam_size >= 1, f'decode.beam_size={c.decode.beam_size} must be >= 1')

@@ -1,0 +1,287 @@
+"""The Transformer of "Attention Is All You Need" (section 3) in Flax NNX.
+
+Batches may be packed: segment ids (1, 2, ... per example, 0 for padding) and positions keep
+examples of one row from seeing each other. Without them, padding (token 0) is masked and
+positions count from 0. Dropout runs only when an `nnx.Rngs` with a 'dropout' stream is passed.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from transformer.multi_head_attention import MultiHeadAttention, attention_mask
+
+PAD_ID = 0  # also the decoder's start symbol (the targets shifted right begin with it)
+
+
+def resolve_dtype(name: str):
+    """Maps a config dtype name to a jnp dtype; 'auto' is bfloat16 on accelerators."""
+    if name == 'auto':
+        return jnp.bfloat16 if jax.default_backend() in ('gpu', 'tpu') else jnp.float32
+    return jnp.dtype(name)
+
+
+@functools.lru_cache(maxsize=8)
+def sinusoidal_table(max_len: int, d_model: int) -> np.ndarray:
+    """PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(...) (section 3.5, interleaved)."""
+    pos = np.arange(max_len, dtype=np.float64)[:, None]
+    two_i = np.arange(0, d_model, 2, dtype=np.float64)[None, :]
+    angle = pos / np.power(10000.0, two_i / d_model)
+    table = np.zeros((max_len, d_model), np.float64)
+    table[:, 0::2] = np.sin(angle)
+    table[:, 1::2] = np.cos(angle)
+    return table.astype(np.float32)
+
+
+def shift_right(targets, positions):
+    """Decoder input: the targets shifted one step right, starting each example with PAD_ID."""
+    shifted = jnp.pad(targets, ((0, 0), (1, 0)), constant_values=PAD_ID)[:, :-1]
+    return jnp.where(positions == 0, PAD_ID, shifted)
+
+
+def _default_segments(tokens, segmentation, position):
+    if segmentation is None:
+        segmentation = (tokens != PAD_ID).astype(jnp.int32)
+    if position is None:
+        position = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    return segmentation, position
+
+
+class FeedForward(nnx.Module):
+    """FFN(x) = max(0, x W1 + b1) W2 + b2 (section 3.3)."""
+
+    def __init__(self, d_model, d_ff, relu_dropout_rate, dtype, param_dtype, rngs):
+        init = nnx.initializers.xavier_uniform()
+        zeros = nnx.initializers.zeros
+        self.w1 = nnx.Linear(d_model, d_ff, dtype=dtype, param_dtype=param_dtype,
+                             kernel_init=nnx.with_partitioning(init, ('embed', 'mlp')),
+                             bias_init=nnx.with_partitioning(zeros, ('mlp',)), rngs=rngs)
+        self.w2 = nnx.Linear(d_ff, d_model, dtype=dtype, param_dtype=param_dtype,
+                             kernel_init=nnx.with_partitioning(init, ('mlp', 'embed')),
+                             bias_init=nnx.with_partitioning(zeros, ('embed',)), rngs=rngs)
+        self.dropout = nnx.Dropout(relu_dropout_rate) if relu_dropout_rate > 0 else None
+
+    def __call__(self, x, rngs=None):
+        h = jax.nn.relu(self.w1(x))
+        if self.dropout is not None and rngs is not None:
+            h = self.dropout(h, rngs=rngs)
+        return self.w2(h)
+
+
+class Residual(nnx.Module):
+    """The residual wrapper around each sub-layer (sections 3.1 and 5.4).
+
+    post-LN (the paper): LayerNorm(x + Dropout(Sublayer(x))).
+    pre-LN (option):     x + Dropout(Sublayer(LayerNorm(x))).
+    """
+
+    def __init__(self, cfg, dtype, param_dtype, rngs):
+        self.pre = cfg.norm == 'pre'
+        self.norm = nnx.LayerNorm(cfg.d_model, epsilon=cfg.layer_norm_epsilon, dtype=dtype,
+                                  param_dtype=param_dtype,
+                                  scale_init=nnx.with_partitioning(nnx.initializers.ones, ('embed',)),
+                                  bias_init=nnx.with_partitioning(nnx.initializers.zeros, ('embed',)),
+                                  rngs=rngs)
+        self.dropout = nnx.Dropout(cfg.dropout_rate)
+
+    def __call__(self, x, sublayer, rngs=None):
+        y = sublayer(self.norm(x) if self.pre else x)
+        if rngs is not None:
+            y = self.dropout(y, rngs=rngs)
+        return x + y if self.pre else self.norm(x + y)
+
+
+def _attention(cfg, dtype, param_dtype, rngs):
+    return MultiHeadAttention(cfg.d_model, cfg.num_heads, cfg.d_k, cfg.d_v,
+                              dropout_rate=cfg.attention_dropout_rate, dtype=dtype,
+                              param_dtype=param_dtype, rngs=rngs)
+
+
+class EncoderLayer(nnx.Module):
+    def __init__(self, cfg, dtype, param_dtype, rngs):
+        self.self_attention = _attention(cfg, dtype, param_dtype, rngs)
+        self.attention_residual = Residual(cfg, dtype, param_dtype, rngs)
+        self.ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.relu_dropout_rate, dtype, param_dtype, rngs)
+        self.ffn_residual = Residual(cfg, dtype, param_dtype, rngs)
+
+    def __call__(self, x, mask, rngs=None):
+        x = self.attention_residual(x, lambda h: self.self_attention(h, h, mask, rngs=rngs), rngs)
+        return self.ffn_residual(x, lambda h: self.ffn(h, rngs), rngs)
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg, dtype, param_dtype, rngs):
+        self.self_attention = _attention(cfg, dtype, param_dtype, rngs)
+        self.self_residual = Residual(cfg, dtype, param_dtype, rngs)
+        self.cross_attention = _attention(cfg, dtype, param_dtype, rngs)
+        self.cross_residual = Residual(cfg, dtype, param_dtype, rngs)
+        self.ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.relu_dropout_rate, dtype, param_dtype, rngs)
+        self.ffn_residual = Residual(cfg, dtype, param_dtype, rngs)
+
+    def __call__(self, x, encoded, self_mask, cross_mask, rngs=None):
+        x = self.self_residual(x, lambda h: self.self_attention(h, h, self_mask, rngs=rngs), rngs)
+        x = self.cross_residual(
+            x, lambda h: self.cross_attention(h, encoded, cross_mask, rngs=rngs), rngs)
+        return self.ffn_residual(x, lambda h: self.ffn(h, rngs), rngs)
+
+    def step(self, x, self_cache, cross_kv, cross_mask, index):
+        """One cached decoding step (no dropout): x is [batch, 1, d_model]."""
+        new_cache = []
+
+        def self_attn(h):
+            out, cache = self.self_attention.cached_self_attention(h, self_cache, index)
+            new_cache.append(cache)
+            return out
+
+        x = self.self_residual(x, self_attn)
+        x = self.cross_residual(
+            x, lambda h: self.cross_attention(h, None, cross_mask, kv=cross_kv))
+        return self.ffn_residual(x, self.ffn), new_cache[0]
+
+
+class Transformer(nnx.Module):
+    """Encoder-decoder Transformer (section 3, Figure 1)."""
+
+    def __init__(self, cfg: ml_collections.ConfigDict, vocab_size: int, *, rngs: nnx.Rngs):
+        cfg = ml_collections.FrozenConfigDict(cfg)  # hashable: it is static graph data
+        self.cfg = cfg
+        self.vocab_size = vocab_size
+        dtype, param_dtype = resolve_dtype(cfg.dtype), resolve_dtype(cfg.param_dtype)
+        self.dtype = dtype
+        # Section 3.4 does not give an initialiser; N(0, d_model^-0.5) makes the scaled
+        # embedding (x sqrt(d_model)) unit-variance, as in tensor2tensor.
+        embed_init = nnx.with_partitioning(
+            nnx.initializers.normal(stddev=cfg.d_model ** -0.5), ('vocab', 'embed'))
+
+        def embedding():
+            return nnx.Embed(vocab_size, cfg.d_model, dtype=dtype, param_dtype=param_dtype,
+                             embedding_init=embed_init, rngs=rngs)
+
+        # Section 3.4: one matrix shared by both embeddings and the pre-softmax projection.
+        self.embed = embedding()
+        if not cfg.share_embeddings:
+            self.target_embed = embedding()
+            self.output_projection = nnx.Linear(
+                cfg.d_model, vocab_size, use_bias=False, dtype=dtype, param_dtype=param_dtype,
+                kernel_init=nnx.with_partitioning(nnx.initializers.xavier_uniform(),
+                                                  ('embed', 'vocab')), rngs=rngs)
+        if cfg.positional == 'learned':  # Table 3 row E
+            self.position_embed = nnx.Embed(
+                cfg.max_position, cfg.d_model, dtype=dtype, param_dtype=param_dtype,
+                embedding_init=nnx.with_partitioning(nnx.initializers.normal(0.02),
+                                                     (None, 'embed')), rngs=rngs)
+        self.embed_dropout = nnx.Dropout(cfg.dropout_rate)
+        self.encoder_layers = nnx.List(
+            [EncoderLayer(cfg, dtype, param_dtype, rngs) for _ in range(cfg.num_encoder_layers)])
+        self.decoder_layers = nnx.List(
+            [DecoderLayer(cfg, dtype, param_dtype, rngs) for _ in range(cfg.num_decoder_layers)])
+        if cfg.norm == 'pre':  # pre-LN needs a final normalisation of each stack's output
+            ln = lambda: nnx.LayerNorm(cfg.d_model, epsilon=cfg.layer_norm_epsilon, dtype=dtype,
+                                       param_dtype=param_dtype, rngs=rngs)
+            self.encoder_norm, self.decoder_norm = ln(), ln()
+
+    # -- embeddings -------------------------------------------------------------------------
+
+    def _embed(self, tokens, positions, target: bool, rngs=None):
+        table = self.target_embed if (target and not self.cfg.share_embeddings) else self.embed
+        x = table(tokens) * jnp.sqrt(self.cfg.d_model).astype(self.dtype)  # section 3.4
+        if self.cfg.positional == 'learned':
+            pe = self.position_embed(positions)
+        else:
+            # A constant, not a parameter: built once per trace from the cached table.
+            pe = jnp.asarray(sinusoidal_table(self.cfg.max_position, self.cfg.d_model))[positions]
+        x = (x + pe).astype(self.dtype)
+        if rngs is not None:  # section 5.4: dropout on the sums of embeddings and positions
+            x = self.embed_dropout(x, rngs=rngs)
+        return x
+
+    def _logits(self, x):
+        if self.cfg.share_embeddings:
+            logits = self.embed.attend(x)
+        else:
+            logits = self.output_projection(x)
+        return logits.astype(jnp.float32)
+
+    # -- full passes --------------------------------------------------------------------------
+
+    def encode(self, inputs, inputs_segmentation=None, inputs_position=None, *, rngs=None):
+        """Encoder stack: token ids [batch, src_len] -> representations [batch, src_len, d_model]."""
+        seg, pos = _default_segments(inputs, inputs_segmentation, inputs_position)
+        x = self._embed(inputs, pos, target=False, rngs=rngs)
+        mask = attention_mask(seg, seg)
+        for layer in self.encoder_layers:
+            x = layer(x, mask, rngs)
+        return self.encoder_norm(x) if self.cfg.norm == 'pre' else x
+
+    def decode(self, encoded, inputs_segmentation, targets, targets_segmentation=None,
+               targets_position=None, *, rngs=None):
+        """Decoder stack with teacher forcing: logits [batch, tgt_len, vocab] in float32.
+
+        `targets` are the outputs to predict; the decoder reads them shifted right.
+        """
+        seg, pos = _default_segments(targets, targets_segmentation, targets_position)
+        x = self._embed(shift_right(targets, pos), pos, target=True, rngs=rngs)
+        self_mask = attention_mask(seg, seg, causal=True)
+        cross_mask = attention_mask(seg, inputs_segmentation)
+        for layer in self.decoder_layers:
+            x = layer(x, encoded, self_mask, cross_mask, rngs)
+        if self.cfg.norm == 'pre':
+            x = self.decoder_norm(x)
+        return self._logits(x)
+
+    def __call__(self, inputs, targets, inputs_segmentation=None, targets_segmentation=None,
+                 inputs_position=None, targets_position=None, *, rngs=None):
+        """Teacher-forced forward pass: logits [batch, tgt_len, vocab] in float32."""
+        in_seg, _ = _default_segments(inputs, inputs_segmentation, inputs_position)
+        encoded = self.encode(inputs, in_seg, inputs_position, rngs=rngs)
+        return self.decode(encoded, in_seg, targets, targets_segmentation, targets_position,
+                           rngs=rngs)
+
+    # -- cached autoregressive decoding ------------------------------------------------------
+
+    def init_cache(self, encoded, max_length: int):
+        """Decoding state for `encoded` [batch, src_len, d_model].
+
+        'self': per decoder layer, zeroed key/value buffers [batch, max_length, heads, d]
+        (the only part beam search reorders); 'cross': per layer, the encoder-output keys and
+        values, projected once per sentence.
+        """
+        batch = encoded.shape[0]
+        cfg = self.cfg
+        self_cache = [(jnp.zeros((batch, max_length, cfg.num_heads, cfg.d_k), self.dtype),
+                       jnp.zeros((batch, max_length, cfg.num_heads, cfg.d_v), self.dtype))
+                      for _ in self.decoder_layers]
+        cross = [layer.cross_attention.project_kv(encoded) for layer in self.decoder_layers]
+        return {'self': self_cache, 'cross': cross}
+
+    def decode_step(self, tokens, index, cache, inputs_segmentation):
+        """Feeds one token per row at position `index`; returns (logits [batch, vocab], cache).
+
+        `tokens` [batch] are the previous outputs (PAD_ID at index 0). The encoder does not run.
+        """
+        positions = jnp.full((tokens.shape[0], 1), index, jnp.int32)
+        x = self._embed(tokens[:, None], positions, target=True)
+        cross_mask = (inputs_segmentation > 0)[:, None, None, :]
+        new_self = []
+        for layer, self_cache, cross_kv in zip(self.decoder_layers, cache['self'], cache['cross']):
+            x, c = layer.step(x, self_cache, cross_kv, cross_mask, index)
+            new_self.append(c)
+        if self.cfg.norm == 'pre':
+            x = self.decoder_norm(x)
+        return self._logits(x)[:, 0], {'self': new_self, 'cross': cache['cross']}
+
+
+def create_model(config: ml_collections.ConfigDict, seed: int = 0) -> Transformer:
+    """Builds the model of `config` (uses config.model and config.vocab_size).
+
+    Parameters carry logical axis names ('vocab', 'embed', 'heads', 'mlp'); `sharding.py`
+    maps them onto the mesh, so they are not sharded eagerly here.
+    """
+    with nnx.use_eager_sharding(False):
+        return Transformer(config.model, config.vocab_size, rngs=nnx.Rngs(params=seed))
