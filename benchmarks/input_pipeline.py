@@ -85,6 +85,32 @@ def bench_corpus(prefix, vocab_size, args):
           iterator_init_seconds=round(init, 3),
       )
     out['stats'] = it.stats
+    out['at_scale'] = _fraction_at_scale(c, tok, prefix, workdir, args.scale)
+  return out
+
+
+def _fraction_at_scale(c, tok, prefix, workdir, scale):
+  """Real-token fractions over one epoch of the corpus repeated `scale` times: the same
+  length distribution with WMT-like epochs of thousands of batches, where partial batches
+  at the epoch's end stop mattering."""
+  big = os.path.join(workdir, 'scaled')
+  for lang in ('en', 'de'):
+    text = pathlib.Path(f'{prefix}.{lang}').read_text(encoding='utf-8')
+    pathlib.Path(f'{big}.{lang}').write_text(text * scale, encoding='utf-8')
+  c.data.train = big
+  out = dict(scale=scale)
+  for batching in ('bucket', 'pack'):
+    c.data.batching = batching
+    it = data.make_train_iterator(c, tok)
+    real = total = 0
+    while True:
+      batch = next(it)
+      if it.get_state()['epoch'] != 0:
+        break
+      real += _real_tokens(batch)
+      total += 2 * batch['inputs'].size
+    out[f'{batching}_real_token_fraction'] = round(real / total, 4)
+  c.data.train = str(prefix)
   return out
 
 
@@ -98,6 +124,8 @@ def main():
   parser.add_argument('--runs', type=int, default=5)
   parser.add_argument('--batches', type=int, default=20)
   parser.add_argument('--corpora', default=','.join(CORPORA))
+  parser.add_argument('--scale', type=int, default=20,
+                      help='corpus repetitions for the at-scale padding measurement')
   args = parser.parse_args()
   logging.set_verbosity(logging.WARNING)
   result = dict(benchmark='input_pipeline', machine=f'{platform.machine()}, {os.cpu_count()} cpus',

@@ -12,7 +12,7 @@ import pytest
 
 from transformer import config_defaults as cd
 from transformer import model as model_lib
-from transformer.summary import count_parameters, forward_flops
+from transformer.model_stats import count_parameters, forward_flops
 
 from test_model import hand_count
 

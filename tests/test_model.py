@@ -121,7 +121,7 @@ def hand_count(vocab, n_enc, n_dec, d, d_ff, h, d_k, d_v):
 
 @pytest.mark.parametrize('preset,expected', [('base', 63_082_496), ('big', 214_245_376)])
 def test_parameter_counts_of_base_and_big(preset, expected):
-    from transformer.summary import count_parameters
+    from transformer.model_stats import count_parameters
     c = cd.apply_model(cd.base_config(), preset)
     m = c.model
     assert hand_count(37000, m.num_encoder_layers, m.num_decoder_layers, m.d_model, m.d_ff,

@@ -16,6 +16,7 @@ from typing import Callable
 
 import ml_collections
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from transformer import config_defaults
@@ -26,6 +27,10 @@ CONFIG_FILE = 'config.json'  # the resolved config, stored in the work directory
 
 class UsageError(ValueError):
     """Bad input from the user: printed as one line, exit status 2."""
+
+
+class Abort(RuntimeError):
+    """A run that must stop (e.g. a non-finite loss): printed as one line, exit status 1."""
 
 
 def define_config_flag():
@@ -102,10 +107,26 @@ def run(main: Callable[[list[str]], None]) -> None:
             if os.environ.get('TRANSFORMER_TRACEBACK'):
                 raise
             fail(str(e).strip().splitlines()[0] if str(e).strip() else repr(e))
+        except Abort as e:
+            if os.environ.get('TRANSFORMER_TRACEBACK'):
+                raise
+            print(f'error: {e}', file=sys.stderr)
+            sys.exit(1)
 
-    # JAX logs at INFO each backend it fails to find (e.g. libtpu on a GPU or CPU machine).
+    # JAX logs at INFO each backend it fails to find (e.g. libtpu on a GPU or CPU machine),
+    # Orbax a dozen lines per checkpoint: the console shows warnings and our own `say` lines
+    # unless --verbosity asks for more.
     logging.getLogger('jax._src.xla_bridge').setLevel(logging.WARNING)
+    if not any(a.startswith(('--verbosity', '-v')) for a in sys.argv[1:]):
+        absl_logging.set_verbosity(absl_logging.WARNING)
     app.run(wrapped, flags_parser=_parse_flags)
+
+
+def say(message: str) -> None:
+    """One line of progress for the user, on stderr, from the first process only."""
+    import jax
+    if jax.process_index() == 0:
+        print(message, file=sys.stderr, flush=True)
 
 
 def checked_config(holder) -> ml_collections.ConfigDict:

@@ -1,0 +1,117 @@
+"""The loss, the training step and the evaluation step: pure functions for `jax.jit`.
+
+The training state is a plain dict of arrays (so Orbax saves it as is):
+  params     the model's parameters (`nnx.to_pure_dict` of its state)
+  opt_state  Adam's state
+  step       the number of updates applied (int32)
+  rng        the base dropout key; step k uses fold_in(rng, k), so a resumed run draws the
+             same dropout masks as an uninterrupted one
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+Batch = dict[str, jax.Array]
+
+BATCH_KEYS = ('inputs', 'targets', 'inputs_segmentation', 'targets_segmentation',
+              'inputs_position', 'targets_position')
+
+
+def cross_entropy(logits, targets, weights, label_smoothing: float):
+    """Sums over real target tokens of the label-smoothed and the plain cross-entropy.
+
+    Label smoothing (section 5.4) puts 1 - eps on the reference and spreads eps evenly over
+    the other V - 1 tokens, as tensor2tensor did. Returns (smoothed_sum, nll_sum, count).
+    """
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+    if label_smoothing > 0:
+        vocab = logits.shape[-1]
+        others = -(log_probs.sum(-1) + nll)  # sum over non-reference tokens of -log p
+        smoothed = (1 - label_smoothing) * nll + label_smoothing / (vocab - 1) * others
+    else:
+        smoothed = nll
+    weights = weights.astype(jnp.float32)
+    return (smoothed * weights).sum(), (nll * weights).sum(), weights.sum()
+
+
+def _forward_sums(graphdef, params, batch: Batch, rng, label_smoothing: float):
+    model = nnx.merge(graphdef, params)
+    rngs = nnx.Rngs(dropout=rng) if rng is not None else None
+    logits = model(batch['inputs'], batch['targets'], batch['inputs_segmentation'],
+                   batch['targets_segmentation'], batch['inputs_position'],
+                   batch['targets_position'], rngs=rngs)
+    return cross_entropy(logits, batch['targets'], batch['targets_segmentation'] > 0,
+                         label_smoothing)
+
+
+def make_train_step(graphdef, optimizer: optax.GradientTransformation, *, label_smoothing: float,
+                    grad_accum_steps: int = 1, dropout: bool = True, schedule=None):
+    """Returns step(state, batch) -> (state, metrics), to be jitted with the state donated.
+
+    The gradient is the mean over every real target token of the global batch, also when the
+    batch is split into `grad_accum_steps` micro-batches that run one after the other.
+    """
+
+    def grads_of(params, micro: Batch, rng):
+        def loss(p):
+            smoothed, nll, count = _forward_sums(graphdef, p, micro, rng, label_smoothing)
+            return smoothed, (nll, count)
+        (smoothed, (nll, count)), grads = jax.value_and_grad(loss, has_aux=True)(params)
+        return grads, jnp.stack([smoothed, nll, count])
+
+    def step(state: dict[str, Any], batch: Batch):
+        params = state['params']
+        rng = jax.random.fold_in(state['rng'], state['step']) if dropout else None
+        if grad_accum_steps == 1:
+            grads, sums = grads_of(params, batch, rng)
+        else:
+            # [rows, len] -> [accum, rows/accum, len]. Consecutive rows go to one micro-batch
+            # index each, which keeps every device's rows on that device.
+            micro = jax.tree.map(
+                lambda x: jnp.moveaxis(x.reshape(-1, grad_accum_steps, *x.shape[1:]), 1, 0),
+                batch)
+
+            def body(carry, xs):
+                index, mb = xs
+                r = jax.random.fold_in(rng, index) if rng is not None else None
+                g, s = grads_of(params, mb, r)
+                return jax.tree.map(jnp.add, carry, (g, s)), None
+
+            zeros = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((3,), jnp.float32))
+            (grads, sums), _ = jax.lax.scan(
+                body, zeros, (jnp.arange(grad_accum_steps), micro))
+        count = jnp.maximum(sums[2], 1.0)
+        grads = jax.tree.map(lambda g: g / count, grads)
+        updates, opt_state = optimizer.update(grads, state['opt_state'], params)
+        new_state = dict(state, params=optax.apply_updates(params, updates), opt_state=opt_state,
+                         step=state['step'] + 1)
+        metrics = {'loss': sums[0] / count, 'nll': sums[1] / count, 'target_tokens': sums[2],
+                   'source_tokens': (batch['inputs_segmentation'] > 0).sum().astype(jnp.float32),
+                   'grad_norm': optax.global_norm(grads)}
+        if schedule is not None:
+            metrics['learning_rate'] = schedule(state['step'] + 1)
+        return new_state, metrics
+
+    return step
+
+
+def make_eval_step(graphdef):
+    """Returns eval(params, batch) -> [nll_sum, count] (no dropout, no label smoothing)."""
+
+    def evaluate(params, batch: Batch):
+        batch = dict(batch)
+        for side in ('inputs', 'targets'):
+            batch.setdefault(f'{side}_segmentation', (batch[side] != 0).astype(jnp.int32))
+            batch.setdefault(f'{side}_position', jnp.broadcast_to(
+                jnp.arange(batch[side].shape[1], dtype=jnp.int32), batch[side].shape))
+        _, nll, count = _forward_sums(graphdef, params, batch, None, 0.0)
+        return jnp.stack([nll, count])
+
+    return evaluate
