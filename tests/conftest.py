@@ -18,7 +18,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / 'shared' / 'data'
 
 
-@pytest.fixture
+@pytest.fixture(scope='session')
 def repo_root() -> pathlib.Path:
     return REPO
 

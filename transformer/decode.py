@@ -134,7 +134,7 @@ def _greedy(graphdef, params, inputs, max_extra_length: int):
                         jnp.zeros((batch,), jnp.float32), jnp.zeros((batch,), bool),
                         cache['self'])
     final = jax.lax.while_loop(cond, body, init)
-    return final.tokens[:, 1:], final.log_prob
+    return final.tokens[:, 1:], final.log_prob, final.index
 
 
 # -- beam search -------------------------------------------------------------------------------
@@ -238,7 +238,7 @@ def _beam_search(graphdef, params, inputs, beam_size: int, alpha: float,
     best = jnp.argmax(final.finished_scores, axis=1)
     tokens = jnp.take_along_axis(final.finished_seqs, best[:, None, None], axis=1)[:, 0, 1:]
     scores = jnp.max(final.finished_scores, axis=1)
-    return tokens, scores
+    return tokens, scores, final.index
 
 
 # -- public API -------------------------------------------------------------------------------
@@ -261,7 +261,9 @@ def greedy(model, inputs, *, max_extra_length: int = 50):
     log-probabilities [B] of those tokens, EOS included).
     """
     graphdef, params = _split(model)
-    return _jit_greedy(graphdef, params, jnp.asarray(inputs, jnp.int32), max_extra_length)
+    tokens, log_prob, _ = _jit_greedy(graphdef, params, jnp.asarray(inputs, jnp.int32),
+                                      max_extra_length)
+    return tokens, log_prob
 
 
 def beam_search(model, inputs, *, beam_size: int = 4, alpha: float = 0.6,
@@ -277,10 +279,17 @@ def beam_search(model, inputs, *, beam_size: int = 4, alpha: float = 0.6,
     if beam_size < 1:
         raise ValueError(f'beam_size={beam_size} must be >= 1')
     graphdef, params = _split(model)
+    tokens, scores, _ = _run(graphdef, params, inputs, beam_size, float(alpha), max_extra_length,
+                             early_stop)
+    return tokens, scores
+
+
+def _run(graphdef, params, inputs, beam_size, alpha, max_extra_length, early_stop=True):
+    """(tokens, scores, steps run) for either search; beam_size 1 is greedy."""
     if beam_size == 1:
-        tokens, log_prob = _jit_greedy(graphdef, params, inputs, max_extra_length)
-        return tokens, log_prob / length_penalty(hypothesis_lengths(tokens), float(alpha))
-    return _jit_beam_search(graphdef, params, inputs, beam_size, float(alpha), max_extra_length,
+        tokens, log_prob, steps = _jit_greedy(graphdef, params, inputs, max_extra_length)
+        return tokens, log_prob / length_penalty(hypothesis_lengths(tokens), alpha), steps
+    return _jit_beam_search(graphdef, params, inputs, beam_size, alpha, max_extra_length,
                             early_stop)
 
 
@@ -337,6 +346,7 @@ class Decoder:
         self.params = params
         self._buckets = self._ladder(length_step, length_growth)
         self.shapes_compiled: set[tuple[int, int]] = set()
+        self.steps = 0  # decoding steps run so far (over all batches)
 
     def _ladder(self, step, growth):
         buckets, b = [], step
@@ -369,10 +379,7 @@ class Decoder:
         if self._input_sharding is not None:
             x = jax.device_put(padded, self._input_sharding)
         self.shapes_compiled.add(padded.shape)
-        if self.beam_size == 1:
-            tokens, log_prob = _jit_greedy(self.graphdef, self.params, x, self.max_extra_length)
-            scores = log_prob / length_penalty(hypothesis_lengths(tokens), self.alpha)
-        else:
-            tokens, scores = _jit_beam_search(self.graphdef, self.params, x, self.beam_size,
-                                              self.alpha, self.max_extra_length, True)
+        tokens, scores, steps = _run(self.graphdef, self.params, x, self.beam_size, self.alpha,
+                                     self.max_extra_length)
+        self.steps += int(steps)
         return np.asarray(tokens)[:n], np.asarray(scores)[:n]

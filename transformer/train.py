@@ -213,8 +213,11 @@ def main(argv):
         nonlocal smoothed_loss
         m = jax.device_get(m)
         if not (np.isfinite(m['loss']) and np.isfinite(m['grad_norm'])):
-            raise cli.Abort(f'non-finite loss ({m["loss"]}) at step {step}; the last good '
-                            f'checkpoint is step {last_saved} in {workdir}')
+            if progress is not None:
+                progress.close()  # so that the error starts a line of its own
+            kept = f'step {last_saved}' if last_saved is not None else 'none yet'
+            raise cli.Abort(f'non-finite loss ({m["loss"]}) at step {step}; last good '
+                            f'checkpoint: {kept} in {workdir}')
         smoothed_loss = m['loss'] if smoothed_loss is None else 0.98 * smoothed_loss + 0.02 * m['loss']
         for k in ('loss', 'nll'):
             window[k] += float(m[k])

@@ -1,0 +1,174 @@
+"""`python -m transformer.train`: exact resume after kill -9, SIGTERM, devices, processes."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from transformer import checkpoint
+from transformer.schedule import learning_rate
+
+# A tiny model on the demo task; checkpoints every 4 steps, no dropout-free shortcuts.
+TINY = ['--config.train.steps=12',
+        '--config.train.checkpoint_every_steps=4', '--config.train.log_every_steps=1',
+        '--config.train.eval_every_steps=1000', '--config.data.batch_tokens=512']
+
+
+def train_env(devices=1, **extra):
+    env = dict(os.environ)
+    env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+    env['JAX_PLATFORMS'] = 'cpu'
+    env.pop('TRANSFORMER_FAULT', None)
+    env.update(extra)
+    return env
+
+
+def train_command(workdir, *extra, config='configs/demo.py:runlocal'):
+    return [sys.executable, '-m', 'transformer.train', f'--config={config}',
+            f'--workdir={workdir}', *TINY, *extra]
+
+
+def run_train(repo_root, workdir, *extra, env=None, check=True, config='configs/demo.py:runlocal'):
+    cmd = train_command(workdir, *extra, config=config)
+    r = subprocess.run(cmd, cwd=repo_root, env=env or train_env(), capture_output=True,
+                       text=True, timeout=300)
+    if check:
+        assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def final_params(workdir):
+    model, _, info = checkpoint.load_model(str(workdir))
+    from flax import nnx
+    return info['steps'][-1], [np.asarray(x) for x in jax.tree.leaves(nnx.state(model))]
+
+
+def losses(workdir):
+    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+        records = [json.loads(line) for line in f]
+    return {r['step']: r['train/loss'] for r in records if 'train/loss' in r}
+
+
+@pytest.fixture(scope='module')
+def reference(repo_root, tmp_path_factory):
+    """The uninterrupted run that every resumed run must reproduce bitwise."""
+    workdir = tmp_path_factory.mktemp('uninterrupted')
+    run_train(repo_root, workdir)
+    return workdir
+
+
+def test_learning_rate_schedule_of_section_5_3():
+    # Linear warm-up to the peak at step 4000, then inverse square root decay.
+    peak = 512 ** -0.5 * 4000 ** -0.5
+    assert float(learning_rate(4000, 512, 4000)) == pytest.approx(peak, rel=1e-6)
+    assert float(learning_rate(1000, 512, 4000)) == pytest.approx(peak / 4, rel=1e-6)
+    assert float(learning_rate(16000, 512, 4000)) == pytest.approx(peak / 2, rel=1e-6)
+
+
+@pytest.mark.parametrize('fault', ['after-step:10', 'in-save:8'])
+def test_resume_after_kill_9_equals_uninterrupted(repo_root, tmp_path, reference, fault):
+    workdir = tmp_path / 'run'
+    killed = run_train(repo_root, workdir, env=train_env(TRANSFORMER_FAULT=fault), check=False)
+    assert killed.returncode == -signal.SIGKILL
+    complete = checkpoint.available_steps(str(workdir))
+    if fault == 'in-save:8':
+        # The save of step 8 was cut short: it must not count as a checkpoint.
+        half_written = [p for p in os.listdir(workdir / 'checkpoints') if p.startswith('8.')]
+        if half_written:
+            assert 8 not in complete
+    assert all(s < 12 for s in complete)
+    resumed = run_train(repo_root, workdir)
+    if complete:  # an asynchronous save may still have been in flight at the kill
+        assert f'Resumed from step {max(complete)}' in resumed.stderr
+    step, params = final_params(workdir)
+    ref_step, ref_params = final_params(reference)
+    assert step == ref_step == 12
+    for a, b in zip(params, ref_params):
+        np.testing.assert_array_equal(a, b)  # bitwise
+
+
+def test_sigterm_saves_and_exits_cleanly(repo_root, tmp_path):
+    workdir = tmp_path / 'run'
+    cmd = train_command(workdir, '--config.train.steps=100000',
+                        '--config.train.checkpoint_every_steps=100000')
+    proc = subprocess.Popen(cmd, cwd=repo_root, env=train_env(), stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:  # wait until training runs
+        if os.path.exists(workdir / 'metrics.jsonl') and len(losses(workdir)) >= 3:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-2000:]
+    assert 'Stopped at step' in stderr
+    steps = checkpoint.available_steps(str(workdir))
+    assert len(steps) == 1 and steps[0] >= 3
+
+
+def test_8_devices_equal_1_device_with_gradient_accumulation(repo_root, tmp_path):
+    # The same global batches: 8 devices, or 1 device accumulating 8 micro-batches.
+    common = ['--config.model.dropout_rate=0.0', '--config.train.steps=6']
+    run_train(repo_root, tmp_path / 'eight', *common, env=train_env(devices=8))
+    run_train(repo_root, tmp_path / 'one', *common, '--config.train.grad_accum_steps=8',
+              env=train_env(devices=1))
+    eight, one = losses(tmp_path / 'eight'), losses(tmp_path / 'one')
+    assert sorted(eight) == sorted(one) == list(range(1, 7))
+    np.testing.assert_allclose([eight[s] for s in eight], [one[s] for s in eight], rtol=1e-4)  # Adam (eps 1e-9) amplifies float rounding
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_agree_with_one(repo_root, tmp_path):
+    common = ['--config.model.dropout_rate=0.0', '--config.train.steps=5']
+    port = free_port()
+    workdir = tmp_path / 'two'
+    cmd = train_command(workdir, *common)
+    procs = [subprocess.Popen(cmd, cwd=repo_root, stderr=subprocess.PIPE, text=True, env=train_env(
+        devices=1, JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{port}', JAX_NUM_PROCESSES='2',
+        JAX_PROCESS_ID=str(i))) for i in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+    run_train(repo_root, tmp_path / 'one', *common, env=train_env(devices=2))
+    two, one = losses(workdir), losses(tmp_path / 'one')
+    assert sorted(two) == sorted(one) == list(range(1, 6))
+    np.testing.assert_allclose([two[s] for s in two], [one[s] for s in two], rtol=1e-4)  # Adam (eps 1e-9) amplifies float rounding
+
+
+def test_non_finite_loss_stops_with_the_step(repo_root, tmp_path):
+    r = run_train(repo_root, tmp_path / 'run', '--config.train.learning_rate_scale=1e30',
+                  check=False)
+    assert r.returncode == 1
+    error = [line for line in r.stderr.splitlines() if line.startswith('error:')]
+    assert len(error) == 1 and 'non-finite loss' in error[0] and 'at step' in error[0], r.stderr
+
+
+def test_changed_config_is_refused_with_the_fields(repo_root, tmp_path, reference):
+    r = run_train(repo_root, reference, '--config.model.d_ff=48', '--config.train.seed=7',
+                  check=False)
+    assert r.returncode == 2
+    assert 'differing fields: model.d_ff, train.seed' in r.stderr
+
+
+def test_demo_task_reaches_a_low_loss(repo_root, tmp_path):
+    workdir = tmp_path / 'demo'
+    run_train(repo_root, workdir, '--config.train.steps=300',
+              '--config.train.log_every_steps=50', '--config.train.checkpoint_every_steps=300',
+              '--config.train.eval_every_steps=300', '--config.data.batch_tokens=2048',
+              '--config.train.eval_bleu_sentences=0', config='configs/demo.py')
+    with open(workdir / 'metrics.jsonl') as f:
+        evals = [json.loads(line) for line in f if 'eval/nll' in line]
+    # Uniform guessing over the 256-piece vocabulary would be ln 256 = 5.5 nats.
+    assert evals[-1]['eval/nll'] < 1.0, evals
