@@ -200,8 +200,9 @@ def main(argv):
     progress = None
     if is_main:
         from tqdm import tqdm
+        import sys
         progress = tqdm(total=t.steps, initial=start, desc='train', unit='step',
-                        dynamic_ncols=True)
+                        dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30)
     window = {'time': time.time(), 'steps': 0, 'flops': 0.0, 'tokens': 0.0, 'real': 0.0,
               'slots': 0.0, 'loss': 0.0, 'nll': 0.0}
     smoothed_loss = None
