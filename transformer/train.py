@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import sys
 import time
 
 import jax
@@ -144,6 +145,8 @@ def main(argv):
         config, tokenizer, process_index=jax.process_index(),
         process_count=jax.process_count(), rows_multiple=rows_multiple)
 
+    cli.say(f'Training data: {train_iter.stats}')
+
     # --- state, created already sharded --------------------------------------------------------
     optimizer = schedule.make_optimizer(config)
     model_fn = lambda: create_model(config, seed=t.seed)
@@ -200,7 +203,6 @@ def main(argv):
     progress = None
     if is_main:
         from tqdm import tqdm
-        import sys
         progress = tqdm(total=t.steps, initial=start, desc='train', unit='step',
                         dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30)
     window = {'time': time.time(), 'steps': 0, 'flops': 0.0, 'tokens': 0.0, 'real': 0.0,
