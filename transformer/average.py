@@ -14,19 +14,23 @@ from absl import flags
 
 from transformer import checkpoint, cli
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Work directory of a training run.')
-_LAST = flags.DEFINE_integer('last', None, 'Average the last K checkpoints (default: the '
-                             'config\'s decode.average_last).')
+
+
+def define_flags():
+    """Defined only when run as a program, so that importing this module defines no flags."""
+    flags.DEFINE_string('workdir', None, 'Work directory of a training run.')
+    flags.DEFINE_integer('last', None, 'Average the last K checkpoints (default: the '
+                         'config\'s decode.average_last).')
 
 
 def main(argv):
     if len(argv) > 1:
         raise cli.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-    workdir = _WORKDIR.value
+    workdir, last = flags.FLAGS.workdir, flags.FLAGS.last
     if not workdir:
         raise cli.UsageError('--workdir is required')
     config = cli.load_workdir_config(workdir)
-    last = _LAST.value if _LAST.value is not None else config.decode.average_last
+    last = last if last is not None else config.decode.average_last
     if last < 1:
         raise cli.UsageError(f'--last={last} must be >= 1')
     params, steps = checkpoint.average_last(workdir, last, config)
@@ -35,4 +39,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+    define_flags()
     cli.run(main)

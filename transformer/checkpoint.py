@@ -34,9 +34,11 @@ DATA_STATE_BYTES = 1 << 16  # room for one process's JSON iterator state
 def make_manager(workdir: str, keep: int, *, asynchronous: bool = True,
                  read_only: bool = False) -> ocp.CheckpointManager:
     """A CheckpointManager over workdir/checkpoints keeping the last `keep` steps."""
+    # Readers (evaluate, translate, average) neither create nor clean anything: a training run
+    # may be writing into the same directory. (Orbax's own read_only mode logs three warnings.)
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, enable_async_checkpointing=asynchronous, create=not read_only,
-        read_only=read_only, cleanup_tmp_directories=not read_only)
+        max_to_keep=None if read_only else keep, enable_async_checkpointing=asynchronous,
+        create=not read_only, cleanup_tmp_directories=not read_only)
     return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, CHECKPOINTS)),
                                  options=options, item_names=('state', 'data'))
 

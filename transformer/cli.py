@@ -125,8 +125,9 @@ def run(main: Callable[[list[str]], None]) -> None:
 def say(message: str) -> None:
     """One line of progress for the user, on stderr, from the first process only."""
     import jax
+    from tqdm import tqdm
     if jax.process_index() == 0:
-        print(message, file=sys.stderr, flush=True)
+        tqdm.write(message, file=sys.stderr)  # above any progress bar, never inside it
 
 
 def checked_config(holder) -> ml_collections.ConfigDict:

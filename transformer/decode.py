@@ -32,7 +32,6 @@ the inputs, so a batch laid out with `sharding.batch_sharding(mesh)` decodes acr
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import jax
@@ -156,11 +155,13 @@ def _gather_beams(x, beam_index):
 
 
 def _gather_cache(cache, beam_index, beam_size):
-    def gather(x):
-        x = x.reshape((-1, beam_size) + x.shape[1:])
-        x = _gather_beams(x, beam_index)
-        return x.reshape((-1,) + x.shape[2:])
-    return jax.tree.map(gather, cache)
+    """Reorders cache rows [B * K, ...]: row b * K + k becomes row b * K + beam_index[b, k].
+
+    A gather of whole rows along the leading axis (a contiguous copy per row).
+    """
+    batch = beam_index.shape[0]
+    rows = (jnp.arange(batch)[:, None] * beam_size + beam_index).reshape(-1)
+    return jax.tree.map(lambda x: jnp.take(x, rows, axis=0, mode='clip'), cache)
 
 
 def _beam_search(graphdef, params, inputs, beam_size: int, alpha: float,
@@ -250,17 +251,13 @@ _jit_beam_search = jax.jit(
                                    'early_stop'))
 
 
-def _split(model):
-    return nnx.split(model)
-
-
 def greedy(model, inputs, *, max_extra_length: int = 50):
     """Greedy decoding of `inputs` [B, S] (EOS-terminated, PAD-padded token ids).
 
     Returns (tokens [B, T] int32 without the start symbol, each row ending in EOS then PAD;
     log-probabilities [B] of those tokens, EOS included).
     """
-    graphdef, params = _split(model)
+    graphdef, params = nnx.split(model)
     tokens, log_prob, _ = _jit_greedy(graphdef, params, jnp.asarray(inputs, jnp.int32),
                                       max_extra_length)
     return tokens, log_prob
@@ -278,14 +275,19 @@ def beam_search(model, inputs, *, beam_size: int = 4, alpha: float = 0.6,
     inputs = jnp.asarray(inputs, jnp.int32)
     if beam_size < 1:
         raise ValueError(f'beam_size={beam_size} must be >= 1')
-    graphdef, params = _split(model)
-    tokens, scores, _ = _run(graphdef, params, inputs, beam_size, float(alpha), max_extra_length,
-                             early_stop)
+    graphdef, params = nnx.split(model)
+    tokens, scores, _ = search(graphdef, params, inputs, beam_size=beam_size, alpha=alpha,
+                               max_extra_length=max_extra_length, early_stop=early_stop)
     return tokens, scores
 
 
-def _run(graphdef, params, inputs, beam_size, alpha, max_extra_length, early_stop=True):
-    """(tokens, scores, steps run) for either search; beam_size 1 is greedy."""
+def search(graphdef, params, inputs, *, beam_size: int, alpha: float, max_extra_length: int,
+           early_stop: bool = True):
+    """The jitted search on split model state: (tokens, scores, steps the loop ran).
+
+    beam_size 1 is greedy (its score is then length-penalised too, for comparison).
+    """
+    alpha = float(alpha)
     if beam_size == 1:
         tokens, log_prob, steps = _jit_greedy(graphdef, params, inputs, max_extra_length)
         return tokens, log_prob / length_penalty(hypothesis_lengths(tokens), alpha), steps
@@ -379,7 +381,7 @@ class Decoder:
         if self._input_sharding is not None:
             x = jax.device_put(padded, self._input_sharding)
         self.shapes_compiled.add(padded.shape)
-        tokens, scores, steps = _run(self.graphdef, self.params, x, self.beam_size, self.alpha,
-                                     self.max_extra_length)
+        tokens, scores, steps = search(self.graphdef, self.params, x, beam_size=self.beam_size,
+                                       alpha=self.alpha, max_extra_length=self.max_extra_length)
         self.steps += int(steps)
         return np.asarray(tokens)[:n], np.asarray(scores)[:n]

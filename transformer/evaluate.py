@@ -100,9 +100,9 @@ def decode_settings(config, beam_size=None, alpha=None, max_extra_length=None):
     return settings
 
 
-def make_decoder(model, settings, batch_sentences: int) -> decode.Decoder:
+def make_decoder(model, settings, batch_sentences: int, devices=None) -> decode.Decoder:
     """A Decoder over this process's devices (batch split over them, parameters replicated)."""
-    mesh = sharding.make_mesh(devices=jax.local_devices())
+    mesh = sharding.make_mesh(devices=jax.local_devices() if devices is None else devices)
     return decode.Decoder(model, batch_size=batch_sentences, mesh=mesh, **settings)
 
 
@@ -123,10 +123,11 @@ def translate_split(decoder: decode.Decoder, config, tokenizer, split: str,
     """
     hypotheses: dict[int, str] = {}
     generated = 0
+    # Read and encode first, so that the time is the decoding's (compilation included).
+    batches = list(data.eval_batches(config, tokenizer, split, batch_sentences,
+                                     process_index=jax.process_index(),
+                                     process_count=jax.process_count()))
     start = time.perf_counter()
-    batches = data.eval_batches(config, tokenizer, split, batch_sentences,
-                                process_index=jax.process_index(),
-                                process_count=jax.process_count())
     for i, batch in enumerate(batches):
         index = batch['index']
         keep = index >= 0

@@ -21,7 +21,8 @@ from absl import flags, logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from transformer import checkpoint, cli, data, metrics, schedule, sharding
+from transformer import bleu, checkpoint, cli, data, decode, metrics, schedule, sharding
+from transformer import evaluate as evaluate_lib
 from transformer import tokenizer as tokenizer_lib
 from transformer.model import create_model
 from transformer.model_stats import forward_flops
@@ -117,6 +118,21 @@ def evaluate_loss(config, tokenizer, eval_fn, params, mesh) -> dict | None:
         return None
     nll = total[0] / max(total[1], 1.0)
     return {'nll': nll, 'perplexity': math.exp(min(nll, 50.0)), 'target_tokens': total[1]}
+
+
+def validation_bleu(config, tokenizer, graphdef, params, sentences: int) -> float:
+    """Greedy sacreBLEU on the first `sentences` validation sentences (a quick signal; the
+    paper's beam search and checkpoint averaging belong to `evaluate`)."""
+    model = nnx.merge(graphdef, params)
+    batch = config.decode.batch_sentences
+    decoder = decode.Decoder(model, beam_size=1, alpha=config.decode.length_penalty,
+                             max_extra_length=config.decode.max_extra_length, batch_size=batch,
+                             mesh=sharding.make_mesh(devices=jax.local_devices()))
+    hypotheses, _ = evaluate_lib.translate_split(decoder, config, tokenizer, 'validation', batch,
+                                                 limit=sentences)
+    _, references = data.load_text(config, 'validation')
+    ordered = [hypotheses[i] for i in sorted(hypotheses)]
+    return bleu.sacrebleu_score(ordered, references[:len(ordered)])[0]
 
 
 def main(argv):
@@ -284,6 +300,11 @@ def main(argv):
             _fault_injection('in-save', step)
         if step % t.eval_every_steps == 0 or step == t.steps:
             result = evaluate_loss(config, tokenizer, eval_step, state['params'], mesh)
+            if result is not None and t.eval_bleu_sentences > 0 and jax.process_count() == 1:
+                result['greedy_bleu'] = validation_bleu(config, tokenizer, graphdef,
+                                                        state['params'], t.eval_bleu_sentences)
+                cli.say(f'step {step} greedy BLEU on {t.eval_bleu_sentences} validation '
+                        f'sentences: {result["greedy_bleu"]:.2f}')
             if result is not None:
                 writer.write(step, result, prefix='eval/')
                 cli.say(f'step {step} validation: nll {result["nll"]:.4f}, '

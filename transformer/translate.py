@@ -19,9 +19,12 @@ from transformer import cli, decode
 from transformer import evaluate as evaluate_lib
 from transformer.tokenizer import EOS_ID
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Work directory of a training run.')
-evaluate_lib.define_decoding_flags()
-FLAGS = flags.FLAGS
+
+def define_flags():
+    """Defined only when run as a program, so that importing this module defines no flags."""
+    flags.DEFINE_string('workdir', None, 'Work directory of a training run.')
+    evaluate_lib.define_decoding_flags()
+
 
 CHUNK_BATCHES = 8  # batches read ahead and sorted by length together
 
@@ -47,11 +50,11 @@ class Translator:
     """Text in, text out, batched; keeps the compiled decoder between calls."""
 
     def __init__(self, model, config, tokenizer, settings: dict, batch_sentences: int,
-                 warn=None):
+                 warn=None, devices=None):
         self.tokenizer = tokenizer
         self.batch_sentences = batch_sentences
         self.limit = config.model.max_position - 1  # room for EOS
-        self.decoder = evaluate_lib.make_decoder(model, settings, batch_sentences)
+        self.decoder = evaluate_lib.make_decoder(model, settings, batch_sentences, devices)
         self.warn = warn or (lambda message: print(f'warning: {message}', file=sys.stderr))
 
     def __call__(self, lines: list[tuple[int, str]]) -> list[str]:
@@ -82,8 +85,9 @@ class Translator:
 def main(argv):
     if len(argv) > 1:
         raise cli.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+    FLAGS = flags.FLAGS
     model, config, tokenizer, steps = evaluate_lib.load(
-        _WORKDIR.value, average=FLAGS.average, step=FLAGS.step)
+        FLAGS.workdir, average=FLAGS.average, step=FLAGS.step)
     settings = evaluate_lib.decode_settings(config, FLAGS.beam_size, FLAGS.alpha,
                                             FLAGS.max_extra_length)
     batch_sentences = FLAGS.batch_sentences or config.decode.batch_sentences
@@ -102,4 +106,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+    define_flags()
     cli.run(main)
