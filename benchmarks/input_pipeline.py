@@ -7,6 +7,11 @@ corpus: BPE vocabulary training time, length-index time, and for 'bucket' and 'p
 the real (non-padding) token throughput of the iterator (median of --runs runs of --batches
 batches, source + target tokens) and the real-token fraction over one epoch (of the full
 batches, and of all batches including the epoch's partial last one).
+
+Unless --no-train-step: the base config's training step on this machine (the sharded step of
+transformer/train.py, timed by benchmarks/train_step.py on a synthetic batch of
+--train_step_batch_tokens per side), and for each corpus and batching `pipeline_over_train_step`,
+the pipeline's token rate over the step's (the issue asks for at least 10).
 """
 
 import argparse
@@ -36,108 +41,137 @@ CORPORA = {  # name: (train prefix, default vocabulary size)
 
 
 def _real_tokens(batch):
-  return int((batch['inputs_segmentation'] > 0).sum() + (batch['targets_segmentation'] > 0).sum())
+    return int((batch['inputs_segmentation'] > 0).sum() + (batch['targets_segmentation'] > 0).sum())
 
 
 def bench_corpus(prefix, vocab_size, args):
-  c = cd.base_config()
-  c.vocab_size = vocab_size
-  c.data.update(source='local', train=str(prefix), batch_tokens=args.batch_tokens,
-                max_length=args.max_length, bucket_step=args.bucket_step,
-                bucket_growth=args.bucket_growth)
-  out = {}
-  with tempfile.TemporaryDirectory() as workdir:
-    start = time.perf_counter()
-    tok = tk.load_or_train(c, workdir)
-    out['vocab_train_seconds'] = round(time.perf_counter() - start, 3)
-    out['vocab_pieces'] = tok.vocab_size
-    for batching in ('bucket', 'pack'):
-      c.data.batching = batching
-      start = time.perf_counter()
-      it = data.make_train_iterator(c, tok)
-      init = time.perf_counter() - start  # first one builds the length index, then cached
-      # Real-token fraction over one epoch: of the batches with every row in use (what a
-      # large corpus sees), and of all batches, including the epoch's partial last batch,
-      # whose empty rows weigh a lot when an epoch has only a dozen batches.
-      real, total = np.zeros(2), np.zeros(2)
-      shapes = set()
-      while True:
-        batch = next(it)
-        if it.get_state()['epoch'] != 0:
-          break
-        full = bool((batch['inputs_segmentation'] > 0).any(axis=1).all())
-        for k in ((0, 1) if full else (1,)):
-          real[k] += _real_tokens(batch)
-          total[k] += 2 * batch['inputs'].size
-        shapes.add(batch['inputs'].shape)
-      speeds = []
-      for _ in range(args.runs):
-        start, tokens = time.perf_counter(), 0
-        for _ in range(args.batches):
-          tokens += _real_tokens(next(it))
-        speeds.append(tokens / (time.perf_counter() - start))
-      out[batching] = dict(
-          tokens_per_second=round(statistics.median(speeds)),
-          tokens_per_second_runs=[round(s) for s in speeds],
-          real_token_fraction=round(real[0] / total[0], 4),
-          real_token_fraction_whole_epoch=round(real[1] / total[1], 4),
-          batch_shapes_in_epoch=len(shapes),
-          iterator_init_seconds=round(init, 3),
-      )
-    out['stats'] = it.stats
-    out['at_scale'] = _fraction_at_scale(c, tok, prefix, workdir, args.scale)
-  return out
+    c = cd.base_config()
+    c.vocab_size = vocab_size
+    c.data.update(source='local', train=str(prefix), batch_tokens=args.batch_tokens,
+                  max_length=args.max_length, bucket_step=args.bucket_step,
+                  bucket_growth=args.bucket_growth)
+    out = {}
+    with tempfile.TemporaryDirectory() as workdir:
+        start = time.perf_counter()
+        tok = tk.load_or_train(c, workdir)
+        out['vocab_train_seconds'] = round(time.perf_counter() - start, 3)
+        out['vocab_pieces'] = tok.vocab_size
+        for batching in ('bucket', 'pack'):
+            c.data.batching = batching
+            start = time.perf_counter()
+            it = data.make_train_iterator(c, tok)
+            init = time.perf_counter() - start  # first one builds the length index, then cached
+            # Real-token fraction over one epoch: of the batches with every row in use (what a
+            # large corpus sees), and of all batches, including the epoch's partial last batch,
+            # whose empty rows weigh a lot when an epoch has only a dozen batches.
+            real, total = np.zeros(2), np.zeros(2)
+            shapes = set()
+            while True:
+                batch = next(it)
+                if it.get_state()['epoch'] != 0:
+                    break
+                full = bool((batch['inputs_segmentation'] > 0).any(axis=1).all())
+                for k in ((0, 1) if full else (1,)):
+                    real[k] += _real_tokens(batch)
+                    total[k] += 2 * batch['inputs'].size
+                shapes.add(batch['inputs'].shape)
+            speeds = []
+            for _ in range(args.runs):
+                start, tokens = time.perf_counter(), 0
+                for _ in range(args.batches):
+                    tokens += _real_tokens(next(it))
+                speeds.append(tokens / (time.perf_counter() - start))
+            out[batching] = dict(
+                tokens_per_second=round(statistics.median(speeds)),
+                tokens_per_second_runs=[round(s) for s in speeds],
+                real_token_fraction=round(real[0] / total[0], 4),
+                real_token_fraction_whole_epoch=round(real[1] / total[1], 4),
+                batch_shapes_in_epoch=len(shapes),
+                iterator_init_seconds=round(init, 3),
+            )
+        out['stats'] = it.stats
+        out['at_scale'] = _fraction_at_scale(c, tok, prefix, workdir, args.scale)
+    return out
 
 
 def _fraction_at_scale(c, tok, prefix, workdir, scale):
-  """Real-token fractions over one epoch of the corpus repeated `scale` times: the same
-  length distribution with WMT-like epochs of thousands of batches, where partial batches
-  at the epoch's end stop mattering."""
-  big = os.path.join(workdir, 'scaled')
-  for lang in ('en', 'de'):
-    text = pathlib.Path(f'{prefix}.{lang}').read_text(encoding='utf-8')
-    pathlib.Path(f'{big}.{lang}').write_text(text * scale, encoding='utf-8')
-  c.data.train = big
-  out = dict(scale=scale)
-  for batching in ('bucket', 'pack'):
-    c.data.batching = batching
-    it = data.make_train_iterator(c, tok)
-    real = total = 0
-    while True:
-      batch = next(it)
-      if it.get_state()['epoch'] != 0:
-        break
-      real += _real_tokens(batch)
-      total += 2 * batch['inputs'].size
-    out[f'{batching}_real_token_fraction'] = round(real / total, 4)
-  c.data.train = str(prefix)
-  return out
+    """Real-token fractions over one epoch of the corpus repeated `scale` times: the same
+    length distribution with WMT-like epochs of thousands of batches, where partial batches
+    at the epoch's end stop mattering."""
+    big = os.path.join(workdir, 'scaled')
+    for lang in ('en', 'de'):
+        text = pathlib.Path(f'{prefix}.{lang}').read_text(encoding='utf-8')
+        pathlib.Path(f'{big}.{lang}').write_text(text * scale, encoding='utf-8')
+    c.data.train = big
+    out = dict(scale=scale)
+    for batching in ('bucket', 'pack'):
+        c.data.batching = batching
+        it = data.make_train_iterator(c, tok)
+        real = total = 0
+        while True:
+            batch = next(it)
+            if it.get_state()['epoch'] != 0:
+                break
+            real += _real_tokens(batch)
+            total += 2 * batch['inputs'].size
+        out[f'{batching}_real_token_fraction'] = round(real / total, 4)
+    c.data.train = str(prefix)
+    return out
+
+
+def train_step_speed(args):
+    """Tokens per second (source + target) of the base config's sharded train step here."""
+    from benchmarks.train_step import measure  # imports JAX; only when asked for
+    r = measure('base', args.train_step_batch_tokens, args.train_step_seq_len,
+                args.train_step_runs, 1, variants=('sharded',))
+    return dict(config=r['config'], batch=r['batch'], dtype=r['dtype'],
+                step_time_s=round(r['sharded']['step_time_s'], 4),
+                step_time_s_runs=r['sharded']['step_time_s_runs'],
+                tokens_per_second=round(r['sharded']['tokens_per_second'], 1))
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--batch_tokens', type=int, default=25_000)
-  parser.add_argument('--max_length', type=int, default=256)
-  defaults = cd.base_config().data
-  parser.add_argument('--bucket_step', type=int, default=defaults.bucket_step)
-  parser.add_argument('--bucket_growth', type=float, default=defaults.bucket_growth)
-  parser.add_argument('--runs', type=int, default=5)
-  parser.add_argument('--batches', type=int, default=20)
-  parser.add_argument('--corpora', default=','.join(CORPORA))
-  parser.add_argument('--scale', type=int, default=20,
-                      help='corpus repetitions for the at-scale padding measurement')
-  args = parser.parse_args()
-  logging.set_verbosity(logging.WARNING)
-  result = dict(benchmark='input_pipeline', machine=f'{platform.machine()}, {os.cpu_count()} cpus',
-                settings=vars(args), corpora={})
-  for name in args.corpora.split(','):
-    prefix, vocab_size = CORPORA[name]
-    if not pathlib.Path(f'{prefix}.en').exists():
-      result['corpora'][name] = f'skipped: {prefix}.en not present'
-      continue
-    result['corpora'][name] = bench_corpus(prefix, vocab_size, args)
-  print(json.dumps(result, default=lambda x: x.item() if isinstance(x, np.generic) else str(x)))
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--batch_tokens', type=int, default=25_000)
+    parser.add_argument('--max_length', type=int, default=256)
+    defaults = cd.base_config().data
+    parser.add_argument('--bucket_step', type=int, default=defaults.bucket_step)
+    parser.add_argument('--bucket_growth', type=float, default=defaults.bucket_growth)
+    parser.add_argument('--runs', type=int, default=5)
+    parser.add_argument('--batches', type=int, default=20)
+    parser.add_argument('--corpora', default=','.join(CORPORA))
+    parser.add_argument('--scale', type=int, default=20,
+                        help='corpus repetitions for the at-scale padding measurement')
+    parser.add_argument('--no-train-step', dest='train_step', action='store_false',
+                        help='skip the comparison with the base config\'s training step')
+    parser.add_argument('--train_step_batch_tokens', type=int, default=1024,
+                        help='tokens per side of the base train step\'s batch (25000 on a GPU)')
+    parser.add_argument('--train_step_seq_len', type=int, default=32)
+    parser.add_argument('--train_step_runs', type=int, default=3)
+    args = parser.parse_args()
+    logging.set_verbosity(logging.WARNING)
+    result = dict(benchmark='input_pipeline', machine=f'{platform.machine()}, {os.cpu_count()} cpus',
+                  settings=vars(args), corpora={})
+    for name in args.corpora.split(','):
+        prefix, vocab_size = CORPORA[name]
+        if not pathlib.Path(f'{prefix}.en').exists():
+            result['corpora'][name] = f'skipped: {prefix}.en not present'
+            continue
+        result['corpora'][name] = bench_corpus(prefix, vocab_size, args)
+    if args.train_step:
+        step = result['train_step'] = train_step_speed(args)
+        ratios = {}
+        for name, corpus in result['corpora'].items():
+            if not isinstance(corpus, dict):
+                continue
+            for batching in ('bucket', 'pack'):
+                ratio = round(corpus[batching]['tokens_per_second'] / step['tokens_per_second'], 2)
+                corpus[batching]['pipeline_over_train_step'] = ratio
+                ratios[f'{name}/{batching}'] = ratio
+        result['pipeline_over_train_step'] = ratios
+        result['pipeline_at_least_10x_train_step'] = bool(ratios) and min(ratios.values()) >= 10
+    print(json.dumps(result, default=lambda x: x.item() if isinstance(x, np.generic) else str(x)))
 
 
 if __name__ == '__main__':
-  main()
+    main()

@@ -7,6 +7,7 @@ itself from the latest complete checkpoint in the work directory.
 
 from __future__ import annotations
 
+import glob
 import math
 import os
 import signal
@@ -63,8 +64,22 @@ def maybe_initialize_distributed() -> None:
             coordinator_address=os.environ['JAX_COORDINATOR_ADDRESS'],
             num_processes=int(os.environ.get('JAX_NUM_PROCESSES', '1')),
             process_id=int(os.environ.get('JAX_PROCESS_ID', '0')))
-    elif int(os.environ.get('SLURM_NTASKS', '1')) > 1 or 'TPU_WORKER_HOSTNAMES' in os.environ:
+    elif (int(os.environ.get('SLURM_NTASKS', '1')) > 1 or 'TPU_WORKER_HOSTNAMES' in os.environ
+          or 'TPU_PROCESS_ADDRESSES' in os.environ or _on_cloud_tpu_vm()):
         jax.distributed.initialize()
+
+
+def _on_cloud_tpu_vm() -> bool:
+    """A Cloud TPU VM has PCI devices of Google's vendor id 0x1ae0; JAX then finds the pod
+    slice's other workers through the metadata server (harmless on a single host)."""
+    for path in glob.glob('/sys/bus/pci/devices/*/vendor'):
+        try:
+            with open(path) as f:
+                if f.read().strip() == '0x1ae0':
+                    return True
+        except OSError:
+            continue
+    return False
 
 
 def check_resumable(config, workdir: str) -> None:
