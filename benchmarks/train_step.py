@@ -9,8 +9,8 @@ config (demo = configs/demo.py, base/big = configs/wmt14_ende.py:base/big) on a 
 of a fixed shape [rows, seq_len] (random token ids, one pair per row, no padding; rows =
 batch_tokens // seq_len, rounded up to a multiple of the device count):
 
-* 'sharded': the project's step exactly as transformer/train.py builds it: make_train_step,
-  jax.jit with in/out shardings over sharding.make_mesh(), donate_argnums=0, the state created
+* 'sharded': the project's step exactly as transformer/train.py builds it: train_step.setup and
+  jit_sharded_step (in/out shardings over sharding.make_mesh(), donate_argnums=0), the state created
   already sharded by a jit with out_shardings.
 * 'plain': the same make_train_step function under a bare jax.jit (no mesh, no shardings, no
   donation), state created by a bare jit on the default device.
@@ -49,12 +49,11 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
-from flax import nnx  # noqa: E402
 
-from transformer import metrics, schedule, sharding  # noqa: E402
-from transformer.model import create_model, resolve_dtype  # noqa: E402
+from transformer import metrics, sharding  # noqa: E402
+from transformer import train_step as train_step_lib  # noqa: E402
+from transformer.model import resolve_dtype  # noqa: E402
 from transformer.model_stats import count_parameters, forward_flops  # noqa: E402
-from transformer.train_step import make_train_step  # noqa: E402
 
 CONFIGS = {
     'demo': 'configs/demo.py',
@@ -92,52 +91,26 @@ def synthetic_batch(vocab_size: int, rows: int, seq_len: int, seed: int = 0) -> 
 
 
 def build_steps(config, variants=VARIANTS):
-    """(sharded step, its initial state, batch sharding) and (plain step, its initial state).
+    """{variant: (jitted step, its initial state, batch sharding or None)} and the mesh.
 
-    The sharded half repeats transformer/train.py's 'state, created already sharded' section
-    line for line, so that what is timed is what training runs.
+    'sharded' is exactly what transformer/train.py runs (train_step.setup and
+    jit_sharded_step); 'plain' jits the same step function with no mesh, shardings or
+    donation; 'sharded_nodonate' is the sharded step without donation (a diagnostic).
     """
     t = config.train
     mesh = sharding.make_mesh(t.mesh_data, t.mesh_fsdp)
-    optimizer = schedule.make_optimizer(config)
-    model_fn = lambda: create_model(config, seed=t.seed)
-    graphdef, abstract_model_state = nnx.split(nnx.eval_shape(model_fn))
-    param_shardings = nnx.to_pure_dict(sharding.state_shardings(abstract_model_state, mesh))
-    replicated = sharding.replicated(mesh)
-
-    def init_state():
-        params = nnx.to_pure_dict(nnx.state(model_fn()))
-        return {'params': params, 'opt_state': optimizer.init(params),
-                'step': jnp.zeros((), jnp.int32),
-                'rng': jax.random.key_data(jax.random.PRNGKey(t.seed + 1))}
-
-    abstract_state = jax.eval_shape(init_state)
-    opt_shardings = optax.tree_map_params(
-        optimizer, lambda _, s: s, abstract_state['opt_state'], param_shardings,
-        transform_non_params=lambda _: replicated)
-    state_shardings = {'params': param_shardings, 'opt_state': opt_shardings,
-                       'step': replicated, 'rng': replicated}
-    batch_sharding = sharding.batch_sharding(mesh)
-    lr = lambda step: schedule.learning_rate(step, config.model.d_model, t.warmup_steps,
-                                             t.learning_rate_scale)
-    step_fn = make_train_step(
-        graphdef, optimizer, label_smoothing=t.label_smoothing,
-        grad_accum_steps=t.grad_accum_steps,
-        dropout=config.model.dropout_rate > 0 or config.model.attention_dropout_rate > 0 or
-        config.model.relu_dropout_rate > 0, schedule=lr)
+    s = train_step_lib.setup(config, mesh)
+    sharded_init = lambda: jax.jit(s.init_state, out_shardings=s.state_shardings)()
     out = {'mesh': dict(mesh.shape)}
     if 'sharded' in variants:
-        sharded_step = jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding),
-                               out_shardings=(state_shardings, replicated), donate_argnums=0)
-        sharded_state = jax.jit(init_state, out_shardings=state_shardings)()
-        out['sharded'] = (sharded_step, sharded_state, batch_sharding)
+        out['sharded'] = (train_step_lib.jit_sharded_step(s), sharded_init(), s.batch_sharding)
     if 'sharded_nodonate' in variants:
         out['sharded_nodonate'] = (
-            jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding),
-                    out_shardings=(state_shardings, replicated)),
-            jax.jit(init_state, out_shardings=state_shardings)(), batch_sharding)
+            jax.jit(s.step_fn, in_shardings=(s.state_shardings, s.batch_sharding),
+                    out_shardings=(s.state_shardings, s.replicated)),
+            sharded_init(), s.batch_sharding)
     if 'plain' in variants:
-        out['plain'] = (jax.jit(step_fn), jax.jit(init_state)(), None)
+        out['plain'] = (jax.jit(s.step_fn), jax.jit(s.init_state)(), None)
     return out
 
 

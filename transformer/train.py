@@ -17,17 +17,15 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import flags, logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from transformer import bleu, checkpoint, cli, data, decode, metrics, schedule, sharding
+from transformer import bleu, checkpoint, cli, data, decode, metrics, sharding
 from transformer import evaluate as evaluate_lib
 from transformer import tokenizer as tokenizer_lib
-from transformer.model import create_model
 from transformer.model_stats import forward_flops
-from transformer.train_step import make_eval_step, make_train_step
+from transformer import train_step as train_step_lib
 
 _CONFIG = cli.define_config_flag()
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Work directory: config, vocabulary, '
@@ -179,49 +177,23 @@ def main(argv):
     cli.say(f'Training data: {train_iter.stats}')
 
     # --- state, created already sharded --------------------------------------------------------
-    optimizer = schedule.make_optimizer(config)
-    model_fn = lambda: create_model(config, seed=t.seed)
-    graphdef, abstract_model_state = nnx.split(nnx.eval_shape(model_fn))
-    param_shardings = nnx.to_pure_dict(sharding.state_shardings(abstract_model_state, mesh))
-    replicated = sharding.replicated(mesh)
-
-    def init_state():
-        params = nnx.to_pure_dict(nnx.state(model_fn()))
-        return {'params': params, 'opt_state': optimizer.init(params),
-                'step': jnp.zeros((), jnp.int32),
-                'rng': jax.random.key_data(jax.random.PRNGKey(t.seed + 1))}
-
-    abstract_state = jax.eval_shape(init_state)
-    opt_shardings = optax.tree_map_params(
-        optimizer, lambda _, s: s, abstract_state['opt_state'], param_shardings,
-        transform_non_params=lambda _: replicated)
-    state_shardings = {'params': param_shardings, 'opt_state': opt_shardings,
-                       'step': replicated, 'rng': replicated}
-    batch_sharding = sharding.batch_sharding(mesh)
-
-    lr = lambda step: schedule.learning_rate(step, config.model.d_model, t.warmup_steps,
-                                             t.learning_rate_scale)
-    train_step = jax.jit(
-        make_train_step(graphdef, optimizer, label_smoothing=t.label_smoothing,
-                        grad_accum_steps=t.grad_accum_steps,
-                        dropout=config.model.dropout_rate > 0 or
-                        config.model.attention_dropout_rate > 0 or
-                        config.model.relu_dropout_rate > 0, schedule=lr),
-        in_shardings=(state_shardings, batch_sharding),
-        out_shardings=(state_shardings, replicated), donate_argnums=0)
-    eval_step = jax.jit(make_eval_step(graphdef), out_shardings=replicated)
+    setup = train_step_lib.setup(config, mesh)
+    graphdef, state_shardings = setup.graphdef, setup.state_shardings
+    batch_sharding, replicated = setup.batch_sharding, setup.replicated
+    train_step = train_step_lib.jit_sharded_step(setup)
+    eval_step = jax.jit(train_step_lib.make_eval_step(graphdef), out_shardings=replicated)
 
     # --- restore or initialise ---------------------------------------------------------------
     manager = checkpoint.make_manager(workdir, keep=t.keep_checkpoints)
     latest = manager.latest_step()
     if latest is not None:
         target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                              abstract_state, state_shardings)
+                              setup.abstract_state, state_shardings)
         state, data_state = checkpoint.restore(manager, latest, target)
         train_iter.set_state(data_state)
         cli.say(f'Resumed from step {latest} of {workdir} (data position {data_state})')
     else:
-        state = jax.jit(init_state, out_shardings=state_shardings)()
+        state = jax.jit(setup.init_state, out_shardings=state_shardings)()
         cli.say(f'New run in {workdir}: {jax.device_count()} devices, mesh {dict(mesh.shape)}')
     start = int(state['step'])
 

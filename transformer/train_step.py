@@ -10,12 +10,15 @@ The training state is a plain dict of arrays (so Orbax saves it as is):
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+
+from transformer import schedule, sharding
+from transformer.model import create_model
 
 Batch = dict[str, jax.Array]
 
@@ -115,3 +118,58 @@ def make_eval_step(graphdef):
         return jnp.stack([nll, count])
 
     return evaluate
+
+
+class Setup(NamedTuple):
+    """Everything the training loop (and the train-step benchmark) builds from a config."""
+    graphdef: Any
+    optimizer: optax.GradientTransformation
+    init_state: Callable[[], dict]  # builds the initial state (jit it with state_shardings)
+    abstract_state: Any
+    state_shardings: dict
+    batch_sharding: Any
+    replicated: Any
+    step_fn: Callable  # step(state, batch) -> (state, metrics), not yet jitted
+
+
+def setup(config, mesh) -> Setup:
+    """Model, optimizer, state layout and step function of `config` on `mesh`.
+
+    Parameters and Adam moments follow the sharding rules (sharding.py); the step counter and
+    the dropout key are replicated.
+    """
+    t = config.train
+    optimizer = schedule.make_optimizer(config)
+    model_fn = lambda: create_model(config, seed=t.seed)
+    graphdef, abstract_model_state = nnx.split(nnx.eval_shape(model_fn))
+    param_shardings = nnx.to_pure_dict(sharding.state_shardings(abstract_model_state, mesh))
+    replicated = sharding.replicated(mesh)
+
+    def init_state():
+        params = nnx.to_pure_dict(nnx.state(model_fn()))
+        return {'params': params, 'opt_state': optimizer.init(params),
+                'step': jnp.zeros((), jnp.int32),
+                'rng': jax.random.key_data(jax.random.PRNGKey(t.seed + 1))}
+
+    abstract_state = jax.eval_shape(init_state)
+    opt_shardings = optax.tree_map_params(
+        optimizer, lambda _, s: s, abstract_state['opt_state'], param_shardings,
+        transform_non_params=lambda _: replicated)
+    state_shardings = {'params': param_shardings, 'opt_state': opt_shardings,
+                       'step': replicated, 'rng': replicated}
+    m = config.model
+    lr = lambda step: schedule.learning_rate(step, m.d_model, t.warmup_steps,
+                                             t.learning_rate_scale)
+    step_fn = make_train_step(
+        graphdef, optimizer, label_smoothing=t.label_smoothing,
+        grad_accum_steps=t.grad_accum_steps,
+        dropout=max(m.dropout_rate, m.attention_dropout_rate, m.relu_dropout_rate) > 0,
+        schedule=lr)
+    return Setup(graphdef, optimizer, init_state, abstract_state, state_shardings,
+                 sharding.batch_sharding(mesh), replicated, step_fn)
+
+
+def jit_sharded_step(s: Setup):
+    """The training step as train runs it: sharded in and out, the state donated."""
+    return jax.jit(s.step_fn, in_shardings=(s.state_shardings, s.batch_sharding),
+                   out_shardings=(s.state_shardings, s.replicated), donate_argnums=0)
