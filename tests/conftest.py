@@ -23,6 +23,15 @@ def repo_root() -> pathlib.Path:
     return REPO
 
 
+def load_config(name: str, arg=None):
+    """configs/NAME.py's get_config(arg), loaded by path as config_flags does."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(f'configs_{name}', REPO / 'configs' / f'{name}.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
 def shared_data(*parts: str) -> pathlib.Path:
     """A path under ../shared/data, skipping the test when it is absent (a fresh clone)."""
     path = SHARED_DATA.joinpath(*parts)

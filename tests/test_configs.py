@@ -1,6 +1,5 @@
 """Configs of the paper and the `summary` command line."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -14,6 +13,7 @@ from transformer import config_defaults as cd
 from transformer import model as model_lib
 from transformer.model_stats import count_parameters, forward_flops
 
+from conftest import load_config
 from test_model import hand_count
 
 TABLE3_ROWS = ['base', 'A1', 'A2', 'A3', 'A4', 'B1', 'B2', 'C1', 'C2', 'C3', 'C4', 'C5', 'C6',
@@ -21,10 +21,8 @@ TABLE3_ROWS = ['base', 'A1', 'A2', 'A3', 'A4', 'B1', 'B2', 'C1', 'C2', 'C3', 'C4
 
 
 def load(repo_root, name, arg=None):
-    spec = importlib.util.spec_from_file_location(name, repo_root / 'configs' / f'{name}.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    del repo_root  # conftest knows where the configs are
+    return load_config(name, arg)
 
 
 def test_every_config_builds_and_validates(repo_root):

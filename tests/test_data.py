@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from conftest import load_config, shared_data
 from transformer import config_defaults as cd
 from transformer import data
 from transformer import synthetic
 from transformer import tokenizer as tk
 
-SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / 'shared' / 'data'
 WORDS = 'the a man woman dog cat runs jumps over under red blue small big street park'.split()
 WORTER = 'der die Mann Frau Hund Katze läuft springt über unter rot blau klein groß Straße'.split()
 
@@ -207,8 +207,7 @@ def test_synthetic_task():
 
 
 def test_demo_config_end_to_end(tmp_path):
-    from configs import demo
-    config = demo.get_config('runlocal')
+    config = load_config('demo', 'runlocal')
     tok = tk.load_or_train(config, str(tmp_path))
     it = data.make_train_iterator(config, tok)
     batch = next(it)
@@ -316,9 +315,7 @@ def test_nothing_left_after_filtering(corpus, tmp_path):
 
 
 def test_multi30k(tmp_path):
-    root = SHARED_DATA / 'multi30k'
-    if not root.exists():
-        pytest.skip(f'{root} not present (../shared/data exists only on the project machines)')
+    root = shared_data('multi30k')
     c = cd.base_config()
     c.vocab_size = 2000
     c.data.update(source='local', train=str(root / 'train'), validation=str(root / 'val'),
