@@ -172,3 +172,16 @@ def test_demo_task_reaches_a_low_loss(repo_root, tmp_path):
         evals = [json.loads(line) for line in f if 'eval/nll' in line]
     # Uniform guessing over the 256-piece vocabulary would be ln 256 = 5.5 nats.
     assert evals[-1]['eval/nll'] < 1.5, evals  # measured: 1.19 at step 300 (0.09 at 1500)
+
+
+def test_a_start_that_failed_on_bad_data_can_be_corrected(repo_root, tmp_path):
+    workdir = tmp_path / 'run'
+    missing = tmp_path / 'nowhere' / 'train'
+    r = run_train(repo_root, workdir, f'--config.data.train={missing}',
+                  config='configs/local.py:base,runlocal', check=False)
+    assert r.returncode == 2
+    error = [line for line in r.stderr.splitlines() if line.startswith('error:')]
+    assert error == [f'error: missing file {missing}.en'], r.stderr
+    # Nothing was trained, so the work directory takes the corrected command.
+    run_train(repo_root, workdir, '--config.train.steps=4')
+    assert checkpoint.available_steps(str(workdir)) == [4]

@@ -81,8 +81,13 @@ def _on_cloud_tpu_vm() -> bool:
 
 
 def check_resumable(config, workdir: str) -> None:
-    """Refuses a config that differs from the stored one in more than the run length."""
-    if not os.path.exists(os.path.join(workdir, cli.CONFIG_FILE)):
+    """Refuses a config that differs from the stored one in more than the run length.
+
+    Only a work directory with a checkpoint holds a run; before the first checkpoint (e.g. a
+    start that failed on a missing data file) the config may still be corrected.
+    """
+    if (not os.path.exists(os.path.join(workdir, cli.CONFIG_FILE))
+            or not checkpoint.available_steps(workdir)):
         return
     stored = cli.load_workdir_config(workdir)
     differing = cli.config_differences(stored, config, ignore=RESUMABLE_CHANGES)
