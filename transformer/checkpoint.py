@@ -112,10 +112,11 @@ def _restore_params(workdir: str, step: int, abstract_params):
         manager.close()
 
 
-def _abstract_params(config, sharding=None):
+def _abstract_params(config):
+    """(graphdef, abstract parameters on the first device) of the config's model."""
     model = nnx.eval_shape(lambda: create_model(config))
     graphdef, state = nnx.split(model)
-    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
                             nnx.to_pure_dict(state))
     return graphdef, abstract
@@ -131,7 +132,11 @@ def average_params(trees: list):
 
 def average_last(workdir: str, last: int, config=None):
     """Averages the parameters of the last `last` checkpoints: (params, steps)."""
-    config = config or cli.load_workdir_config(workdir)
+    _, abstract = _abstract_params(config or cli.load_workdir_config(workdir))
+    return _average_last(workdir, last, abstract)
+
+
+def _average_last(workdir: str, last: int, abstract):
     steps = available_steps(workdir)
     if not steps:
         raise cli.UsageError(f'no checkpoint in {os.path.join(workdir, CHECKPOINTS)}')
@@ -139,7 +144,6 @@ def average_last(workdir: str, last: int, config=None):
         raise cli.UsageError(f'asked to average the last {last} checkpoints, but '
                              f'{workdir} holds {len(steps)}: {steps}')
     chosen = steps[-last:]
-    _, abstract = _abstract_params(config)
     trees = [_restore_params(workdir, s, abstract) for s in chosen]
     return average_params(trees), chosen
 
@@ -166,7 +170,7 @@ def load_model(workdir: str, *, average: int = 1, step: int | None = None):
         raise cli.UsageError(f'{workdir} has no vocabulary (vocab.model)')
     graphdef, abstract = _abstract_params(config)
     if average > 1:
-        params, steps = average_last(workdir, average, config)
+        params, steps = _average_last(workdir, average, abstract)
     else:
         available = available_steps(workdir)
         if not available:

@@ -118,22 +118,26 @@ def all_processes_agree(*conditions: bool) -> list[bool]:
     return [bool(v) for v in np.asarray(votes).reshape(-1, len(conditions)).max(axis=0)]
 
 
-def evaluate_loss(config, tokenizer, eval_fn, params, mesh) -> dict | None:
-    """Cross-entropy and per-token perplexity on the (unfiltered) validation split."""
+def validation_batches(config, tokenizer) -> list | None:
+    """This process's validation batches, read and tokenized once per run (None if absent)."""
     try:
-        batches = data.eval_batches(config, tokenizer, 'validation',
-                                    config.data.eval_batch_sentences,
-                                    process_index=jax.process_index(),
-                                    process_count=jax.process_count())
-        batch_sharding = sharding.batch_sharding(mesh)
-        total = np.zeros(2)
-        for batch in batches:
-            arrays = {k: jax.make_array_from_process_local_data(batch_sharding, batch[k])
-                      for k in ('inputs', 'targets')}
-            total += np.asarray(eval_fn(params, arrays))
+        return list(data.eval_batches(config, tokenizer, 'validation',
+                                      config.data.eval_batch_sentences,
+                                      process_index=jax.process_index(),
+                                      process_count=jax.process_count()))
     except data.DataError as e:
         logging.warning('No validation loss: %s', e)
         return None
+
+
+def evaluate_loss(eval_fn, params, batches: list, mesh) -> dict:
+    """Cross-entropy and per-token perplexity on the (unfiltered) validation split."""
+    batch_sharding = sharding.batch_sharding(mesh)
+    total = np.zeros(2)
+    for batch in batches:
+        arrays = {k: jax.make_array_from_process_local_data(batch_sharding, batch[k])
+                  for k in ('inputs', 'targets')}
+        total += np.asarray(eval_fn(params, arrays))
     nll = total[0] / max(total[1], 1.0)
     return {'nll': nll, 'perplexity': math.exp(min(nll, 50.0)), 'target_tokens': total[1]}
 
@@ -180,6 +184,7 @@ def main(argv):
         process_count=jax.process_count(), rows_multiple=rows_multiple)
 
     cli.say(f'Training data: {train_iter.stats}')
+    validation = validation_batches(config, tokenizer)
 
     # --- state, created already sharded --------------------------------------------------------
     setup = train_step_lib.setup(config, mesh)
@@ -290,17 +295,16 @@ def main(argv):
         if save_due:
             save(step)
             _fault_injection('in-save', step)
-        if step % t.eval_every_steps == 0 or step == t.steps:
-            result = evaluate_loss(config, tokenizer, eval_step, state['params'], mesh)
-            if result is not None and t.eval_bleu_sentences > 0 and jax.process_count() == 1:
+        if validation is not None and (step % t.eval_every_steps == 0 or step == t.steps):
+            result = evaluate_loss(eval_step, state['params'], validation, mesh)
+            if t.eval_bleu_sentences > 0 and jax.process_count() == 1:
                 result['greedy_bleu'] = validation_bleu(config, tokenizer, graphdef,
                                                         state['params'], t.eval_bleu_sentences)
                 cli.say(f'step {step} greedy BLEU on {t.eval_bleu_sentences} validation '
                         f'sentences: {result["greedy_bleu"]:.2f}')
-            if result is not None:
-                writer.write(step, result, prefix='eval/')
-                cli.say(f'step {step} validation: nll {result["nll"]:.4f}, '
-                        f'perplexity {result["perplexity"]:.3f}')
+            writer.write(step, result, prefix='eval/')
+            cli.say(f'step {step} validation: nll {result["nll"]:.4f}, '
+                    f'perplexity {result["perplexity"]:.3f}')
         if stop_now:
             cli.say(f'Stopped at step {step} after a signal; checkpoint saved.')
             break
