@@ -26,7 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from transformer import config_defaults, decode
+from transformer import config as config_lib
+from transformer import decode
 from transformer.model import create_model
 
 PRESETS = {
@@ -39,7 +40,7 @@ PRESETS = {
 
 
 def make_config(preset: str):
-    c = config_defaults.base_config()
+    c = config_lib.base_config()
     c.model.update(PRESETS[preset]['model'])
     c.vocab_size = PRESETS[preset]['vocab_size']
     return c
@@ -76,7 +77,7 @@ def throughput(model, batch_sizes, source_length, max_extra, repeats):
             x = jnp.asarray(random_sources(batch, source_length, model.vocab_size, seed=batch))
             result = {}
 
-            def run():
+            def run(x=x, beam=beam, result=result):
                 result['out'] = decode.search(graphdef, params, x, beam_size=beam, alpha=0.6,
                                               max_extra_length=max_extra)
                 return result['out']
@@ -128,7 +129,7 @@ def step_time_by_index(model, rows, source_length, cache_length, starts, count, 
     state = {'tokens': jnp.full((rows,), 5, jnp.int32), 'cache': init(params, x)}
     out = {}
     for start in starts:
-        def run():
+        def run(start=start):
             state['tokens'], state['cache'] = _steps_from(
                 graphdef, params, state['tokens'], state['cache'], jnp.int32(start), count,
                 segmentation)
@@ -152,9 +153,9 @@ def marginal_step_time(model, batch, beam, source_width, extra, lengths, repeats
         x = jnp.asarray(x)
         result = {}
 
-        def run():
+        def run(x=x, result=result):
             result['out'] = decode.search(graphdef, params, x, beam_size=beam, alpha=0.6,
-                                              max_extra_length=extra, early_stop=False)
+                                          max_extra_length=extra, early_stop=False)
             return result['out']
 
         seconds = time_call(run, repeats)

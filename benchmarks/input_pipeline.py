@@ -26,12 +26,13 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from absl import logging  # noqa: E402
 import numpy as np  # noqa: E402
+from absl import logging  # noqa: E402
 
-from transformer import config_defaults as cd  # noqa: E402
+from transformer import batching as batching_lib  # noqa: E402
+from transformer import config as config_lib  # noqa: E402
 from transformer import data  # noqa: E402
-from transformer import tokenizer as tk  # noqa: E402
+from transformer import workdir as workdir_lib  # noqa: E402
 
 DATA = pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'data'
 CORPORA = {  # name: (train prefix, default vocabulary size)
@@ -45,7 +46,7 @@ def _real_tokens(batch):
 
 
 def bench_corpus(prefix, vocab_size, args):
-    c = cd.base_config()
+    c = config_lib.base_config()
     c.vocab_size = vocab_size
     c.data.update(source='local', train=str(prefix), batch_tokens=args.batch_tokens,
                   max_length=args.max_length, bucket_step=args.bucket_step,
@@ -53,13 +54,13 @@ def bench_corpus(prefix, vocab_size, args):
     out = {}
     with tempfile.TemporaryDirectory() as workdir:
         start = time.perf_counter()
-        tok = tk.load_or_train(c, workdir)
+        tok = workdir_lib.vocabulary(c, workdir, lambda: data.vocab_text(c))
         out['vocab_train_seconds'] = round(time.perf_counter() - start, 3)
         out['vocab_pieces'] = tok.vocab_size
         for batching in ('bucket', 'pack'):
             c.data.batching = batching
             start = time.perf_counter()
-            it = data.make_train_iterator(c, tok)
+            it = batching_lib.TrainIterator(data.tokenized_train(c, tok), c.data)
             init = time.perf_counter() - start  # first one builds the length index, then cached
             # Real-token fraction over one epoch: of the batches with every row in use (what a
             # large corpus sees), and of all batches, including the epoch's partial last batch,
@@ -106,7 +107,7 @@ def _fraction_at_scale(c, tok, prefix, workdir, scale):
     out = dict(scale=scale)
     for batching in ('bucket', 'pack'):
         c.data.batching = batching
-        it = data.make_train_iterator(c, tok)
+        it = batching_lib.TrainIterator(data.tokenized_train(c, tok), c.data)
         real = total = 0
         while True:
             batch = next(it)
@@ -134,7 +135,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--batch_tokens', type=int, default=25_000)
     parser.add_argument('--max_length', type=int, default=256)
-    defaults = cd.base_config().data
+    defaults = config_lib.base_config().data
     parser.add_argument('--bucket_step', type=int, default=defaults.bucket_step)
     parser.add_argument('--bucket_growth', type=float, default=defaults.bucket_growth)
     parser.add_argument('--runs', type=int, default=5)
@@ -150,7 +151,8 @@ def main():
     parser.add_argument('--train_step_runs', type=int, default=3)
     args = parser.parse_args()
     logging.set_verbosity(logging.WARNING)
-    result = dict(benchmark='input_pipeline', machine=f'{platform.machine()}, {os.cpu_count()} cpus',
+    result = dict(benchmark='input_pipeline',
+                  machine=f'{platform.machine()}, {os.cpu_count()} cpus',
                   settings=vars(args), corpora={})
     for name in args.corpora.split(','):
         prefix, vocab_size = CORPORA[name]

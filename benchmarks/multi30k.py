@@ -11,8 +11,9 @@ beam 4 and alpha 0.6 at test time, and the last 5 checkpoints averaged.
 Training is bounded by wall time, not steps: after --minutes the benchmark sends SIGTERM,
 which makes train finish its step, save and exit 0 (the inverse-square-root schedule does not
 depend on the run length). Checkpoints are written every --checkpoint_minutes, so the last 5
-averaged span the end of the run, like the paper's 10-minute checkpoints. Everything else is the paper's (post-LN, Adam 0.9/0.98,
-the inverse-square-root schedule). Data: ../shared/data/multi30k (train, val, test2016).
+averaged span the end of the run, like the paper's 10-minute checkpoints. Everything else
+is the paper's (post-LN, Adam 0.9/0.98, the inverse-square-root schedule). Data:
+../shared/data/multi30k (train, val, test2016).
 
 Prints ONE JSON object: cased sacreBLEU (with signature), lowercased sacreBLEU (how Multi30k
 results are usually given; published tiny Transformers reach about 41 on EN-DE test2016,

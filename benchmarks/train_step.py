@@ -20,8 +20,8 @@ Both use the real optimizer (schedule.make_optimizer) and the config's dtypes (m
 two are timed in the same process, interleaved (the order alternates run by run), each run
 `--steps` steps ended by block_until_ready. Reported: median step time, the ratio
 sharded/plain of the medians and the median of the per-run ratios, tokens per second (source +
-target, as train.py logs them), FLOPs per step (3 x model_stats.forward_flops on the actual
-shapes), MFU where metrics.peak_flops() knows the device, XLA's compiled memory analysis per
+target, as train.py logs them), FLOPs per step (model_stats.training_flops on the actual
+shapes), MFU where model_stats.peak_flops() knows the device, XLA's compiled memory analysis per
 variant, and the peak memory of the config's process. Each config runs in a subprocess of its
 own so that peak memory is per config.
 """
@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import json
 import os
 import pathlib
@@ -50,10 +49,10 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from transformer import metrics, sharding  # noqa: E402
+from transformer import config as config_lib  # noqa: E402
+from transformer import model_stats, sharding  # noqa: E402
 from transformer import train_step as train_step_lib  # noqa: E402
 from transformer.model import resolve_dtype  # noqa: E402
-from transformer.model_stats import count_parameters, forward_flops  # noqa: E402
 
 CONFIGS = {
     'demo': 'configs/demo.py',
@@ -71,12 +70,7 @@ EXTRA_VARIANTS = ('sharded_nodonate',)
 
 def load_config(name: str):
     """The ml_collections config of `name` (a key of CONFIGS, or FILE[:ARG])."""
-    spec = CONFIGS.get(name, name)
-    path, _, arg = spec.partition(':')
-    module_spec = importlib.util.spec_from_file_location('_bench_config', ROOT / path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg or None)
+    return config_lib.load_file(str(ROOT / CONFIGS.get(name, name)))
 
 
 def synthetic_batch(vocab_size: int, rows: int, seq_len: int, seed: int = 0) -> dict:
@@ -151,7 +145,8 @@ def measure(name: str, batch_tokens: int, seq_len: int, runs: int, steps: int,
     rows = max(1, batch_tokens // seq_len)
     rows = -(-rows // n_dev) * n_dev  # the batch is split by rows over every device
     if seq_len > config.model.max_position:
-        raise ValueError(f'--seq_len={seq_len} exceeds model.max_position={config.model.max_position}')
+        raise ValueError(f'--seq_len={seq_len} exceeds model.max_position='
+                         f'{config.model.max_position}')
     host_batch = synthetic_batch(config.vocab_size, rows, seq_len)
     built = build_steps(config, variants)
     fns, states, batches, compile_s, first_s, memory = {}, {}, {}, {}, {}, {}
@@ -190,13 +185,12 @@ def measure(name: str, batch_tokens: int, seq_len: int, runs: int, steps: int,
             ', '.join(f'{v} {times[v][-1]:.4f} s' for v in variants))
 
     m = config.model
-    fwd = forward_flops(m, config.vocab_size, seq_len, seq_len)['total']
-    flops_per_step = 3 * rows * fwd
+    flops_per_step = model_stats.training_flops(m, config.vocab_size, rows, seq_len, seq_len)
     tokens_per_step = 2 * rows * seq_len  # source + target, as train.py logs tokens_per_second
-    peak = metrics.peak_flops()
+    peak = model_stats.peak_flops()
     out = {
         'config': CONFIGS.get(name, name),
-        'parameters': count_parameters(config)['total'],
+        'parameters': model_stats.count_parameters(config)['total'],
         'dtype': jnp.dtype(resolve_dtype(m.dtype)).name,
         'param_dtype': m.param_dtype,
         'batch': {'rows': rows, 'seq_len': seq_len, 'tokens_per_side': rows * seq_len,
@@ -242,8 +236,9 @@ def environment() -> dict:
         'optax_version': optax.__version__,
         'backend': jax.default_backend(), 'device_kind': dev.device_kind,
         'device_count': jax.device_count(), 'process_count': jax.process_count(),
-        'peak_flops_per_device': metrics.peak_flops(),
-        'machine': f'{platform.machine()}, {os.cpu_count()} cpus, python {platform.python_version()}',
+        'peak_flops_per_device': model_stats.peak_flops(),
+        'machine': f'{platform.machine()}, {os.cpu_count()} cpus, '
+                   f'python {platform.python_version()}',
     }
 
 

@@ -10,12 +10,12 @@ Launch:
 Argument: base or big, optionally followed by ',runlocal'.
 """
 
-from transformer import config_defaults as cd
+from transformer import config as config_lib
 
 
 def get_config(arg=None):
-    name, runlocal = cd.parse_arg(arg, ('base', 'big'), 'base')
-    c = cd.base_config()
+    name, runlocal = config_lib.parse_arg(arg, ('base', 'big'), 'base')
+    c = config_lib.base_config()
     c.data.source = 'local'
-    cd.apply_model(c, name)
-    return cd.shrink(c) if runlocal else c
+    config_lib.apply_model(c, name)
+    return config_lib.shrink(c) if runlocal else c

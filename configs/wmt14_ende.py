@@ -6,15 +6,15 @@ Launch:
 Append ',runlocal' to the argument (e.g. `:base,runlocal`) for a tiny model and a few steps.
 """
 
-from transformer import config_defaults as cd
+from transformer import config as config_lib
 
 
 def get_config(arg=None):
-    name, runlocal = cd.parse_arg(arg, ('base', 'big'), 'base')
-    c = cd.base_config()
+    name, runlocal = config_lib.parse_arg(arg, ('base', 'big'), 'base')
+    c = config_lib.base_config()
     c.source_lang, c.target_lang = 'en', 'de'
     c.vocab_size = 37000  # section 5.1: shared BPE of about 37000 tokens
     c.data.source = 'tfds'
     c.data.tfds_name = 'wmt14_translate/de-en'
-    cd.apply_model(c, name)
-    return cd.shrink(c) if runlocal else c
+    config_lib.apply_model(c, name)
+    return config_lib.shrink(c) if runlocal else c

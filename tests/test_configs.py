@@ -8,13 +8,11 @@ import sys
 import jax
 import jax.numpy as jnp
 import pytest
+from conftest import hand_count, load_config
 
-from transformer import config_defaults as cd
+from transformer import config as config_lib
 from transformer import model as model_lib
 from transformer.model_stats import count_parameters, forward_flops
-
-from conftest import load_config
-from test_model import hand_count
 
 TABLE3_ROWS = ['base', 'A1', 'A2', 'A3', 'A4', 'B1', 'B2', 'C1', 'C2', 'C3', 'C4', 'C5', 'C6',
                'C7', 'D1', 'D2', 'D3', 'D4', 'E', 'big']
@@ -31,19 +29,21 @@ def test_every_config_builds_and_validates(repo_root):
                        ('demo', [None, 'runlocal']), ('table3', TABLE3_ROWS)]:
         for arg in args:
             c = load(repo_root, name, arg)
-            cd.validate(c)
+            config_lib.validate(c)
             assert c.source_lang != c.target_lang
 
 
 def test_paper_settings(repo_root):
     ende_big = load(repo_root, 'wmt14_ende', 'big')
-    assert (ende_big.model.d_model, ende_big.model.num_heads, ende_big.model.dropout_rate) == (1024, 16, 0.3)
+    m = ende_big.model
+    assert (m.d_model, m.num_heads, m.dropout_rate) == (1024, 16, 0.3)
     assert ende_big.train.steps == 300_000 and ende_big.decode.average_last == 20
     assert load(repo_root, 'wmt14_enfr', 'big').model.dropout_rate == 0.1  # section 6.1
     base = load(repo_root, 'wmt14_ende', 'base')
     assert (base.train.adam_b1, base.train.adam_b2, base.train.adam_eps) == (0.9, 0.98, 1e-9)
     assert base.train.warmup_steps == 4000 and base.train.label_smoothing == 0.1
-    assert (base.decode.beam_size, base.decode.length_penalty, base.decode.max_extra_length) == (4, 0.6, 50)
+    d = base.decode
+    assert (d.beam_size, d.length_penalty, d.max_extra_length) == (4, 0.6, 50)
     assert base.data.batch_tokens == 25_000 and base.vocab_size == 37000
     assert load(repo_root, 'wmt14_enfr', 'base').vocab_size == 32000
 
@@ -61,7 +61,7 @@ def test_table3_rows_count_as_the_architecture(repo_root, row):
 
 
 def test_flop_count_matches_xla():
-    c = cd.shrink(cd.base_config())
+    c = config_lib.shrink(config_lib.base_config())
     c.vocab_size = 64
     m = model_lib.create_model(c)
     src = jnp.ones((1, 12), jnp.int32)
@@ -91,8 +91,10 @@ def test_summary_json(repo_root):
 
 @pytest.mark.parametrize('args,needle', [
     (['--config=configs/table3.py:Z9'], "unknown config argument 'Z9'; valid: base, A1"),
-    (['--config=configs/table3.py:A1', '--config.model.nope=1'], "unknown config field 'model.nope'"),
-    (['--config=configs/table3.py:A1', '--config.model.num_heads=7'], 'not divisible by model.num_heads=7'),
+    (['--config=configs/table3.py:A1', '--config.model.nope=1'],
+     "unknown config field 'model.nope'"),
+    (['--config=configs/table3.py:A1', '--config.model.num_heads=7'],
+     'not divisible by model.num_heads=7'),
     (['--config=configs/missing.py'], "config file 'configs/missing.py' does not exist"),
     (['--config=configs/demo.py', '--config.model.d_model=abc'], 'd_model=abc'),
 ])

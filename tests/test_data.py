@@ -7,15 +7,17 @@ import pathlib
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-
 from conftest import load_config, shared_data
-from transformer import config_defaults as cd
-from transformer import data
-from transformer import synthetic
+
+from transformer import batching as batching_lib
+from transformer import config as config_lib
+from transformer import data, synthetic
 from transformer import tokenizer as tk
+from transformer import workdir as workdir_lib
 
 WORDS = 'the a man woman dog cat runs jumps over under red blue small big street park'.split()
-WORTER = 'der die Mann Frau Hund Katze läuft springt über unter rot blau klein groß Straße'.split()
+WORTER = ('der die Mann Frau Hund Katze läuft springt über unter rot blau klein groß '
+          'Straße').split()
 
 
 def _sentence(words, i, n):
@@ -32,12 +34,22 @@ def _write_corpus(prefix, num, extra_src=(), extra_tgt=()):
 
 
 def _config(prefix, batching='bucket', **data_fields):
-    c = cd.base_config()
+    c = config_lib.base_config()
     c.vocab_size = 200
     c.data.source = 'local'
     c.data.train = c.data.validation = c.data.test = str(prefix)
     c.data.update(dict(dict(batching=batching, max_length=32, batch_tokens=256), **data_fields))
     return c
+
+
+def vocabulary(config, directory):
+    """The vocabulary train would make for `config` in the work directory `directory`."""
+    return workdir_lib.vocabulary(config, str(directory), lambda: data.vocab_text(config))
+
+
+def iterator(config, tok, **kwargs):
+    """The training iterator train would build (the training set tokenized in memory)."""
+    return batching_lib.TrainIterator(data.tokenized_train(config, tok), config.data, **kwargs)
 
 
 @pytest.fixture(scope='module')
@@ -47,7 +59,7 @@ def corpus(tmp_path_factory):
     prefix = root / 'train'
     src, tgt = _write_corpus(prefix, 300, extra_src=['', ' '.join(WORDS * 4)],
                              extra_tgt=['nicht leer', 'kurz'])
-    tok = tk.load_or_train(_config(prefix), str(root / 'work'))
+    tok = vocabulary(_config(prefix), root / 'work')
     return prefix, src, tgt, tok
 
 
@@ -91,7 +103,7 @@ def _epoch(iterator):
 @pytest.mark.parametrize('batching', ['bucket', 'pack'])
 def test_layout_direction_and_filtering(corpus, batching):
     prefix, src, tgt, tok = corpus
-    it = data.make_train_iterator(_config(prefix, batching), tok, rows_multiple=4)
+    it = iterator(_config(prefix, batching), tok, rows_multiple=4)
     assert it.stats['pairs'] == 302 and it.stats['kept'] == 300
     assert it.stats['dropped_empty'] == 1 and it.stats['dropped_too_long'] == 1
     seen = []
@@ -105,11 +117,11 @@ def test_layout_direction_and_filtering(corpus, batching):
         if batching == 'pack':
             assert length == 32
         else:
-            assert length in data.bucket_boundaries(_config(prefix).data)
+            assert length in batching_lib.bucket_boundaries(_config(prefix).data)
             assert batch['inputs_segmentation'].max() <= 1
         seen += _pairs_of(batch, tok)
     assert sorted(seen) == sorted(zip(src[:300], tgt[:300]))  # each pair once, en -> de
-    assert len(shapes) <= len(data.bucket_boundaries(_config(prefix).data))
+    assert len(shapes) <= len(batching_lib.bucket_boundaries(_config(prefix).data))
 
 
 @pytest.mark.parametrize('batching', ['bucket', 'pack'])
@@ -117,12 +129,12 @@ def test_layout_direction_and_filtering(corpus, batching):
 def test_exact_resume(corpus, batching, skip):
     prefix, _, _, tok = corpus
     config = _config(prefix, batching)
-    first = data.make_train_iterator(config, tok)
+    first = iterator(config, tok)
     for _ in range(skip):
         next(first)
     state = json.loads(json.dumps(first.get_state()))
     expected = [next(first) for _ in range(6)]
-    second = data.make_train_iterator(config, tok)
+    second = iterator(config, tok)
     second.set_state(state)
     for want in expected:
         got = next(second)
@@ -133,13 +145,13 @@ def test_exact_resume(corpus, batching, skip):
 
 def test_epochs_reshuffle_and_seed_matters(corpus):
     prefix, _, _, tok = corpus
-    it = data.make_train_iterator(_config(prefix), tok)
+    it = iterator(_config(prefix), tok)
     one, two = _epoch(it), _epoch(it)
-    other = _epoch(data.make_train_iterator(_config(prefix, seed=1), tok))
+    other = _epoch(iterator(_config(prefix, seed=1), tok))
     assert [b['inputs'].tolist() for b in one] != [b['inputs'].tolist() for b in two]
     assert [b['inputs'].tolist() for b in one] != [b['inputs'].tolist() for b in other]
     with pytest.raises(ValueError, match='seed'):
-        data.make_train_iterator(_config(prefix, seed=1), tok).set_state(it.get_state())
+        iterator(_config(prefix, seed=1), tok).set_state(it.get_state())
 
 
 @pytest.mark.parametrize('batching', ['bucket', 'pack'])
@@ -147,7 +159,7 @@ def test_epochs_reshuffle_and_seed_matters(corpus):
 def test_sharding_covers_every_pair_once(corpus, batching, processes):
     prefix, src, tgt, tok = corpus
     config = _config(prefix, batching)
-    epochs = [_epoch(data.make_train_iterator(config, tok, process_index=p,
+    epochs = [_epoch(iterator(config, tok, process_index=p,
                                               process_count=processes, rows_multiple=2))
               for p in range(processes)]
     assert len({len(e) for e in epochs}) == 1
@@ -169,7 +181,7 @@ def test_eval_batches(corpus, processes):
     assert (sources, targets) == (src, tgt)  # unfiltered, in file order
     seen = []
     for p in range(processes):
-        for batch in data.eval_batches(config, tok, 'test', 16, process_index=p,
+        for batch in batching_lib.eval_batches(config, tok, 'test', 16, process_index=p,
                                        process_count=processes):
             assert batch['inputs'].shape[0] == batch['targets'].shape[0] == 16
             assert batch['inputs'].shape[1] % config.data.bucket_step == 0
@@ -185,7 +197,7 @@ def test_eval_batches(corpus, processes):
 
 
 def test_synthetic_task():
-    c = cd.base_config()
+    c = config_lib.base_config()
     c.data.source = 'synthetic'
     c.data.update(synthetic_train_size=50, synthetic_eval_size=20)
     train = synthetic.generate(c, 'train')
@@ -208,8 +220,8 @@ def test_synthetic_task():
 
 def test_demo_config_end_to_end(tmp_path):
     config = load_config('demo', 'runlocal')
-    tok = tk.load_or_train(config, str(tmp_path))
-    it = data.make_train_iterator(config, tok)
+    tok = vocabulary(config, tmp_path)
+    it = iterator(config, tok)
     batch = next(it)
     assert batch['inputs'].shape[1] == config.data.max_length
     assert it.stats['dropped_too_long'] == 0
@@ -229,7 +241,7 @@ def _fake_wmt(self, split, **kwargs):
 
 
 def _tfds_config(**fields):
-    c = cd.base_config()
+    c = config_lib.base_config()
     c.vocab_size = 100
     c.data.update(source='tfds', tfds_name='wmt14_translate/de-en', max_length=32,
                   batch_tokens=128, **fields)
@@ -237,21 +249,22 @@ def _tfds_config(**fields):
 
 
 def test_tfds_direction_from_config(tmp_path):
-    data._tfds_builder.cache_clear()
+    data.clear_tfds_cache()
     with tfds.testing.mock_data(as_data_source_fn=_fake_wmt):
         config = _tfds_config()
-        tok = tk.load_or_train(config, str(tmp_path))
+        tok = vocabulary(config, tmp_path)
         assert data.load_text(config, 'test')[0][2] == 'english test 2 street'
         assert data.load_text(config, 'validation')[1][0] == 'deutsch validation 0 Straße'
-        it = data.make_train_iterator(config, tok)
+        it = iterator(config, tok)
         pairs = _pairs_of(next(it), tok)
-        assert all(s.startswith('english train') and t.startswith('deutsch train') for s, t in pairs)
+        assert all(s.startswith('english train') and t.startswith('deutsch train')
+                   for s, t in pairs)
         config.source_lang, config.target_lang = 'de', 'en'
         assert data.load_text(config, 'test')[0][0] == 'deutsch test 0 Straße'
         config.source_lang = 'fr'
         with pytest.raises(ValueError, match="source_lang='fr' is not in wmt14_translate/de-en"):
             data.load_text(config, 'test')
-    data._tfds_builder.cache_clear()
+    data.clear_tfds_cache()
 
 
 def test_tfds_random_mock(tmp_path, monkeypatch):
@@ -262,14 +275,14 @@ def test_tfds_random_mock(tmp_path, monkeypatch):
     getitem = mocking._getitem
     monkeypatch.setattr(mocking, '_getitems', lambda keys, generator, serialized=False: [
         getitem(None, k, generator, serialized=serialized) for k in keys])
-    data._tfds_builder.cache_clear()
+    data.clear_tfds_cache()
     with tfds.testing.mock_data(num_examples=40):
         config = _tfds_config(batching='pack')
-        tok = tk.load_or_train(config, str(tmp_path))
-        it = data.make_train_iterator(config, tok)
+        tok = vocabulary(config, tmp_path)
+        it = iterator(config, tok)
         assert it.stats['pairs'] == 40
         assert next(it)['inputs'].shape[1] == 32
-    data._tfds_builder.cache_clear()
+    data.clear_tfds_cache()
 
 
 # --- Bad input: one clear line each ------------------------------------------------------------
@@ -308,7 +321,7 @@ def test_bad_input(tmp_path):
 def test_nothing_left_after_filtering(corpus, tmp_path):
     prefix, _, _, tok = corpus
     with pytest.raises(ValueError, match='no training pair'):
-        data.make_train_iterator(_config(prefix, max_length=2), tok)
+        iterator(_config(prefix, max_length=2), tok)
 
 
 # --- Real text (../shared/data, skipped on a fresh clone) --------------------------------------
@@ -316,20 +329,21 @@ def test_nothing_left_after_filtering(corpus, tmp_path):
 
 def test_multi30k(tmp_path):
     root = shared_data('multi30k')
-    c = cd.base_config()
+    c = config_lib.base_config()
     c.vocab_size = 2000
     c.data.update(source='local', train=str(root / 'train'), validation=str(root / 'val'),
                   test=str(root / 'test2016'), vocab_sample_sentences=5000)
-    tok = tk.load_or_train(c, str(tmp_path))
+    tok = vocabulary(c, tmp_path)
     sources, refs = data.load_text(c, 'test')
     assert len(sources) == len(refs) == 1000
     assert tok.decode(tok.encode(sources[0])) == sources[0]
-    for batching, floor in (('bucket', 0.8), ('pack', 0.9)):
-        c.data.batching = batching
-        it = data.make_train_iterator(c, tok, rows_multiple=8)
+    for how, floor in (('bucket', 0.8), ('pack', 0.9)):
+        c.data.batching = how
+        it = iterator(c, tok, rows_multiple=8)
         real = total = 0
         for _ in range(5):
             batch = next(it)
-            real += (batch['inputs_segmentation'] > 0).sum() + (batch['targets_segmentation'] > 0).sum()
+            real += ((batch['inputs_segmentation'] > 0).sum()
+                     + (batch['targets_segmentation'] > 0).sum())
             total += 2 * batch['inputs'].size
-        assert real / total >= floor, (batching, real / total)
+        assert real / total >= floor, (how, real / total)

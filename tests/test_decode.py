@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from transformer import config_defaults, decode, sharding
+from transformer import config as config_lib
+from transformer import decode, sharding
 from transformer.model import create_model
 
 VOCAB = 5  # PAD, EOS and three words
@@ -17,7 +18,7 @@ WORDS = (2, 3, 4)
 
 
 def tiny_model(seed=0, vocab=VOCAB, max_position=32):
-    c = config_defaults.shrink(config_defaults.base_config())
+    c = config_lib.shrink(config_lib.base_config())
     c.vocab_size = vocab
     c.model.update(num_encoder_layers=2, num_decoder_layers=2, d_model=16, d_ff=32,
                    num_heads=2, d_k=8, d_v=8, max_position=max_position, dtype='float32')

@@ -13,10 +13,8 @@ import jax
 import numpy as np
 import pytest
 
-from transformer import cli, data, decode
-from transformer import evaluate as evaluate_lib
-from transformer import tokenizer as tokenizer_lib
-from transformer import translate as translate_lib
+from transformer import data, decode, errors
+from transformer import workdir as workdir_lib
 from transformer.model import create_model
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -35,7 +33,7 @@ def run(module, *args, stdin=None, check=True, devices=1):
 
 def error_line(proc):
     """The one line a failing command prints (library warnings before it aside)."""
-    lines = [l for l in proc.stderr.decode().splitlines() if l.strip()]
+    lines = [line for line in proc.stderr.decode().splitlines() if line.strip()]
     assert lines and lines[-1].startswith('error: '), proc.stderr.decode()
     assert 'Traceback' not in proc.stderr.decode()
     return lines[-1]
@@ -54,7 +52,7 @@ def test_evaluate_writes_hypotheses_and_scores(workdir):
     # On 8 devices: the batch is split over them.
     proc = run('evaluate', f'--workdir={workdir}', '--average=2', '--beam_size=2', devices=8)
     result = json.loads(proc.stdout)
-    config = cli.load_workdir_config(str(workdir))
+    config = workdir_lib.load_config(str(workdir))
     sources, _ = data.load_text(config, 'test')
     assert result['sentences'] == len(sources)
     assert result['steps'] == [5, 10] and result['checkpoints_averaged'] == 2
@@ -93,7 +91,7 @@ def test_translate_lines_empty_lines_and_truncation(workdir):
 def test_translate_refuses_non_utf8_with_its_line_number(workdir):
     proc = run('translate', f'--workdir={workdir}', '--average=1',
                stdin=b'fine\nalso fine\nbad \xff\xfe byte\n', check=False)
-    assert proc.returncode == cli.EXIT_BAD_INPUT
+    assert proc.returncode == errors.EXIT_BAD_INPUT
     assert 'line 3' in error_line(proc) and 'UTF-8' in error_line(proc)
 
 
@@ -112,25 +110,25 @@ def test_workdir_without_checkpoint_is_refused(workdir, tmp_path):
     shutil.copy(workdir / 'vocab.model', empty / 'vocab.model')
     for module in ('evaluate', 'translate'):
         proc = run(module, f'--workdir={empty}', stdin=b'x\n', check=False)
-        assert proc.returncode == cli.EXIT_BAD_INPUT, module
+        assert proc.returncode == errors.EXIT_BAD_INPUT, module
         assert 'checkpoint' in error_line(proc)
     proc = run('evaluate', f'--workdir={tmp_path / "missing"}', check=False)
-    assert proc.returncode == cli.EXIT_BAD_INPUT and 'does not exist' in error_line(proc)
+    assert proc.returncode == errors.EXIT_BAD_INPUT and 'does not exist' in error_line(proc)
 
 
 # -- in process: order is kept (a random model, whose outputs differ by sentence) ------------
 
 
 def random_model(workdir):
-    config = cli.load_workdir_config(str(workdir))
-    return create_model(config, seed=3), config, tokenizer_lib.load(str(workdir))
+    config = workdir_lib.load_config(str(workdir))
+    return create_model(config, seed=3), config, workdir_lib.load_vocabulary(str(workdir))
 
 
 def test_translator_keeps_order_and_matches_one_by_one(workdir):
     model, config, tokenizer = random_model(workdir)
     settings = dict(beam_size=2, alpha=0.6, max_extra_length=4)
-    translator = translate_lib.Translator(model, config, tokenizer, settings, batch_sentences=4,
-                                          devices=jax.devices()[:1])
+    translator = decode.Translator(model, config, tokenizer, settings, batch_sentences=4,
+                                   devices=jax.devices()[:1])
     sources, _ = data.load_text(config, 'test')
     lines = [(i + 1, s) for i, s in enumerate(sources[:6])]
     lines.insert(2, (99, ''))
@@ -147,8 +145,8 @@ def test_evaluate_translates_every_sentence_in_order(workdir):
     settings = dict(beam_size=2, alpha=0.6, max_extra_length=3)
     sources, _ = data.load_text(config, 'test')
     n = len(sources)
-    decoder = evaluate_lib.make_decoder(model, settings, n, devices=jax.devices()[:1])
-    hypotheses, stats = evaluate_lib.translate_split(decoder, config, tokenizer, 'test', n)
+    decoder = decode.make_decoder(model, config, settings, n, devices=jax.devices()[:1])
+    hypotheses, stats = decode.translate_split(decoder, config, tokenizer, 'test', n)
     assert sorted(hypotheses) == list(range(n))
     assert stats['generated_tokens'] > 0 and len(set(hypotheses.values())) > 2
     # The longest sentence alone (the same compiled shape) gets the same translation.

@@ -7,20 +7,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import hand_count, tiny_config
 from flax import nnx
 
-from transformer import config_defaults as cd
+from transformer import config as config_lib
 from transformer import model as model_lib
 from transformer import sharding
+from transformer.model_stats import count_parameters
 from transformer.multi_head_attention import attention_mask
-
-
-def tiny_config(**model_overrides):
-    c = cd.shrink(cd.base_config())
-    c.vocab_size = 40
-    c.model.dropout_rate = 0.0
-    c.model.update(model_overrides)
-    return c
 
 
 def random_tokens(rng, shape, pad_from=None):
@@ -102,33 +96,44 @@ def test_one_embedding_matrix_is_shared_three_ways():
     # The output projection is the embedding transposed: logits of a zeroed decoder state
     # direction e_j equal E e_j.
     x = jnp.eye(c.model.d_model)[:3][None]
-    np.testing.assert_allclose(m._logits(x)[0], m.embed.embedding[...][:, :3].T, atol=1e-6)
+    np.testing.assert_allclose(m.output_logits(x)[0], m.embed.embedding[...][:, :3].T, atol=1e-6)
     # Input embeddings read the same matrix (times sqrt(d_model), section 3.4).
-    emb = m._embed(jnp.array([[5]]), jnp.array([[0]]), target=True) \
+    emb = m.embed_tokens(jnp.array([[5]]), jnp.array([[0]]), target=True) \
         - jnp.asarray(model_lib.sinusoidal_table(c.model.max_position, c.model.d_model))[0]
     np.testing.assert_allclose(emb[0, 0], m.embed.embedding[...][5] * math.sqrt(c.model.d_model),
                                atol=1e-5)
 
 
-def hand_count(vocab, n_enc, n_dec, d, d_ff, h, d_k, d_v):
-    """Parameters counted by hand: biases everywhere, no final LayerNorm (post-LN)."""
-    attention = d * h * d_k * 2 + d * h * d_v + 2 * h * d_k + h * d_v + h * d_v * d + d
-    ffn = d * d_ff + d_ff + d_ff * d + d
-    norm = 2 * d
-    return (vocab * d + n_enc * (attention + ffn + 2 * norm)
-            + n_dec * (2 * attention + ffn + 3 * norm))
-
-
 @pytest.mark.parametrize('preset,expected', [('base', 63_082_496), ('big', 214_245_376)])
 def test_parameter_counts_of_base_and_big(preset, expected):
-    from transformer.model_stats import count_parameters
-    c = cd.apply_model(cd.base_config(), preset)
+    c = config_lib.apply_model(config_lib.base_config(), preset)
     m = c.model
     assert hand_count(37000, m.num_encoder_layers, m.num_decoder_layers, m.d_model, m.d_ff,
                       m.num_heads, m.d_k, m.d_v) == expected
     counts = count_parameters(c)
     assert counts['total'] == expected
     assert counts['embedding'] == 37000 * m.d_model
+
+
+@pytest.mark.parametrize('norm', ['post', 'pre'])
+def test_forward_returns_the_attention_it_used(norm):
+    c = tiny_config(norm=norm)
+    m = model_lib.create_model(c, seed=1)
+    rng = np.random.default_rng(3)
+    inputs = random_tokens(rng, (2, 7), pad_from=[7, 4])
+    targets = random_tokens(rng, (2, 5), pad_from=[5, 3])
+    logits, weights = m(inputs, targets, return_attention=True)
+    np.testing.assert_array_equal(logits, m(inputs, targets))
+    layers, heads = c.model.num_encoder_layers, c.model.num_heads
+    assert weights['encoder'].shape == (layers, 2, heads, 7, 7)
+    assert weights['decoder'].shape == (c.model.num_decoder_layers, 2, heads, 5, 5)
+    assert weights['cross'].shape == (c.model.num_decoder_layers, 2, heads, 5, 7)
+    for w in weights.values():
+        np.testing.assert_allclose(w.sum(-1), 1.0, atol=1e-5)  # each query's weights
+    # No weight on padding keys (second row: 4 real source tokens) or on future targets
+    # (first row, no padding; padding queries see nothing and spread their weight evenly).
+    assert float(jnp.abs(weights['cross'][:, 1, :, :3, 4:]).max()) == 0.0
+    assert float(jnp.abs(jnp.triu(weights['decoder'][:, 0], k=1)).max()) == 0.0
 
 
 @pytest.mark.parametrize('overrides', [
@@ -151,6 +156,14 @@ def test_cached_decoding_equals_full_forward(overrides):
         previous = targets[:, i]
 
 
+def create_sharded(make_model, mesh):
+    """The model with every parameter created directly in its sharding (as train does)."""
+    graphdef, abstract = nnx.split(nnx.eval_shape(make_model))
+    shardings = sharding.state_shardings(abstract, mesh)
+    state = jax.jit(lambda: nnx.split(make_model())[1], out_shardings=shardings)()
+    return nnx.merge(graphdef, state)
+
+
 def test_forward_sharded_over_8_devices_equals_one_device():
     assert jax.device_count() == 8
     c = tiny_config()
@@ -161,7 +174,7 @@ def test_forward_sharded_over_8_devices_equals_one_device():
     expected = jax.jit(lambda m, x, y: m(x, y))(single, inputs, targets)
     for data, fsdp in ((8, 1), (4, 2)):
         mesh = sharding.make_mesh(data=data, fsdp=fsdp)
-        m = sharding.create_sharded(lambda: model_lib.create_model(c, seed=5), mesh)
+        m = create_sharded(lambda: model_lib.create_model(c, seed=5), mesh)
         # Same initial values as the unsharded model (up to float rounding of the init).
         for a, b in zip(jax.tree.leaves(nnx.state(single)), jax.tree.leaves(nnx.state(m))):
             np.testing.assert_allclose(a, b, atol=1e-6)

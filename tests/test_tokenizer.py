@@ -5,8 +5,9 @@ import os
 
 import pytest
 
-from transformer import config_defaults as cd
+from transformer import config as config_lib
 from transformer import tokenizer as tk
+from transformer import workdir as workdir_lib
 
 RAW = [
     'Two young, White males are outside near many bushes.',
@@ -18,7 +19,8 @@ RAW = [
 
 def _corpus():
     words = ('the a man woman dog cat runs jumps over under red blue green small big street '
-             'der die das Mann Frau Hund Katze läuft springt über unter rot blau grün Straße').split()
+             'der die das Mann Frau Hund Katze läuft springt über unter rot blau grün '
+             'Straße').split()
     lines = []
     for i in range(600):
         lines.append(' '.join(words[(i * k + 3) % len(words)] for k in range(1, 9)) + f' {i}.')
@@ -26,7 +28,7 @@ def _corpus():
 
 
 def _config(vocab_size=1200):
-    c = cd.base_config()
+    c = config_lib.base_config()
     c.vocab_size = vocab_size
     c.data.source = 'local'
     return c
@@ -35,12 +37,12 @@ def _config(vocab_size=1200):
 @pytest.fixture(scope='module')
 def vocab_dir(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp('vocab'))
-    tk.load_or_train(_config(), workdir, text_iter_fn=_corpus)
+    workdir_lib.vocabulary(_config(), workdir, _corpus)
     return workdir
 
 
 def test_special_ids_and_round_trip(vocab_dir):
-    tok = tk.load(vocab_dir)
+    tok = workdir_lib.load_vocabulary(vocab_dir)
     assert tok.vocab_size <= 1200
     assert tok.pieces([tk.PAD_ID, tk.EOS_ID, tk.UNK_ID]) == ['<pad>', '</s>', '<unk>']
     for text in RAW + ['unseen characters: 日本語 😀 Ωμέγα']:  # byte fallback covers unseen ones
@@ -55,21 +57,22 @@ def test_special_ids_and_round_trip(vocab_dir):
 
 def test_small_vocabulary_round_trips_seen_text(tmp_path):
     # Below BYTE_FALLBACK_MIN_VOCAB there is no byte fallback; text of seen characters round-trips.
-    tok = tk.load_or_train(_config(vocab_size=100), str(tmp_path), text_iter_fn=_corpus)
+    tok = workdir_lib.vocabulary(_config(vocab_size=100), str(tmp_path), _corpus)
     assert tok.vocab_size <= 100
     for text in RAW:
         assert tok.decode(tok.encode(text)) == text
 
 
 def test_stored_once_and_reused(vocab_dir):
-    meta = json.loads(open(os.path.join(vocab_dir, tk.META_FILE)).read())
+    meta = json.loads(open(os.path.join(vocab_dir, workdir_lib.VOCAB_META)).read())
     assert (meta['vocab_size'], meta['source_lang'], meta['target_lang']) == (1200, 'en', 'de')
-    assert sorted(os.listdir(vocab_dir)) == [tk.META_FILE, tk.MODEL_FILE]  # no temp files left
+    # No temporary files left.
+    assert sorted(os.listdir(vocab_dir)) == [workdir_lib.VOCAB_META, workdir_lib.VOCAB_MODEL]
 
     def fail():
         raise AssertionError('must not retrain')
 
-    tok = tk.load_or_train(_config(), vocab_dir, text_iter_fn=fail)
+    tok = workdir_lib.vocabulary(_config(), vocab_dir, fail)
     assert tok.decode(tok.encode(RAW[0])) == RAW[0]
 
 
@@ -77,10 +80,10 @@ def test_refuses_vocabulary_of_another_config(vocab_dir):
     c = _config(vocab_size=500)
     c.target_lang = 'fr'
     with pytest.raises(ValueError, match='vocab_size.*target_lang') as e:
-        tk.load_or_train(c, vocab_dir)
+        workdir_lib.vocabulary(c, vocab_dir, _corpus)
     assert '\n' not in str(e.value) and 'source_lang' not in str(e.value)
 
 
 def test_load_missing(tmp_path):
-    with pytest.raises(FileNotFoundError, match='no vocabulary'):
-        tk.load(str(tmp_path))
+    with pytest.raises(ValueError, match='no vocabulary'):
+        workdir_lib.load_vocabulary(str(tmp_path))

@@ -11,8 +11,9 @@ import time
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
-from transformer import checkpoint
+from transformer import workdir as workdir_lib
 from transformer.schedule import learning_rate
 
 # A tiny model on the demo task; checkpoints every 4 steps, no dropout-free shortcuts.
@@ -45,9 +46,8 @@ def run_train(repo_root, workdir, *extra, env=None, check=True, config='configs/
 
 
 def final_params(workdir):
-    model, _, info = checkpoint.load_model(str(workdir))
-    from flax import nnx
-    return info['steps'][-1], [np.asarray(x) for x in jax.tree.leaves(nnx.state(model))]
+    model, _, _, steps = workdir_lib.load_model(str(workdir), average=1)
+    return steps[-1], [np.asarray(x) for x in jax.tree.leaves(nnx.state(model))]
 
 
 def losses(workdir):
@@ -77,16 +77,17 @@ def test_resume_after_kill_9_equals_uninterrupted(repo_root, tmp_path, reference
     workdir = tmp_path / 'run'
     killed = run_train(repo_root, workdir, env=train_env(TRANSFORMER_FAULT=fault), check=False)
     assert killed.returncode == -signal.SIGKILL
-    complete = checkpoint.available_steps(str(workdir))
-    if fault == 'in-save:8':
-        # The save of step 8 was cut short: it must not count as a checkpoint.
-        half_written = [p for p in os.listdir(workdir / 'checkpoints') if p.startswith('8.')]
-        if half_written:
-            assert 8 not in complete
-    assert all(s < 12 for s in complete)
+    complete = workdir_lib.checkpoint_steps(str(workdir))
+    entries = os.listdir(workdir / 'checkpoints')
+    # Whatever the asynchronous saves had done at the kill, a step counts only when complete:
+    # a step directory under its own name is complete, anything else of it is not counted.
+    assert sorted(int(e) for e in entries if e.isdigit()) == complete
+    assert set(complete) <= {4, 8}
+    if fault == 'in-save:8' and 8 not in complete:
+        assert complete == [4]  # the save of step 8 was cut short and is not taken
     resumed = run_train(repo_root, workdir)
-    if complete:  # an asynchronous save may still have been in flight at the kill
-        assert f'Resumed from step {max(complete)}' in resumed.stderr
+    expected = f'Resumed from step {max(complete)}' if complete else 'New run'
+    assert expected in resumed.stderr
     step, params = final_params(workdir)
     ref_step, ref_params = final_params(reference)
     assert step == ref_step == 12
@@ -109,7 +110,7 @@ def test_sigterm_saves_and_exits_cleanly(repo_root, tmp_path):
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr[-2000:]
     assert 'Stopped at step' in stderr
-    steps = checkpoint.available_steps(str(workdir))
+    steps = workdir_lib.checkpoint_steps(str(workdir))
     assert len(steps) == 1 and steps[0] >= 3
 
 
@@ -121,7 +122,8 @@ def test_8_devices_equal_1_device_with_gradient_accumulation(repo_root, tmp_path
               env=train_env(devices=1))
     eight, one = losses(tmp_path / 'eight'), losses(tmp_path / 'one')
     assert sorted(eight) == sorted(one) == list(range(1, 7))
-    np.testing.assert_allclose([eight[s] for s in eight], [one[s] for s in eight], rtol=1e-4)  # Adam (eps 1e-9) amplifies float rounding
+    # Adam (eps 1e-9) amplifies float rounding.
+    np.testing.assert_allclose([eight[s] for s in eight], [one[s] for s in eight], rtol=1e-4)
 
 
 def free_port():
@@ -144,7 +146,7 @@ def test_two_processes_agree_with_one(repo_root, tmp_path):
     run_train(repo_root, tmp_path / 'one', *common, env=train_env(devices=2))
     two, one = losses(workdir), losses(tmp_path / 'one')
     assert sorted(two) == sorted(one) == list(range(1, 6))
-    np.testing.assert_allclose([two[s] for s in two], [one[s] for s in two], rtol=1e-4)  # Adam (eps 1e-9) amplifies float rounding
+    np.testing.assert_allclose([two[s] for s in two], [one[s] for s in two], rtol=1e-4)
 
 
 def test_non_finite_loss_stops_with_the_step(repo_root, tmp_path):
@@ -184,4 +186,4 @@ def test_a_start_that_failed_on_bad_data_can_be_corrected(repo_root, tmp_path):
     assert error == [f'error: missing file {missing}.en'], r.stderr
     # Nothing was trained, so the work directory takes the corrected command.
     run_train(repo_root, workdir, '--config.train.steps=4')
-    assert checkpoint.available_steps(str(workdir)) == [4]
+    assert workdir_lib.checkpoint_steps(str(workdir)) == [4]

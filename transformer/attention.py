@@ -1,9 +1,82 @@
-"""`python -m transformer.attention --workdir=DIR --text="..." --out=FILE.png`: attention maps.
+"""`python -m transformer.attention --workdir=DIR --text="..." --out=attention.png
+[--target="..."] [--beam_size=4]`: attention maps of one sentence.
 
-See transformer/attention_plot.py.
+The sentence is translated (beam search with the config's settings, or `--target` is taken
+as the translation), then the model's own teacher-forced forward pass over (source,
+translation) returns the attention weights of every head: encoder self-attention, decoder
+self-attention and encoder-decoder attention, each drawn as a grid of layers (rows) x heads
+(columns) with the token pieces on the axes. Rows of a map are queries, columns keys; decoder
+rows are labelled with the token each position predicts, decoder self-attention columns with
+the token it reads (`<s>` is the start symbol).
 """
 
-from transformer.attention_plot import main, run  # noqa: F401
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import flags
+from flax import nnx
+
+from transformer import batching, cli, decode, plots
+from transformer import workdir as workdir_lib
+from transformer.errors import UsageError
+from transformer.tokenizer import EOS_ID, PAD_ID
+
+_WORKDIR = cli.define_workdir_flag()
+_TEXT = flags.DEFINE_string('text', None, 'The source sentence.')
+_TARGET = flags.DEFINE_string('target', None, 'A translation to show instead of the model\'s own.')
+_OUT = flags.DEFINE_string('out', 'attention.png', 'Where to write the PNG.')
+_DECODING = cli.define_decoding_flags()
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward_with_attention(graphdef, params, inputs, targets):
+    return nnx.merge(graphdef, params)(inputs, targets, return_attention=True)
+
+
+def _labels(tokenizer, ids):
+    return ['<s>' if i == PAD_ID else p for i, p in zip(ids, tokenizer.pieces(ids))]
+
+
+def main():
+    if not _TEXT.value or not _TEXT.value.strip():
+        raise UsageError('--text is required: the source sentence to show')
+    if not _OUT.value.lower().endswith('.png'):
+        raise UsageError(f'--out={_OUT.value!r} must name a .png file')
+    model, config, tokenizer, steps = workdir_lib.load_model(
+        _WORKDIR.value, average=_DECODING.average.value, step=_DECODING.step.value)
+    settings = decode.settings(config, _DECODING.beam_size.value, _DECODING.alpha.value,
+                               _DECODING.max_extra_length.value)
+    limit = batching.max_tokens(config.model)
+    source = tokenizer.encode(_TEXT.value)
+    if len(source) > limit:
+        print(f'warning: --text has {len(source)} tokens; truncated to {limit}', file=sys.stderr)
+        source = source[:limit]
+    source = source + [EOS_ID]
+    inputs = jnp.asarray([source], jnp.int32)
+    if _TARGET.value is not None:
+        target = tokenizer.encode(_TARGET.value)[:limit] + [EOS_ID]
+    else:
+        tokens, _ = decode.beam_search(model, inputs, **settings)
+        target = decode.strip(tokens)[0] + [EOS_ID]
+    targets = jnp.asarray([target], jnp.int32)
+    _, weights = _forward_with_attention(*nnx.split(model), inputs, targets)
+    weights = {k: np.asarray(v[:, 0], np.float32) for k, v in weights.items()}
+    translation = tokenizer.decode(target)
+    title = f'{_TEXT.value.strip()}  ->  {translation}   (steps {steps})'
+    os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
+    plots.attention_maps(weights, _labels(tokenizer, source), _labels(tokenizer, target),
+                         _OUT.value, title)
+    print(json.dumps({'out': _OUT.value, 'source': _TEXT.value, 'translation': translation,
+                      'source_pieces': len(source), 'target_pieces': len(target),
+                      'steps': steps}, ensure_ascii=False))
+
 
 if __name__ == '__main__':
-    run()
+    cli.run(main)

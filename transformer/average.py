@@ -12,32 +12,24 @@ import json
 
 from absl import flags
 
-from transformer import checkpoint, cli
+from transformer import cli
+from transformer import workdir as workdir_lib
+from transformer.errors import UsageError
+
+_WORKDIR = cli.define_workdir_flag()
+_LAST = flags.DEFINE_integer('last', None, 'Average the last K checkpoints (default: the '
+                             'config\'s decode.average_last).')
 
 
-
-def define_flags():
-    """Defined only when run as a program, so that importing this module defines no flags."""
-    flags.DEFINE_string('workdir', None, 'Work directory of a training run.')
-    flags.DEFINE_integer('last', None, 'Average the last K checkpoints (default: the '
-                         'config\'s decode.average_last).')
-
-
-def main(argv):
-    if len(argv) > 1:
-        raise cli.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-    workdir, last = flags.FLAGS.workdir, flags.FLAGS.last
-    if not workdir:
-        raise cli.UsageError('--workdir is required')
-    config = cli.load_workdir_config(workdir)
-    last = last if last is not None else config.decode.average_last
+def main():
+    config = workdir_lib.load_config(_WORKDIR.value)
+    last = _LAST.value if _LAST.value is not None else config.decode.average_last
     if last < 1:
-        raise cli.UsageError(f'--last={last} must be >= 1')
-    params, steps = checkpoint.average_last(workdir, last, config)
-    path = checkpoint.save_averaged(workdir, params, steps)
+        raise UsageError(f'--last={last} must be >= 1')
+    params, steps = workdir_lib.average_last(_WORKDIR.value, last, config)
+    path = workdir_lib.save_averaged(_WORKDIR.value, params, steps)
     print(json.dumps({'averaged': path, 'steps': steps}))
 
 
 if __name__ == '__main__':
-    define_flags()
     cli.run(main)

@@ -18,7 +18,7 @@ import collections
 import functools
 import math
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 import sacrebleu
 from sacrebleu.metrics import BLEU, CHRF

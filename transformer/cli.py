@@ -1,48 +1,83 @@
-"""What every entry point shares: the --config/--workdir flags and one-line errors.
+"""What every program shares: its flags, one-line errors with documented exit statuses, and
+progress lines.
 
-Bad input (an unknown config row or field, a value of the wrong type, a missing file, data the
-pipeline refuses) ends the program with `error: ...` on one line and exit status 2. Set
-TRANSFORMER_TRACEBACK=1 to see the full traceback instead.
+Bad input ends a program with `error: ...` on one line and exit status 2, a fault during a run
+with exit status 1 (see errors.py). Set TRANSFORMER_TRACEBACK=1 to see the full traceback.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import json
 import logging
 import os
 import sys
-from typing import Callable
+from collections.abc import Callable
+from types import SimpleNamespace
 
+import jax
 import ml_collections
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
+from tqdm import tqdm
 
-from transformer import config_defaults
+from transformer import config as config_lib
+from transformer import errors
 
-EXIT_BAD_INPUT = 2
-CONFIG_FILE = 'config.json'  # the resolved config, stored in the work directory by `train`
-
-
-class UsageError(ValueError):
-    """Bad input from the user: printed as one line, exit status 2."""
-
-
-class Abort(RuntimeError):
-    """A run that must stop (e.g. a non-finite loss): printed as one line, exit status 1."""
-
+# -- flags --------------------------------------------------------------------------------------
 
 def define_config_flag():
-    """Defines --config=FILE[:ARG] with --config.field=value overrides."""
+    """--config=FILE[:ARG] with --config.field=value overrides."""
     return config_flags.DEFINE_config_file(
         'config', None, 'Config file and argument, e.g. configs/wmt14_ende.py:base.',
         lock_config=True)
 
 
-def fail(message: str) -> None:
-    print(f'error: {message}', file=sys.stderr)
-    sys.exit(EXIT_BAD_INPUT)
+def define_workdir_flag(help_text: str = 'Work directory of a training run.'):
+    return flags.DEFINE_string('workdir', None, help_text)
+
+
+def define_decoding_flags() -> SimpleNamespace:
+    """--average, --step, --beam_size, --alpha, --max_extra_length, --batch_sentences."""
+    return SimpleNamespace(
+        average=flags.DEFINE_integer(
+            'average', None, 'Average the last K checkpoints (default: the config\'s '
+            'decode.average_last, at most the checkpoints there).'),
+        step=flags.DEFINE_integer('step', None, 'Use this checkpoint step (no averaging).'),
+        beam_size=flags.DEFINE_integer(
+            'beam_size', None, 'Beam size (default: decode.beam_size; 1 = greedy).'),
+        alpha=flags.DEFINE_float(
+            'alpha', None, 'Length penalty alpha (default: decode.length_penalty).'),
+        max_extra_length=flags.DEFINE_integer(
+            'max_extra_length', None, 'Output may be this much longer than the input '
+            '(default: decode.max_extra_length).'),
+        batch_sentences=flags.DEFINE_integer(
+            'batch_sentences', None, 'Sentences per decoding batch '
+            '(default: decode.batch_sentences).'),
+    )
+
+
+def batch_sentences(value: int | None, config) -> int:
+    """--batch_sentences, or the config's decode.batch_sentences; must be positive."""
+    value = value or config.decode.batch_sentences
+    if value < 1:
+        raise errors.UsageError(f'--batch_sentences={value} must be >= 1')
+    return value
+
+
+def checked_config(holder) -> ml_collections.ConfigDict:
+    """The --config flag's value after overrides, validated (UsageError names the field)."""
+    try:
+        config = holder.value  # config_flags loads the file lazily, here
+        if config is not None:
+            config.keys()  # a file that failed to load raises only on first use
+    except Exception as e:
+        if os.environ.get('TRANSFORMER_TRACEBACK'):
+            raise
+        raise errors.UsageError(_explain_flag_error(sys.argv, e)) from None
+    if config is None:
+        raise errors.UsageError('--config is required, e.g. --config=configs/demo.py')
+    config_lib.validate(config)
+    return config
 
 
 def _root_cause(exc: BaseException) -> BaseException:
@@ -51,24 +86,15 @@ def _root_cause(exc: BaseException) -> BaseException:
     return exc
 
 
-def _load_config_file(spec: str) -> ml_collections.ConfigDict:
-    path, _, arg = spec.partition(':')
-    module_spec = importlib.util.spec_from_file_location('_config_probe', path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg or None)
-
-
 def _explain_flag_error(argv: list[str], exc: BaseException) -> str:
     """Turns a config_flags failure into one line that names the flag or field."""
     cause = _root_cause(exc)
     spec = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
     if spec is not None:
-        path = spec.split(':', 1)[0]
-        if not os.path.exists(path):
-            return f'config file {path!r} does not exist'
         try:
-            config = _load_config_file(spec)
+            config = config_lib.load_file(spec)
+        except errors.UsageError as e:  # the file does not exist
+            return str(e)
         except Exception as e:  # the config's own message (unknown row etc.)
             return f'--config={spec}: {_root_cause(e)}'
         for a in argv:
@@ -88,6 +114,19 @@ def _explain_flag_error(argv: list[str], exc: BaseException) -> str:
     return first.replace('FATAL Flags parsing error: ', '')
 
 
+# -- running a program --------------------------------------------------------------------------
+
+def fail(message: str, status: int = errors.EXIT_BAD_INPUT) -> None:
+    """Prints `error: message` on one line and exits with `status`."""
+    tqdm.write(f'error: {message}', file=sys.stderr)
+    sys.exit(status)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else repr(e)
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
     try:
         return flags.FLAGS(argv)
@@ -97,21 +136,26 @@ def _parse_flags(argv: list[str]) -> list[str]:
         fail(_explain_flag_error(argv, e))
 
 
-def run(main: Callable[[list[str]], None]) -> None:
-    """app.run with one-line errors for bad flags, configs and data."""
+def run(main: Callable[[], None]) -> None:
+    """Runs a program's `main()` with absl flags and one-line errors.
+
+    Stray positional arguments are refused; errors.Error ends with its exit status, other bad
+    input (ValueError, a missing file, undecodable text) with status 2.
+    """
 
     def wrapped(argv):
         try:
-            main(argv)
-        except (UsageError, ValueError, FileNotFoundError, UnicodeDecodeError) as e:
+            if len(argv) > 1:
+                raise errors.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+            main()
+        except errors.Error as e:
             if os.environ.get('TRANSFORMER_TRACEBACK'):
                 raise
-            fail(str(e).strip().splitlines()[0] if str(e).strip() else repr(e))
-        except Abort as e:
+            fail(_first_line(e), e.exit_status)
+        except (ValueError, FileNotFoundError, UnicodeDecodeError) as e:
             if os.environ.get('TRANSFORMER_TRACEBACK'):
                 raise
-            print(f'error: {e}', file=sys.stderr)
-            sys.exit(1)
+            fail(_first_line(e))
 
     # JAX logs at INFO each backend it fails to find (e.g. libtpu on a GPU or CPU machine),
     # Orbax a dozen lines per checkpoint: the console shows warnings and our own `say` lines
@@ -124,61 +168,5 @@ def run(main: Callable[[list[str]], None]) -> None:
 
 def say(message: str) -> None:
     """One line of progress for the user, on stderr, from the first process only."""
-    import jax
-    from tqdm import tqdm
     if jax.process_index() == 0:
         tqdm.write(message, file=sys.stderr)  # above any progress bar, never inside it
-
-
-def checked_config(holder) -> ml_collections.ConfigDict:
-    """The --config flag's value after overrides, validated (ValueError names the field)."""
-    try:
-        config = holder.value  # config_flags loads the file lazily, here
-        if config is not None:
-            config.keys()  # a file that failed to load raises only on first use
-    except Exception as e:
-        if os.environ.get('TRANSFORMER_TRACEBACK'):
-            raise
-        raise UsageError(_explain_flag_error(sys.argv, e)) from None
-    if config is None:
-        raise UsageError('--config is required, e.g. --config=configs/demo.py')
-    config_defaults.validate(config)
-    return config
-
-
-def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-    """Stores the resolved config in the work directory (atomically)."""
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, CONFIG_FILE)
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
-        f.write(config.to_json(indent=2, sort_keys=True))
-    os.replace(tmp, path)
-
-
-def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
-    """The config that `train` stored in `workdir`; UsageError if there is none."""
-    path = os.path.join(workdir, CONFIG_FILE)
-    if not os.path.exists(path):
-        raise UsageError(f'{path} not found: is {workdir!r} a work directory made by '
-                         'transformer.train?')
-    with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
-
-
-def config_differences(a: ml_collections.ConfigDict, b: ml_collections.ConfigDict,
-                       ignore: tuple[str, ...] = ()) -> list[str]:
-    """Dotted names of the fields whose values differ between two configs."""
-    fa, fb = _flatten(a.to_dict()), _flatten(b.to_dict())
-    return sorted(k for k in set(fa) | set(fb)
-                  if fa.get(k) != fb.get(k) and k not in ignore)
-
-
-def _flatten(d, prefix=''):
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f'{prefix}{k}.'))
-        else:
-            out[f'{prefix}{k}'] = list(v) if isinstance(v, tuple) else v
-    return out

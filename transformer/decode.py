@@ -28,19 +28,28 @@ candidates per step could return a shorter hypothesis that greedy never picks).
 
 Everything is jitted as one pure function of (graphdef, parameters, inputs); sharding follows
 the inputs, so a batch laid out with `sharding.batch_sharding(mesh)` decodes across the mesh.
+
+Above the search: `Decoder` pads batches to a few shapes and keeps them compiled,
+`translate_split` decodes a whole split (train's greedy BLEU, evaluate) and `Translator` turns
+lines of text into translations (translate).
 """
 
 from __future__ import annotations
 
+import time
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from flax import nnx
 
-PAD_ID = 0  # the decoder's start symbol; never produced
-EOS_ID = 1
+from transformer import batching, sharding
+from transformer.errors import UsageError
+from transformer.model import segments_and_positions
+from transformer.tokenizer import EOS_ID, PAD_ID  # PAD is the start symbol; never produced
+
 # A large finite stand-in for -inf: sums and differences of it stay finite (no NaN).
 NEG_INF = -1.0e7
 
@@ -85,7 +94,7 @@ def _step_log_probs(logits, length, max_len):
 
 def _encode_and_cache(model, inputs, bound: int, repeat: int):
     """Runs the encoder once and builds the decoding cache, repeated `repeat` times per row."""
-    segmentation = (inputs != PAD_ID).astype(jnp.int32)
+    segmentation, _ = segments_and_positions(inputs)
     encoded = model.encode(inputs, segmentation)
     cache = model.init_cache(encoded, bound)
     if repeat > 1:  # beams of one sentence are adjacent rows: row b * K + k
@@ -317,52 +326,42 @@ def strip(tokens) -> list[list[int]]:
     return out
 
 
-def round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
-
 class Decoder:
     """Decodes batches of any size and length with few compilations.
 
     Batches are padded to `batch_size` rows (a multiple of the mesh's device count) and to a
-    source length from a short geometric ladder of buckets, so a whole test set compiles a
-    handful of shapes; the jitted function is cached per shape by jax.jit. With a mesh, inputs
-    are laid out with `sharding.batch_sharding(mesh)` and parameters replicated.
+    source length on the bucket ladder (`batching.ladder`, the one training uses), so a whole
+    test set compiles a handful of shapes; the jitted function is cached per shape by jax.jit.
+    With a mesh, inputs are laid out with `sharding.batch_sharding(mesh)` and parameters
+    replicated.
     """
 
     def __init__(self, model, *, beam_size: int = 4, alpha: float = 0.6,
                  max_extra_length: int = 50, batch_size: int = 64, mesh=None,
-                 length_step: int = 8, length_growth: float = 1.25):
-        self.beam_size, self.alpha, self.max_extra_length = beam_size, float(alpha), max_extra_length
+                 bucket_step: int = 4, bucket_growth: float = 1.15):
+        self.beam_size, self.alpha = beam_size, float(alpha)
+        self.max_extra_length = max_extra_length
         self.max_position = model.cfg.max_position
         self.mesh = mesh
         devices = mesh.size if mesh is not None else 1
-        self.batch_size = round_up(max(batch_size, 1), devices)
+        self.batch_size = batching.round_up(max(batch_size, 1), devices)
         self.graphdef, params = nnx.split(model)
         if mesh is not None:
-            from transformer import sharding
             params = jax.device_put(params, sharding.replicated(mesh))
             self._input_sharding = sharding.batch_sharding(mesh)
         else:
             self._input_sharding = None
         self.params = params
-        self._buckets = self._ladder(length_step, length_growth)
+        # A source never exceeds max_position tokens (longer ones are truncated first).
+        self._buckets = np.unique(np.minimum(
+            batching.ladder(bucket_step, bucket_growth, self.max_position), self.max_position))
         self.shapes_compiled: set[tuple[int, int]] = set()
         self.steps = 0  # decoding steps run so far (over all batches)
 
-    def _ladder(self, step, growth):
-        buckets, b = [], step
-        while b < self.max_position:
-            buckets.append(b)
-            b = max(b + step, round_up(int(b * growth), step))
-        buckets.append(self.max_position)
-        return buckets
-
     def bucket(self, length: int) -> int:
-        for b in self._buckets:
-            if length <= b:
-                return b
-        return self.max_position
+        """The padded source length of a batch whose longest source has `length` tokens."""
+        return int(self._buckets[min(np.searchsorted(self._buckets, length),
+                                     len(self._buckets) - 1)])
 
     def __call__(self, inputs) -> tuple[np.ndarray, np.ndarray]:
         """inputs [n, S] (n <= batch_size) -> (tokens [n, T], scores [n]) as numpy."""
@@ -385,3 +384,100 @@ class Decoder:
                                        alpha=self.alpha, max_extra_length=self.max_extra_length)
         self.steps += int(steps)
         return np.asarray(tokens)[:n], np.asarray(scores)[:n]
+
+
+# -- what the programs decode: splits and lines of text ---------------------------------------
+
+
+def settings(config, beam_size=None, alpha=None, max_extra_length=None) -> dict:
+    """Beam size, alpha and max_extra_length: the config's, unless given (checked)."""
+    d = config.decode
+    out = dict(beam_size=d.beam_size if beam_size is None else beam_size,
+               alpha=float(d.length_penalty if alpha is None else alpha),
+               max_extra_length=d.max_extra_length if max_extra_length is None
+               else max_extra_length)
+    if out['beam_size'] < 1:
+        raise UsageError(f'--beam_size={out["beam_size"]} must be >= 1')
+    if out['max_extra_length'] < 0:
+        raise UsageError(f'--max_extra_length={out["max_extra_length"]} must be >= 0')
+    return out
+
+
+def make_decoder(model, config, decode_settings: dict, batch_sentences: int,
+                 devices=None) -> Decoder:
+    """A Decoder over this process's devices (batch split over them, parameters replicated)."""
+    mesh = sharding.make_mesh(devices=jax.local_devices() if devices is None else devices)
+    return Decoder(model, batch_size=batch_sentences, mesh=mesh,
+                   bucket_step=config.data.bucket_step,
+                   bucket_growth=config.data.bucket_growth, **decode_settings)
+
+
+def translate_split(decoder: Decoder, config, tokenizer, split: str, batch_sentences: int,
+                    limit: int | None = None):
+    """Hypotheses (strings) of every sentence of `split` this process decodes.
+
+    Returns (hypotheses dict: index in the split -> text, stats dict).
+    """
+    hypotheses: dict[int, str] = {}
+    generated = 0
+    # Read and encode first, so that the time is the decoding's (compilation included).
+    batches = list(batching.eval_batches(config, tokenizer, split, batch_sentences,
+                                         process_index=jax.process_index(),
+                                         process_count=jax.process_count()))
+    start = time.perf_counter()
+    for i, batch in enumerate(batches):
+        index = batch['index']
+        keep = index >= 0
+        if limit is not None:
+            keep &= index < limit
+        if not keep.any():
+            continue
+        inputs = batch['inputs']
+        width = max(int((inputs != PAD_ID).sum(axis=1).max()), 1)
+        tokens, _ = decoder(inputs[:, :width])
+        lengths = np.asarray(hypothesis_lengths(tokens))
+        for row in np.flatnonzero(keep):
+            hypotheses[int(index[row])] = tokenizer.decode(tokens[row].tolist())
+            generated += int(lengths[row])
+        if i % 10 == 0:
+            logging.info('%s: %d sentences decoded', split, len(hypotheses))
+    seconds = time.perf_counter() - start
+    return hypotheses, {'decode_seconds': seconds, 'generated_tokens': generated,
+                        'decode_steps': decoder.steps,
+                        'compiled_shapes': len(decoder.shapes_compiled)}
+
+
+class Translator:
+    """Lines of text in, translations out, in order; batched, the decoder kept compiled."""
+
+    def __init__(self, model, config, tokenizer, decode_settings: dict, batch_sentences: int,
+                 warn=None, devices=None):
+        self.tokenizer = tokenizer
+        self.batch_sentences = batch_sentences
+        self.limit = batching.max_tokens(config.model)
+        self.decoder = make_decoder(model, config, decode_settings, batch_sentences, devices)
+        self.warn = warn or (lambda message: logging.warning('%s', message))
+
+    def __call__(self, lines: list[tuple[int, str]]) -> list[str]:
+        """Translations of (line number, text) pairs, in the given order; blank -> empty."""
+        out = [''] * len(lines)
+        work = []
+        for position, (number, text) in enumerate(lines):
+            if not text.strip():
+                continue
+            ids = self.tokenizer.encode(text)
+            if len(ids) > self.limit:
+                self.warn(f'line {number}: {len(ids)} tokens; truncated to the first '
+                          f'{self.limit} (model.max_position={self.limit + 1} with EOS)')
+                ids = ids[:self.limit]
+            work.append((position, ids + [EOS_ID]))
+        work.sort(key=lambda item: len(item[1]))
+        for start in range(0, len(work), self.batch_sentences):
+            group = work[start:start + self.batch_sentences]
+            width = max(len(ids) for _, ids in group)
+            inputs = [ids + [PAD_ID] * (width - len(ids)) for _, ids in group]
+            tokens, _ = self.decoder(inputs)
+            for (position, _), row in zip(group, tokens):
+                text = self.tokenizer.decode(row.tolist())
+                out[position] = text.replace('\r', ' ').replace('\n', ' ')
+        return out

@@ -1,4 +1,5 @@
-"""Where training metrics go: a JSONL file and TensorBoard event files in the work directory.
+"""Training metrics: a JSONL file and TensorBoard event files in the work directory, and the
+window of steps whose throughput the loop reports.
 
 tensorboardX writes event files without TensorFlow. Only process 0 writes.
 """
@@ -6,26 +7,13 @@ tensorboardX writes event files without TensorFlow. Only process 0 writes.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 
-import jax
+from tensorboardX import SummaryWriter
 
-# Dense bfloat16 peak FLOP/s per chip, for model FLOPs utilisation (vendors' data sheets).
-PEAK_BF16_FLOPS = {
-    'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'V100': 125e12, 'L4': 121e12,
-    'TPU v4': 275e12, 'TPU v5 lite': 197e12, 'TPU v5e': 197e12, 'TPU v5p': 459e12,
-    'TPU v6 lite': 918e12, 'TPU v6e': 918e12,
-}
-
-
-def peak_flops(device=None) -> float | None:
-    """The bfloat16 peak of `device` (default: the first), None when unknown (e.g. CPU)."""
-    kind = (device or jax.devices()[0]).device_kind
-    for name, flops in PEAK_BF16_FLOPS.items():
-        if name.lower() in kind.lower():
-            return flops
-    return None
+from transformer import workdir as workdir_lib
 
 
 class MetricWriter:
@@ -36,9 +24,8 @@ class MetricWriter:
         if not enabled:
             return
         os.makedirs(workdir, exist_ok=True)
-        self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
-        from tensorboardX import SummaryWriter
-        self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+        self._jsonl = open(workdir_lib.path(workdir, workdir_lib.METRICS_FILE), 'a')
+        self._tb = SummaryWriter(workdir_lib.path(workdir, workdir_lib.TENSORBOARD_DIR))
 
     def write(self, step: int, scalars: dict, prefix: str = '') -> None:
         if not self.enabled:
@@ -54,3 +41,49 @@ class MetricWriter:
         if self.enabled:
             self._jsonl.close()
             self._tb.close()
+
+
+class Window:
+    """Sums over the steps since the last log line, turned into the logged scalars, and the
+    smoothed loss (an exponential moving average over every step)."""
+
+    SMOOTHING = 0.98
+
+    def __init__(self, smoothed_loss: float | None = None):
+        self.smoothed_loss = smoothed_loss
+        self.reset()
+
+    def reset(self) -> None:
+        self.start = time.time()
+        self.steps = 0
+        self.flops = self.tokens = self.real = self.slots = self.loss = self.nll = 0.0
+
+    def add_batch(self, flops: float, real_tokens: int, slots: int) -> None:
+        """What the host knows of a batch before the step: FLOPs and (real) token slots."""
+        self.steps += 1
+        self.flops += flops
+        self.real += real_tokens
+        self.slots += slots
+
+    def add_metrics(self, m: dict) -> None:
+        """What the step reported (fetched from the device)."""
+        loss = float(m['loss'])
+        self.smoothed_loss = loss if self.smoothed_loss is None else (
+            self.SMOOTHING * self.smoothed_loss + (1 - self.SMOOTHING) * loss)
+        self.loss += loss
+        self.nll += float(m['nll'])
+        self.tokens += float(m['target_tokens'] + m['source_tokens'])
+
+    def scalars(self, peak_flops: float | None) -> dict:
+        """The window's means and rates; starts a new window."""
+        elapsed = time.time() - self.start
+        n = max(self.steps, 1)
+        out = {'loss': self.loss / n, 'nll': self.nll / n,
+               'perplexity': math.exp(min(self.nll / n, 50)),
+               'tokens_per_step': self.tokens / n, 'tokens_per_second': self.tokens / elapsed,
+               'step_time': elapsed / n, 'real_token_fraction': self.real / max(self.slots, 1),
+               'loss_smoothed': self.smoothed_loss}
+        if peak_flops:
+            out['mfu'] = self.flops / elapsed / peak_flops
+        self.reset()
+        return out

@@ -16,8 +16,7 @@ import numpy as np
 from flax import nnx
 
 from transformer.multi_head_attention import MultiHeadAttention, attention_mask
-
-PAD_ID = 0  # also the decoder's start symbol (the targets shifted right begin with it)
+from transformer.tokenizer import PAD_ID  # also the decoder's start symbol
 
 
 def resolve_dtype(name: str):
@@ -29,7 +28,8 @@ def resolve_dtype(name: str):
 
 @functools.lru_cache(maxsize=8)
 def sinusoidal_table(max_len: int, d_model: int) -> np.ndarray:
-    """PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(...) (section 3.5, interleaved)."""
+    """PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(...): section 3.5,
+    interleaved by dimension."""
     pos = np.arange(max_len, dtype=np.float64)[:, None]
     two_i = np.arange(0, d_model, 2, dtype=np.float64)[None, :]
     angle = pos / np.power(10000.0, two_i / d_model)
@@ -45,7 +45,8 @@ def shift_right(targets, positions):
     return jnp.where(positions == 0, PAD_ID, shifted)
 
 
-def _default_segments(tokens, segmentation, position):
+def segments_and_positions(tokens, segmentation=None, position=None):
+    """Segment ids and positions of a batch; by default one example per row, PAD is padding."""
     if segmentation is None:
         segmentation = (tokens != PAD_ID).astype(jnp.int32)
     if position is None:
@@ -74,6 +75,13 @@ class FeedForward(nnx.Module):
         return self.w2(h)
 
 
+def _layer_norm(cfg, dtype, param_dtype, rngs):
+    return nnx.LayerNorm(
+        cfg.d_model, epsilon=cfg.layer_norm_epsilon, dtype=dtype, param_dtype=param_dtype,
+        scale_init=nnx.with_partitioning(nnx.initializers.ones, ('embed',)),
+        bias_init=nnx.with_partitioning(nnx.initializers.zeros, ('embed',)), rngs=rngs)
+
+
 class Residual(nnx.Module):
     """The residual wrapper around each sub-layer (sections 3.1 and 5.4).
 
@@ -83,11 +91,7 @@ class Residual(nnx.Module):
 
     def __init__(self, cfg, dtype, param_dtype, rngs):
         self.pre = cfg.norm == 'pre'
-        self.norm = nnx.LayerNorm(cfg.d_model, epsilon=cfg.layer_norm_epsilon, dtype=dtype,
-                                  param_dtype=param_dtype,
-                                  scale_init=nnx.with_partitioning(nnx.initializers.ones, ('embed',)),
-                                  bias_init=nnx.with_partitioning(nnx.initializers.zeros, ('embed',)),
-                                  rngs=rngs)
+        self.norm = _layer_norm(cfg, dtype, param_dtype, rngs)
         self.dropout = nnx.Dropout(cfg.dropout_rate)
 
     def __call__(self, x, sublayer, rngs=None):
@@ -107,11 +111,14 @@ class EncoderLayer(nnx.Module):
     def __init__(self, cfg, dtype, param_dtype, rngs):
         self.self_attention = _attention(cfg, dtype, param_dtype, rngs)
         self.attention_residual = Residual(cfg, dtype, param_dtype, rngs)
-        self.ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.relu_dropout_rate, dtype, param_dtype, rngs)
+        self.ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.relu_dropout_rate, dtype, param_dtype,
+                               rngs)
         self.ffn_residual = Residual(cfg, dtype, param_dtype, rngs)
 
-    def __call__(self, x, mask, rngs=None):
-        x = self.attention_residual(x, lambda h: self.self_attention(h, h, mask, rngs=rngs), rngs)
+    def __call__(self, x, mask, rngs=None, weights=None):
+        """`weights`, a list, receives the attention weights when given."""
+        x = self.attention_residual(
+            x, lambda h: self.self_attention(h, h, mask, rngs=rngs, weights=weights), rngs)
         return self.ffn_residual(x, lambda h: self.ffn(h, rngs), rngs)
 
 
@@ -121,13 +128,19 @@ class DecoderLayer(nnx.Module):
         self.self_residual = Residual(cfg, dtype, param_dtype, rngs)
         self.cross_attention = _attention(cfg, dtype, param_dtype, rngs)
         self.cross_residual = Residual(cfg, dtype, param_dtype, rngs)
-        self.ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.relu_dropout_rate, dtype, param_dtype, rngs)
+        self.ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.relu_dropout_rate, dtype, param_dtype,
+                               rngs)
         self.ffn_residual = Residual(cfg, dtype, param_dtype, rngs)
 
-    def __call__(self, x, encoded, self_mask, cross_mask, rngs=None):
-        x = self.self_residual(x, lambda h: self.self_attention(h, h, self_mask, rngs=rngs), rngs)
+    def __call__(self, x, encoded, self_mask, cross_mask, rngs=None, self_weights=None,
+                 cross_weights=None):
+        """`self_weights`, `cross_weights`, lists, receive the attention weights when given."""
+        x = self.self_residual(
+            x, lambda h: self.self_attention(h, h, self_mask, rngs=rngs, weights=self_weights),
+            rngs)
         x = self.cross_residual(
-            x, lambda h: self.cross_attention(h, encoded, cross_mask, rngs=rngs), rngs)
+            x, lambda h: self.cross_attention(h, encoded, cross_mask, rngs=rngs,
+                                              weights=cross_weights), rngs)
         return self.ffn_residual(x, lambda h: self.ffn(h, rngs), rngs)
 
     def step(self, x, self_cache, cross_kv, cross_mask, index):
@@ -182,13 +195,13 @@ class Transformer(nnx.Module):
         self.decoder_layers = nnx.List(
             [DecoderLayer(cfg, dtype, param_dtype, rngs) for _ in range(cfg.num_decoder_layers)])
         if cfg.norm == 'pre':  # pre-LN needs a final normalisation of each stack's output
-            ln = lambda: nnx.LayerNorm(cfg.d_model, epsilon=cfg.layer_norm_epsilon, dtype=dtype,
-                                       param_dtype=param_dtype, rngs=rngs)
-            self.encoder_norm, self.decoder_norm = ln(), ln()
+            self.encoder_norm = _layer_norm(cfg, dtype, param_dtype, rngs)
+            self.decoder_norm = _layer_norm(cfg, dtype, param_dtype, rngs)
 
-    # -- embeddings -------------------------------------------------------------------------
+    # -- the two ends: embeddings and logits ------------------------------------------------
 
-    def _embed(self, tokens, positions, target: bool, rngs=None):
+    def embed_tokens(self, tokens, positions, *, target: bool, rngs=None):
+        """Token embeddings x sqrt(d_model) plus positions (sections 3.4, 3.5)."""
         table = self.target_embed if (target and not self.cfg.share_embeddings) else self.embed
         x = table(tokens) * jnp.sqrt(self.cfg.d_model).astype(self.dtype)  # section 3.4
         if self.cfg.positional == 'learned':
@@ -201,7 +214,8 @@ class Transformer(nnx.Module):
             x = self.embed_dropout(x, rngs=rngs)
         return x
 
-    def _logits(self, x):
+    def output_logits(self, x):
+        """The pre-softmax projection of decoder outputs (the shared embedding, 3.4)."""
         if self.cfg.share_embeddings:
             logits = self.embed.attend(x)
         else:
@@ -210,38 +224,58 @@ class Transformer(nnx.Module):
 
     # -- full passes --------------------------------------------------------------------------
 
-    def encode(self, inputs, inputs_segmentation=None, inputs_position=None, *, rngs=None):
-        """Encoder stack: token ids [batch, src_len] -> representations [batch, src_len, d_model]."""
-        seg, pos = _default_segments(inputs, inputs_segmentation, inputs_position)
-        x = self._embed(inputs, pos, target=False, rngs=rngs)
+    def encode(self, inputs, inputs_segmentation=None, inputs_position=None, *, rngs=None,
+               attention=None):
+        """Encoder stack: token ids [batch, src_len] -> representations [batch, src_len, d_model].
+
+        `attention`, a dict, receives the self-attention weights under 'encoder' when given.
+        """
+        seg, pos = segments_and_positions(inputs, inputs_segmentation, inputs_position)
+        x = self.embed_tokens(inputs, pos, target=False, rngs=rngs)
         mask = attention_mask(seg, seg)
+        weights = attention.setdefault('encoder', []) if attention is not None else None
         for layer in self.encoder_layers:
-            x = layer(x, mask, rngs)
+            x = layer(x, mask, rngs, weights)
         return self.encoder_norm(x) if self.cfg.norm == 'pre' else x
 
     def decode(self, encoded, inputs_segmentation, targets, targets_segmentation=None,
-               targets_position=None, *, rngs=None):
+               targets_position=None, *, rngs=None, attention=None):
         """Decoder stack with teacher forcing: logits [batch, tgt_len, vocab] in float32.
 
         `targets` are the outputs to predict; the decoder reads them shifted right.
+        `attention`, a dict, receives the weights under 'decoder' and 'cross' when given.
         """
-        seg, pos = _default_segments(targets, targets_segmentation, targets_position)
-        x = self._embed(shift_right(targets, pos), pos, target=True, rngs=rngs)
+        seg, pos = segments_and_positions(targets, targets_segmentation, targets_position)
+        x = self.embed_tokens(shift_right(targets, pos), pos, target=True, rngs=rngs)
         self_mask = attention_mask(seg, seg, causal=True)
         cross_mask = attention_mask(seg, inputs_segmentation)
+        self_weights = cross_weights = None
+        if attention is not None:
+            self_weights = attention.setdefault('decoder', [])
+            cross_weights = attention.setdefault('cross', [])
         for layer in self.decoder_layers:
-            x = layer(x, encoded, self_mask, cross_mask, rngs)
+            x = layer(x, encoded, self_mask, cross_mask, rngs, self_weights, cross_weights)
         if self.cfg.norm == 'pre':
             x = self.decoder_norm(x)
-        return self._logits(x)
+        return self.output_logits(x)
 
     def __call__(self, inputs, targets, inputs_segmentation=None, targets_segmentation=None,
-                 inputs_position=None, targets_position=None, *, rngs=None):
-        """Teacher-forced forward pass: logits [batch, tgt_len, vocab] in float32."""
-        in_seg, _ = _default_segments(inputs, inputs_segmentation, inputs_position)
-        encoded = self.encode(inputs, in_seg, inputs_position, rngs=rngs)
-        return self.decode(encoded, in_seg, targets, targets_segmentation, targets_position,
-                           rngs=rngs)
+                 inputs_position=None, targets_position=None, *, rngs=None,
+                 return_attention: bool = False):
+        """Teacher-forced forward pass: logits [batch, tgt_len, vocab] in float32.
+
+        With `return_attention`, also the attention weights of every layer and head:
+        {'encoder': [layers, batch, heads, src, src], 'decoder': [layers, batch, heads, tgt,
+        tgt], 'cross': [layers, batch, heads, tgt, src]}.
+        """
+        attention = {} if return_attention else None
+        in_seg, _ = segments_and_positions(inputs, inputs_segmentation, inputs_position)
+        encoded = self.encode(inputs, in_seg, inputs_position, rngs=rngs, attention=attention)
+        logits = self.decode(encoded, in_seg, targets, targets_segmentation, targets_position,
+                             rngs=rngs, attention=attention)
+        if not return_attention:
+            return logits
+        return logits, {k: jnp.stack(v) for k, v in attention.items()}
 
     # -- cached autoregressive decoding ------------------------------------------------------
 
@@ -266,7 +300,7 @@ class Transformer(nnx.Module):
         `tokens` [batch] are the previous outputs (PAD_ID at index 0). The encoder does not run.
         """
         positions = jnp.full((tokens.shape[0], 1), index, jnp.int32)
-        x = self._embed(tokens[:, None], positions, target=True)
+        x = self.embed_tokens(tokens[:, None], positions, target=True)
         cross_mask = (inputs_segmentation > 0)[:, None, None, :]
         new_self = []
         for layer, self_cache, cross_kv in zip(self.decoder_layers, cache['self'], cache['cross']):
@@ -274,7 +308,7 @@ class Transformer(nnx.Module):
             new_self.append(c)
         if self.cfg.norm == 'pre':
             x = self.decoder_norm(x)
-        return self._logits(x)[:, 0], {'self': new_self, 'cross': cache['cross']}
+        return self.output_logits(x)[:, 0], {'self': new_self, 'cross': cache['cross']}
 
 
 def create_model(config: ml_collections.ConfigDict, seed: int = 0) -> Transformer:

@@ -1,4 +1,5 @@
-"""Counts of a model that need no accelerator: parameters, FLOPs, memory.
+"""Counts of a model that need no accelerator: parameters, FLOPs, memory; and the peak FLOP/s
+of known chips, for model FLOPs utilisation.
 
 Parameters are counted on `nnx.eval_shape` of the real model, so nothing is allocated and the
 count is the architecture's, not a formula's. FLOPs are counted analytically (a multiply-add is
@@ -12,6 +13,24 @@ import numpy as np
 from flax import nnx
 
 from transformer.model import create_model, resolve_dtype
+
+# Dense bfloat16 peak FLOP/s per chip, for model FLOPs utilisation (vendors' data sheets).
+PEAK_BF16_FLOPS = {
+    'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'V100': 125e12, 'L4': 121e12,
+    'TPU v4': 275e12, 'TPU v5 lite': 197e12, 'TPU v5e': 197e12, 'TPU v5p': 459e12,
+    'TPU v6 lite': 918e12, 'TPU v6e': 918e12,
+}
+# A training step costs the forward pass and a backward pass of about twice its FLOPs.
+TRAINING_FLOPS_PER_FORWARD = 3
+
+
+def peak_flops(device=None) -> float | None:
+    """The bfloat16 peak of `device` (default: the first), None when unknown (e.g. CPU)."""
+    kind = (device or jax.devices()[0]).device_kind
+    for name, flops in PEAK_BF16_FLOPS.items():
+        if name.lower() in kind.lower():
+            return flops
+    return None
 
 
 def count_parameters(config) -> dict:
@@ -52,6 +71,12 @@ def forward_flops(m, vocab_size: int, src_len: int, tgt_len: int) -> dict:
             'total': encoder + decoder + logits}
 
 
+def training_flops(m, vocab_size: int, rows: int, src_len: int, tgt_len: int) -> float:
+    """FLOPs of one training step (forward and backward) on `rows` pairs of these lengths."""
+    forward = forward_flops(m, vocab_size, src_len, tgt_len)['total']
+    return TRAINING_FLOPS_PER_FORWARD * rows * forward
+
+
 def summarize(config, seq_len: int | None = None) -> dict:
     """Everything `summary` prints, as a dict."""
     m = config.model
@@ -64,10 +89,10 @@ def summarize(config, seq_len: int | None = None) -> dict:
     return {
         'parameters': params,
         'seq_len': length,
-        # Per target token of a (source, target) pair of equal length; training = 3x forward
-        # (the backward pass costs about twice the forward).
+        # Per target token of a (source, target) pair of equal length.
         'forward_flops_per_token': fwd / length,
-        'training_flops_per_token': 3 * fwd / length,
+        'training_flops_per_token': training_flops(m, config.vocab_size, 1, length,
+                                                   length) / length,
         'memory_bytes': {'parameters': param_bytes, 'optimizer_state': optimizer_bytes,
                          'total': param_bytes + optimizer_bytes},
         'model': {k: m[k] for k in ('num_encoder_layers', 'num_decoder_layers', 'd_model', 'd_ff',

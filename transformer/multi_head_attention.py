@@ -12,7 +12,7 @@ MASK_VALUE = -1e9
 
 
 def attention_mask(q_segmentation: jax.Array, k_segmentation: jax.Array,
-                                      causal: bool = False) -> jax.Array:
+                   causal: bool = False) -> jax.Array:
     """Boolean mask [batch, 1, q_len, k_len]: True where a query may attend to a key.
 
     Segment ids are 1, 2, ... for the packed examples of a row and 0 for padding, so a query sees
@@ -43,18 +43,18 @@ def dot_product_attention(q, k, v, mask, dropout: nnx.Dropout | None = None, rng
 
 
 class MultiHeadAttention(nnx.Module):
-    """Multi-head attention (section 3.2.2) with h heads of width d_k (queries, keys), d_v (values)."""
+    """Multi-head attention (section 3.2.2): h heads of width d_k (queries, keys), d_v (values)."""
 
     def __init__(self, d_model: int, num_heads: int, d_k: int, d_v: int, *, dropout_rate=0.0,
-                              dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.num_heads, self.d_k, self.d_v = num_heads, d_k, d_v
         init = nnx.initializers.xavier_uniform()
+        zeros = nnx.initializers.zeros
 
         def dense(n_in, n_out, names):
             return nnx.Linear(n_in, n_out, dtype=dtype, param_dtype=param_dtype,
-                                                kernel_init=nnx.with_partitioning(init, names),
-                                                bias_init=nnx.with_partitioning(nnx.initializers.zeros, names[1:]),
-                                                rngs=rngs)
+                              kernel_init=nnx.with_partitioning(init, names),
+                              bias_init=nnx.with_partitioning(zeros, names[1:]), rngs=rngs)
 
         self.query = dense(d_model, num_heads * d_k, ('embed', 'heads'))
         self.key = dense(d_model, num_heads * d_k, ('embed', 'heads'))
@@ -66,18 +66,22 @@ class MultiHeadAttention(nnx.Module):
         return x.reshape(x.shape[:-1] + (self.num_heads, depth))
 
     def project_kv(self, x):
-        """Keys and values [batch, len, heads, d] of `x`: computed once per sentence when decoding."""
+        """Keys and values [batch, len, heads, d] of `x` (once per sentence when decoding)."""
         return self._split(self.key(x), self.d_k), self._split(self.value(x), self.d_v)
 
-    def __call__(self, x, kv_input, mask, *, rngs=None, kv=None, return_weights=False):
-        """Attends from `x` [batch, q_len, d_model] to `kv_input` (or precomputed `kv`)."""
+    def __call__(self, x, kv_input, mask, *, rngs=None, kv=None, weights=None):
+        """Attends from `x` [batch, q_len, d_model] to `kv_input` (or precomputed `kv`).
+
+        `weights`, a list, receives the attention weights [batch, heads, q_len, k_len].
+        """
         q = self._split(self.query(x), self.d_k)
         k, v = kv if kv is not None else self.project_kv(kv_input)
-        out, weights = dot_product_attention(q, k, v, mask, self.dropout, rngs)
-        out = self.out(out.reshape(out.shape[:-2] + (self.num_heads * self.d_v,)))
-        return (out, weights) if return_weights else out
+        out, probs = dot_product_attention(q, k, v, mask, self.dropout, rngs)
+        if weights is not None:
+            weights.append(probs)
+        return self.out(out.reshape(out.shape[:-2] + (self.num_heads * self.d_v,)))
 
-    def cached_self_attention(self, x, cache, index, *, return_weights=False):
+    def cached_self_attention(self, x, cache, index):
         """One decoding step of causal self-attention over a key/value cache.
 
         `x` is [batch, 1, d_model], `cache` a (k, v) pair of [batch, max_len, heads, d] buffers,
@@ -85,12 +89,12 @@ class MultiHeadAttention(nnx.Module):
         `index` and attends to positions 0..index, so a step never recomputes the prefix.
         """
         k_new, v_new = self.project_kv(x)
-        k_cache = jax.lax.dynamic_update_slice_in_dim(cache[0], k_new.astype(cache[0].dtype), index, 1)
-        v_cache = jax.lax.dynamic_update_slice_in_dim(cache[1], v_new.astype(cache[1].dtype), index, 1)
+        k_cache = jax.lax.dynamic_update_slice_in_dim(
+            cache[0], k_new.astype(cache[0].dtype), index, 1)
+        v_cache = jax.lax.dynamic_update_slice_in_dim(
+            cache[1], v_new.astype(cache[1].dtype), index, 1)
         mask = (jnp.arange(k_cache.shape[1]) <= index)[None, None, None, :]
         q = self._split(self.query(x), self.d_k)
-        out, weights = dot_product_attention(q, k_cache, v_cache, mask)
+        out, _ = dot_product_attention(q, k_cache, v_cache, mask)
         out = self.out(out.reshape(out.shape[:-2] + (self.num_heads * self.d_v,)))
-        if return_weights:
-            return out, (k_cache, v_cache), weights
         return out, (k_cache, v_cache)

@@ -10,7 +10,8 @@ from __future__ import annotations
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 DATA, FSDP = 'data', 'fsdp'
 BATCH_AXES = (DATA, FSDP)  # the batch is split over every device
@@ -57,20 +58,3 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
-
-
-def create_sharded(make_module, mesh: Mesh):
-    """Builds `make_module()` with every Variable created directly in its sharding.
-
-    `nnx.eval_shape` gives the shapes without allocating; a jit with `out_shardings` then
-    initialises each device's shard in place, so a big model never sits whole on one device.
-    """
-    abstract = nnx.eval_shape(make_module)
-    graphdef, abstract_state = nnx.split(abstract)
-    shardings = state_shardings(abstract_state, mesh)
-
-    def init():
-        return nnx.split(make_module())[1]
-
-    state = jax.jit(init, out_shardings=shardings)()
-    return nnx.merge(graphdef, state)

@@ -35,8 +35,7 @@ def _format(s: dict) -> str:
     return '\n'.join(lines)
 
 
-def main(argv):
-    del argv
+def main():
     config = cli.checked_config(_CONFIG)
     s = summarize(config, _SEQ_LEN.value)
     print(json.dumps(s, indent=2) if _JSON.value else _format(s))

@@ -81,7 +81,8 @@ def generate(config, split: str) -> tuple[list[str], list[str]]:
     d = config.data
     if not 1 <= d.synthetic_min_words <= d.synthetic_max_words:
         raise ValueError(f'data.synthetic_min_words={d.synthetic_min_words} and '
-                         f'data.synthetic_max_words={d.synthetic_max_words} must satisfy 1 <= min <= max')
+                         f'data.synthetic_max_words={d.synthetic_max_words} must satisfy '
+                         '1 <= min <= max')
     size = d.synthetic_train_size if split == 'train' else d.synthetic_eval_size
     rng = np.random.default_rng([d.seed, _SPLITS.index(split)])
     lex = lexicon()

@@ -1,13 +1,12 @@
 """`python -m transformer.train --config=FILE:ARG --workdir=DIR [--config.x=y ...]`.
 
-One linear script in sections: set-up, data, state, restore, the loop, shutdown. The same
-command runs on one CPU, a multi-GPU host, a GPU cluster or a TPU pod slice; it resumes by
-itself from the latest complete checkpoint in the work directory.
+One linear script in sections: set-up, vocabulary and data, state, restore, the loop,
+shutdown. The same command runs on one CPU, a multi-GPU host, a GPU cluster or a TPU pod
+slice; it resumes by itself from the latest complete checkpoint in the work directory.
 """
 
 from __future__ import annotations
 
-import glob
 import math
 import os
 import signal
@@ -15,27 +14,32 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from absl import flags, logging
+from absl import logging
 from flax import nnx
-from jax.experimental import multihost_utils
+from tqdm import tqdm
 
-from transformer import bleu, checkpoint, cli, data, decode, metrics, sharding
-from transformer import evaluate as evaluate_lib
-from transformer import tokenizer as tokenizer_lib
-from transformer.model_stats import forward_flops
+from transformer import (
+    batching,
+    bleu,
+    checkpoint,
+    cli,
+    data,
+    decode,
+    distributed,
+    metrics,
+    model_stats,
+    sharding,
+)
 from transformer import train_step as train_step_lib
+from transformer import workdir as workdir_lib
+from transformer.errors import RunError, UsageError
 
 _CONFIG = cli.define_config_flag()
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Work directory: config, vocabulary, '
-                               'checkpoints, metrics. Resumed when it holds checkpoints.')
+_WORKDIR = cli.define_workdir_flag('Work directory: config, vocabulary, checkpoints, '
+                                   'metrics. Resumed when it holds checkpoints.')
 
-# Fields that may change between a run and its resumption: the run length, how often it logs,
-# evaluates and checkpoints. Anything else would silently train a different model.
-RESUMABLE_CHANGES = ('train.steps', 'train.log_every_steps', 'train.eval_every_steps',
-                     'train.checkpoint_every_steps', 'train.checkpoint_every_minutes',
-                     'train.eval_bleu_sentences')
+PREFETCH_BATCHES = 2  # global batches the producer thread keeps ready on the devices
 
 
 def _fault_injection(point: str, step: int) -> None:
@@ -47,53 +51,6 @@ def _fault_injection(point: str, step: int) -> None:
     fault = os.environ.get('TRANSFORMER_FAULT')
     if fault and fault == f'{point}:{step}':
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-def maybe_initialize_distributed() -> None:
-    """jax.distributed.initialize() when the environment names a multi-process job.
-
-    JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID (our launch scripts), or
-    the cluster's own variables (SLURM, Cloud TPU pods), which JAX detects by itself.
-    """
-    # Collectives between CPU processes (tests, CPU clusters) go through gloo.
-    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-    if 'JAX_COORDINATOR_ADDRESS' in os.environ:
-        jax.distributed.initialize(
-            coordinator_address=os.environ['JAX_COORDINATOR_ADDRESS'],
-            num_processes=int(os.environ.get('JAX_NUM_PROCESSES', '1')),
-            process_id=int(os.environ.get('JAX_PROCESS_ID', '0')))
-    elif (int(os.environ.get('SLURM_NTASKS', '1')) > 1 or 'TPU_WORKER_HOSTNAMES' in os.environ
-          or 'TPU_PROCESS_ADDRESSES' in os.environ or _on_cloud_tpu_vm()):
-        jax.distributed.initialize()
-
-
-def _on_cloud_tpu_vm() -> bool:
-    """A Cloud TPU VM has PCI devices of Google's vendor id 0x1ae0; JAX then finds the pod
-    slice's other workers through the metadata server (harmless on a single host)."""
-    for path in glob.glob('/sys/bus/pci/devices/*/vendor'):
-        try:
-            with open(path) as f:
-                if f.read().strip() == '0x1ae0':
-                    return True
-        except OSError:
-            continue
-    return False
-
-
-def check_resumable(config, workdir: str) -> None:
-    """Refuses a config that differs from the stored one in more than the run length.
-
-    Only a work directory with a checkpoint holds a run; before the first checkpoint (e.g. a
-    start that failed on a missing data file) the config may still be corrected.
-    """
-    if (not os.path.exists(os.path.join(workdir, cli.CONFIG_FILE))
-            or not checkpoint.available_steps(workdir)):
-        return
-    stored = cli.load_workdir_config(workdir)
-    differing = cli.config_differences(stored, config, ignore=RESUMABLE_CHANGES)
-    if differing:
-        raise cli.UsageError(f'{workdir} holds a run with another config; differing fields: '
-                             f'{", ".join(differing)} (use a new --workdir)')
 
 
 class StopSignal:
@@ -110,27 +67,46 @@ class StopSignal:
         self.requested = True
 
 
-def all_processes_agree(*conditions: bool) -> list[bool]:
-    """Any-reduce of host-side decisions, so every process saves and stops together."""
-    if jax.process_count() == 1:
-        return list(conditions)
-    votes = multihost_utils.process_allgather(np.array(conditions, np.int32))
-    return [bool(v) for v in np.asarray(votes).reshape(-1, len(conditions)).max(axis=0)]
+def vocabulary(config, workdir: str):
+    """The run's vocabulary: trained by process 0 when absent, then read by every process."""
+    if distributed.is_main():
+        tokenizer = workdir_lib.vocabulary(config, workdir, lambda: data.vocab_text(config))
+    distributed.sync('vocabulary ready')
+    if not distributed.is_main():
+        tokenizer = workdir_lib.vocabulary(config, workdir, lambda: data.vocab_text(config))
+    return tokenizer
+
+
+def training_batches(config, workdir: str, tokenizer) -> batching.TrainIterator:
+    """This process's training batches, from the tokenized training set (cached by process 0
+    in the work directory, then memory-mapped by every process)."""
+    t = config.train
+    cache = dict(cache_dir=workdir_lib.path(workdir, workdir_lib.CACHE_DIR),
+                 vocab_fingerprint=workdir_lib.vocabulary_fingerprint(workdir))
+    if distributed.is_main():
+        split = data.tokenized_train(config, tokenizer, **cache)
+    distributed.sync('training data tokenized')
+    if not distributed.is_main():
+        split = data.tokenized_train(config, tokenizer, **cache)
+    return batching.TrainIterator(
+        split, config.data, process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        rows_multiple=jax.device_count() * t.grad_accum_steps // jax.process_count())
 
 
 def validation_batches(config, tokenizer) -> list | None:
     """This process's validation batches, read and tokenized once per run (None if absent)."""
     try:
-        return list(data.eval_batches(config, tokenizer, 'validation',
-                                      config.data.eval_batch_sentences,
-                                      process_index=jax.process_index(),
-                                      process_count=jax.process_count()))
+        return list(batching.eval_batches(config, tokenizer, 'validation',
+                                          config.data.eval_batch_sentences,
+                                          process_index=jax.process_index(),
+                                          process_count=jax.process_count()))
     except data.DataError as e:
         logging.warning('No validation loss: %s', e)
         return None
 
 
-def evaluate_loss(eval_fn, params, batches: list, mesh) -> dict:
+def validation_loss(eval_fn, params, batches: list, mesh) -> dict:
     """Cross-entropy and per-token perplexity on the (unfiltered) validation split."""
     batch_sharding = sharding.batch_sharding(mesh)
     total = np.zeros(2)
@@ -145,160 +121,133 @@ def evaluate_loss(eval_fn, params, batches: list, mesh) -> dict:
 def validation_bleu(config, tokenizer, graphdef, params, sentences: int) -> float:
     """Greedy sacreBLEU on the first `sentences` validation sentences (a quick signal; the
     paper's beam search and checkpoint averaging belong to `evaluate`)."""
-    model = nnx.merge(graphdef, params)
+    settings = dict(beam_size=1, alpha=config.decode.length_penalty,
+                    max_extra_length=config.decode.max_extra_length)
     batch = config.decode.batch_sentences
-    decoder = decode.Decoder(model, beam_size=1, alpha=config.decode.length_penalty,
-                             max_extra_length=config.decode.max_extra_length, batch_size=batch,
-                             mesh=sharding.make_mesh(devices=jax.local_devices()))
-    hypotheses, _ = evaluate_lib.translate_split(decoder, config, tokenizer, 'validation', batch,
-                                                 limit=sentences)
+    decoder = decode.make_decoder(nnx.merge(graphdef, params), config, settings, batch)
+    hypotheses, _ = decode.translate_split(decoder, config, tokenizer, 'validation', batch,
+                                           limit=sentences)
     _, references = data.load_text(config, 'validation')
     ordered = [hypotheses[i] for i in sorted(hypotheses)]
     return bleu.sacrebleu_score(ordered, references[:len(ordered)])[0]
 
 
-def main(argv):
-    del argv
-    # --- set-up -------------------------------------------------------------------------------
+def batch_stats(config, batch: dict) -> dict:
+    """Host-side facts of a global batch: its FLOPs and its real and total token slots."""
+    rows = batch['inputs'].shape[0] * jax.process_count()
+    flops = model_stats.training_flops(config.model, config.vocab_size, rows,
+                                       batch['inputs'].shape[1], batch['targets'].shape[1])
+    real = int((batch['inputs_segmentation'] > 0).sum() + (batch['targets_segmentation'] > 0).sum())
+    return dict(flops=flops, real_tokens=real, slots=batch['inputs'].size + batch['targets'].size)
+
+
+def checked(step: int, step_metrics, last_saved, workdir: str) -> dict:
+    """The step's metrics on the host; a non-finite loss stops the run (nothing is saved)."""
+    m = jax.device_get(step_metrics)
+    if not (np.isfinite(m['loss']) and np.isfinite(m['grad_norm'])):
+        kept = f'step {last_saved}' if last_saved is not None else 'none yet'
+        raise RunError(f'non-finite loss ({m["loss"]}) at step {step}; last good '
+                       f'checkpoint: {kept} in {workdir}')
+    return m
+
+
+def main():
+    # --- set-up --------------------------------------------------------------------------------
     config = cli.checked_config(_CONFIG)
     workdir = _WORKDIR.value
     if not workdir:
-        raise cli.UsageError('--workdir is required')
-    maybe_initialize_distributed()
-    is_main = jax.process_index() == 0
-    check_resumable(config, workdir)
+        raise UsageError('--workdir is required')
+    distributed.initialize()
+    is_main = distributed.is_main()
+    workdir_lib.check_resumable(config, workdir)
     if is_main:
-        cli.save_config(config, workdir)
+        workdir_lib.save_config(config, workdir)
     t = config.train
 
-    # --- vocabulary and data ------------------------------------------------------------------
-    if is_main:
-        tokenizer = tokenizer_lib.load_or_train(config, workdir)
-    multihost_utils.sync_global_devices('vocabulary ready')
-    if not is_main:
-        tokenizer = tokenizer_lib.load_or_train(config, workdir)
-    mesh = sharding.make_mesh(t.mesh_data, t.mesh_fsdp)
-    rows_multiple = jax.device_count() * t.grad_accum_steps // jax.process_count()
-    train_iter = data.make_train_iterator(
-        config, tokenizer, process_index=jax.process_index(),
-        process_count=jax.process_count(), rows_multiple=rows_multiple)
-
+    # --- vocabulary and data -------------------------------------------------------------------
+    tokenizer = vocabulary(config, workdir)
+    train_iter = training_batches(config, workdir, tokenizer)
     cli.say(f'Training data: {train_iter.stats}')
     validation = validation_batches(config, tokenizer)
 
     # --- state, created already sharded --------------------------------------------------------
+    mesh = sharding.make_mesh(t.mesh_data, t.mesh_fsdp)
     setup = train_step_lib.setup(config, mesh)
-    graphdef, state_shardings = setup.graphdef, setup.state_shardings
-    batch_sharding, replicated = setup.batch_sharding, setup.replicated
     train_step = train_step_lib.jit_sharded_step(setup)
-    eval_step = jax.jit(train_step_lib.make_eval_step(graphdef), out_shardings=replicated)
+    eval_step = jax.jit(train_step_lib.make_eval_step(setup.graphdef),
+                        out_shardings=setup.replicated)
 
-    # --- restore or initialise ---------------------------------------------------------------
-    manager = checkpoint.make_manager(workdir, keep=t.keep_checkpoints)
-    latest = manager.latest_step()
-    if latest is not None:
+    # --- restore or initialise -----------------------------------------------------------------
+    manager = checkpoint.make_manager(workdir_lib.path(workdir, workdir_lib.CHECKPOINTS_DIR),
+                                      keep=t.keep_checkpoints)
+    last_saved = manager.latest_step()
+    if last_saved is not None:
         target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                              setup.abstract_state, state_shardings)
-        state, data_state = checkpoint.restore(manager, latest, target)
+                              setup.abstract_state, setup.state_shardings)
+        state, data_state = checkpoint.restore(manager, last_saved, target)
         train_iter.set_state(data_state)
-        cli.say(f'Resumed from step {latest} of {workdir} (data position {data_state})')
+        cli.say(f'Resumed from step {last_saved} of {workdir} (data position {data_state})')
     else:
-        state = jax.jit(setup.init_state, out_shardings=state_shardings)()
+        state = jax.jit(setup.init_state, out_shardings=setup.state_shardings)()
         cli.say(f'New run in {workdir}: {jax.device_count()} devices, mesh {dict(mesh.shape)}')
-    start = int(state['step'])
+    step = int(state['step'])
 
     # --- the loop ------------------------------------------------------------------------------
+    # Batches are made and put on the devices by a producer thread, a few steps ahead; the
+    # metrics of a step are fetched after the next step is dispatched, so the host never makes
+    # the device wait. Every process saves, evaluates and stops at the same steps.
+    def place(batch):
+        arrays = {k: jax.make_array_from_process_local_data(setup.batch_sharding, v)
+                  for k, v in batch.items()}
+        return arrays, batch_stats(config, batch)
+
+    batches = batching.Prefetcher(train_iter, PREFETCH_BATCHES, place)
+    data_state = train_iter.get_state()  # the position after the last batch consumed
     writer = metrics.MetricWriter(workdir, enabled=is_main)
     stop = StopSignal()
-    peak = metrics.peak_flops()
-    step_flops = lambda b: 3 * b['inputs'].shape[0] * jax.process_count() * forward_flops(
-        config.model, config.vocab_size, b['inputs'].shape[1], b['targets'].shape[1])['total']
-    progress = None
-    if is_main:
-        from tqdm import tqdm
-        progress = tqdm(total=t.steps, initial=start, desc='train', unit='step',
-                        dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30)
-    window = {'time': time.time(), 'steps': 0, 'flops': 0.0, 'tokens': 0.0, 'real': 0.0,
-              'slots': 0.0, 'loss': 0.0, 'nll': 0.0}
-    smoothed_loss = None
+    peak = model_stats.peak_flops()
+    window = metrics.Window()
+    progress = tqdm(total=t.steps, initial=step, desc='train', unit='step', dynamic_ncols=True,
+                    mininterval=0.5 if sys.stderr.isatty() else 30) if is_main else None
     last_save_time = time.time()
-    last_saved = latest
-    pending = None  # (step, metrics) fetched one step late, so the host never stalls the device
+    pending = None  # (step, metrics) of the previous step, fetched one step late
 
-    def check(step, m):
-        nonlocal smoothed_loss
-        m = jax.device_get(m)
-        if not (np.isfinite(m['loss']) and np.isfinite(m['grad_norm'])):
-            if progress is not None:
-                progress.close()  # so that the error starts a line of its own
-            kept = f'step {last_saved}' if last_saved is not None else 'none yet'
-            raise cli.Abort(f'non-finite loss ({m["loss"]}) at step {step}; last good '
-                            f'checkpoint: {kept} in {workdir}')
-        smoothed_loss = m['loss'] if smoothed_loss is None else 0.98 * smoothed_loss + 0.02 * m['loss']
-        for k in ('loss', 'nll'):
-            window[k] += float(m[k])
-        window['tokens'] += float(m['target_tokens'] + m['source_tokens'])
-        return m
-
-    def log(step, m):
-        elapsed = time.time() - window['time']
-        n = max(window['steps'], 1)
-        scalars = {'loss': window['loss'] / n, 'loss_smoothed': smoothed_loss,
-                   'nll': window['nll'] / n, 'perplexity': math.exp(min(window['nll'] / n, 50)),
-                   'learning_rate': float(m['learning_rate']), 'grad_norm': float(m['grad_norm']),
-                   'tokens_per_step': window['tokens'] / n,
-                   'tokens_per_second': window['tokens'] / elapsed,
-                   'step_time': elapsed / n,
-                   'real_token_fraction': window['real'] / max(window['slots'], 1)}
-        if peak:
-            scalars['mfu'] = window['flops'] / elapsed / (peak * jax.device_count())
-        writer.write(step, scalars, prefix='train/')
-        if progress is not None:
-            progress.set_postfix(loss=f'{scalars["loss"]:.3f}',
-                                 tok_s=f'{scalars["tokens_per_second"]:.0f}', refresh=False)
-        window.update(time=time.time(), steps=0, flops=0.0, tokens=0.0, real=0.0, slots=0.0,
-                      loss=0.0, nll=0.0)
-
-    def save(step):
-        nonlocal last_save_time, last_saved
-        checkpoint.save(manager, step, state, train_iter_state)
-        last_save_time, last_saved = time.time(), step
-
-    step = start
-    train_iter_state = train_iter.get_state()
     while step < t.steps:
-        batch = next(train_iter)
-        train_iter_state = train_iter.get_state()  # the position after this batch
-        window['flops'] += step_flops(batch)
-        window['real'] += (batch['inputs_segmentation'] > 0).sum() + (batch['targets_segmentation'] > 0).sum()
-        window['slots'] += batch['inputs'].size + batch['targets'].size
-        global_batch = {k: jax.make_array_from_process_local_data(batch_sharding, v)
-                        for k, v in batch.items()}
-        state, step_metrics = train_step(state, global_batch)
+        (batch, stats), data_state = next(batches)
+        window.add_batch(stats['flops'], stats['real_tokens'], stats['slots'])
+        state, step_metrics = train_step(state, batch)
         if pending is not None:
-            check(*pending)
+            window.add_metrics(checked(*pending, last_saved, workdir))
         step += 1
         _fault_injection('after-step', step)
-        window['steps'] += 1
         pending = (step, step_metrics)
         if progress is not None:
             progress.update(1)
         time_due = time.time() - last_save_time >= 60 * t.checkpoint_every_minutes
-        stop_now, time_due = all_processes_agree(stop.requested, time_due)
+        stop_now, time_due = distributed.agree(stop.requested, time_due)
         save_due = step % t.checkpoint_every_steps == 0 or time_due or step == t.steps or stop_now
         log_due = step % t.log_every_steps == 0 or step == t.steps
-        if save_due or log_due:
-            m = check(*pending)  # never save a state whose loss was not finite
+        if save_due or log_due:  # never save a state whose loss was not finite
+            m = checked(*pending, last_saved, workdir)
+            window.add_metrics(m)
             pending = None
             if log_due:
-                log(step, m)
+                scalars = window.scalars(peak * jax.device_count() if peak else None)
+                scalars.update(learning_rate=float(m['learning_rate']),
+                               grad_norm=float(m['grad_norm']))
+                writer.write(step, scalars, prefix='train/')
+                if progress is not None:
+                    progress.set_postfix(loss=f'{scalars["loss"]:.3f}',
+                                         tok_s=f'{scalars["tokens_per_second"]:.0f}',
+                                         refresh=False)
         if save_due:
-            save(step)
+            checkpoint.save(manager, step, state, data_state)
+            last_save_time, last_saved = time.time(), step
             _fault_injection('in-save', step)
         if validation is not None and (step % t.eval_every_steps == 0 or step == t.steps):
-            result = evaluate_loss(eval_step, state['params'], validation, mesh)
+            result = validation_loss(eval_step, state['params'], validation, mesh)
             if t.eval_bleu_sentences > 0 and jax.process_count() == 1:
-                result['greedy_bleu'] = validation_bleu(config, tokenizer, graphdef,
+                result['greedy_bleu'] = validation_bleu(config, tokenizer, setup.graphdef,
                                                         state['params'], t.eval_bleu_sentences)
                 cli.say(f'step {step} greedy BLEU on {t.eval_bleu_sentences} validation '
                         f'sentences: {result["greedy_bleu"]:.2f}')
@@ -309,9 +258,10 @@ def main(argv):
             cli.say(f'Stopped at step {step} after a signal; checkpoint saved.')
             break
 
-    # --- shutdown -----------------------------------------------------------------------------
+    # --- shutdown ------------------------------------------------------------------------------
+    batches.close()
     if pending is not None:
-        check(*pending)
+        checked(*pending, last_saved, workdir)
     manager.wait_until_finished()
     manager.close()
     writer.close()

@@ -10,7 +10,8 @@ The training state is a plain dict of arrays (so Orbax saves it as is):
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -18,12 +19,9 @@ import optax
 from flax import nnx
 
 from transformer import schedule, sharding
-from transformer.model import create_model
+from transformer.model import create_model, segments_and_positions
 
 Batch = dict[str, jax.Array]
-
-BATCH_KEYS = ('inputs', 'targets', 'inputs_segmentation', 'targets_segmentation',
-              'inputs_position', 'targets_position')
 
 
 def cross_entropy(logits, targets, weights, label_smoothing: float):
@@ -55,7 +53,7 @@ def _forward_sums(graphdef, params, batch: Batch, rng, label_smoothing: float):
 
 
 def make_train_step(graphdef, optimizer: optax.GradientTransformation, *, label_smoothing: float,
-                    grad_accum_steps: int = 1, dropout: bool = True, schedule=None):
+                    grad_accum_steps: int = 1, dropout: bool = True, learning_rate=None):
     """Returns step(state, batch) -> (state, metrics), to be jitted with the state donated.
 
     The gradient is the mean over every real target token of the global batch, also when the
@@ -98,8 +96,8 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, *, label_
         metrics = {'loss': sums[0] / count, 'nll': sums[1] / count, 'target_tokens': sums[2],
                    'source_tokens': (batch['inputs_segmentation'] > 0).sum().astype(jnp.float32),
                    'grad_norm': optax.global_norm(grads)}
-        if schedule is not None:
-            metrics['learning_rate'] = schedule(state['step'] + 1)
+        if learning_rate is not None:  # for the metrics; the optimizer has its own
+            metrics['learning_rate'] = learning_rate(state['step'] + 1)
         return new_state, metrics
 
     return step
@@ -111,9 +109,8 @@ def make_eval_step(graphdef):
     def evaluate(params, batch: Batch):
         batch = dict(batch)
         for side in ('inputs', 'targets'):
-            batch.setdefault(f'{side}_segmentation', (batch[side] != 0).astype(jnp.int32))
-            batch.setdefault(f'{side}_position', jnp.broadcast_to(
-                jnp.arange(batch[side].shape[1], dtype=jnp.int32), batch[side].shape))
+            batch[f'{side}_segmentation'], batch[f'{side}_position'] = segments_and_positions(
+                batch[side], batch.get(f'{side}_segmentation'), batch.get(f'{side}_position'))
         _, nll, count = _forward_sums(graphdef, params, batch, None, 0.0)
         return jnp.stack([nll, count])
 
@@ -123,7 +120,6 @@ def make_eval_step(graphdef):
 class Setup(NamedTuple):
     """Everything the training loop (and the train-step benchmark) builds from a config."""
     graphdef: Any
-    optimizer: optax.GradientTransformation
     init_state: Callable[[], dict]  # builds the initial state (jit it with state_shardings)
     abstract_state: Any
     state_shardings: dict
@@ -158,14 +154,12 @@ def setup(config, mesh) -> Setup:
     state_shardings = {'params': param_shardings, 'opt_state': opt_shardings,
                        'step': replicated, 'rng': replicated}
     m = config.model
-    lr = lambda step: schedule.learning_rate(step, m.d_model, t.warmup_steps,
-                                             t.learning_rate_scale)
     step_fn = make_train_step(
         graphdef, optimizer, label_smoothing=t.label_smoothing,
         grad_accum_steps=t.grad_accum_steps,
         dropout=max(m.dropout_rate, m.attention_dropout_rate, m.relu_dropout_rate) > 0,
-        schedule=lr)
-    return Setup(graphdef, optimizer, init_state, abstract_state, state_shardings,
+        learning_rate=schedule.rate(config))
+    return Setup(graphdef, init_state, abstract_state, state_shardings,
                  sharding.batch_sharding(mesh), replicated, step_fn)
 
 

@@ -11,20 +11,15 @@ as it is typed.
 from __future__ import annotations
 
 import sys
-from typing import BinaryIO, Iterator
-
-from absl import flags
+from collections.abc import Iterator
+from typing import BinaryIO
 
 from transformer import cli, decode
-from transformer import evaluate as evaluate_lib
-from transformer.tokenizer import EOS_ID
+from transformer import workdir as workdir_lib
+from transformer.errors import UsageError
 
-
-def define_flags():
-    """Defined only when run as a program, so that importing this module defines no flags."""
-    flags.DEFINE_string('workdir', None, 'Work directory of a training run.')
-    evaluate_lib.define_decoding_flags()
-
+_WORKDIR = cli.define_workdir_flag()
+_DECODING = cli.define_decoding_flags()
 
 CHUNK_BATCHES = 8  # batches read ahead and sorted by length together
 
@@ -36,8 +31,8 @@ def read_lines(stream: BinaryIO, chunk: int) -> Iterator[list[tuple[int, str]]]:
         try:
             text = raw.decode('utf-8')
         except UnicodeDecodeError as e:
-            raise cli.UsageError(f'stdin line {number} is not valid UTF-8 ({e.reason} at byte '
-                                 f'{e.start}); translate reads UTF-8 text') from None
+            raise UsageError(f'stdin line {number} is not valid UTF-8 ({e.reason} at byte '
+                             f'{e.start}); translate reads UTF-8 text') from None
         lines.append((number, text.rstrip('\r\n')))
         if len(lines) >= chunk:
             yield lines
@@ -46,58 +41,19 @@ def read_lines(stream: BinaryIO, chunk: int) -> Iterator[list[tuple[int, str]]]:
         yield lines
 
 
-class Translator:
-    """Text in, text out, batched; keeps the compiled decoder between calls."""
-
-    def __init__(self, model, config, tokenizer, settings: dict, batch_sentences: int,
-                 warn=None, devices=None):
-        self.tokenizer = tokenizer
-        self.batch_sentences = batch_sentences
-        self.limit = config.model.max_position - 1  # room for EOS
-        self.decoder = evaluate_lib.make_decoder(model, settings, batch_sentences, devices)
-        self.warn = warn or (lambda message: print(f'warning: {message}', file=sys.stderr))
-
-    def __call__(self, lines: list[tuple[int, str]]) -> list[str]:
-        """Translations of (line number, text) pairs, in the given order."""
-        out = [''] * len(lines)
-        work = []
-        for position, (number, text) in enumerate(lines):
-            if not text.strip():
-                continue
-            ids = self.tokenizer.encode(text)
-            if len(ids) > self.limit:
-                self.warn(f'line {number}: {len(ids)} tokens; truncated to the first '
-                          f'{self.limit} (model.max_position={self.limit + 1} with EOS)')
-                ids = ids[:self.limit]
-            work.append((position, ids + [EOS_ID]))
-        work.sort(key=lambda item: len(item[1]))
-        for start in range(0, len(work), self.batch_sentences):
-            group = work[start:start + self.batch_sentences]
-            width = max(len(ids) for _, ids in group)
-            inputs = [ids + [decode.PAD_ID] * (width - len(ids)) for _, ids in group]
-            tokens, _ = self.decoder(inputs)
-            for (position, _), row in zip(group, tokens):
-                text = self.tokenizer.decode(row.tolist())
-                out[position] = text.replace('\r', ' ').replace('\n', ' ')
-        return out
-
-
-def main(argv):
-    if len(argv) > 1:
-        raise cli.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-    FLAGS = flags.FLAGS
-    model, config, tokenizer, steps = evaluate_lib.load(
-        FLAGS.workdir, average=FLAGS.average, step=FLAGS.step)
-    settings = evaluate_lib.decode_settings(config, FLAGS.beam_size, FLAGS.alpha,
-                                            FLAGS.max_extra_length)
-    batch_sentences = FLAGS.batch_sentences or config.decode.batch_sentences
-    if batch_sentences < 1:
-        raise cli.UsageError(f'--batch_sentences={batch_sentences} must be >= 1')
+def main():
+    d = _DECODING
+    model, config, tokenizer, steps = workdir_lib.load_model(
+        _WORKDIR.value, average=d.average.value, step=d.step.value)
+    settings = decode.settings(config, d.beam_size.value, d.alpha.value,
+                               d.max_extra_length.value)
+    batch_sentences = cli.batch_sentences(d.batch_sentences.value, config)
     print(f'translate: {config.source_lang}->{config.target_lang}, checkpoint steps {steps}, '
           f'beam {settings["beam_size"]}, alpha {settings["alpha"]:g}', file=sys.stderr)
-    translator = Translator(model, config, tokenizer, settings, batch_sentences)
-    interactive = sys.stdin.isatty()
-    chunk = 1 if interactive else batch_sentences * CHUNK_BATCHES
+    translator = decode.Translator(
+        model, config, tokenizer, settings, batch_sentences,
+        warn=lambda message: print(f'warning: {message}', file=sys.stderr))
+    chunk = 1 if sys.stdin.isatty() else batch_sentences * CHUNK_BATCHES
     out = sys.stdout.buffer
     for lines in read_lines(sys.stdin.buffer, chunk):
         for text in translator(lines):
@@ -106,5 +62,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-    define_flags()
     cli.run(main)

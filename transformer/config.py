@@ -1,13 +1,20 @@
-"""Shared defaults for every config file under `configs/`.
+"""The config schema and everything done with a config.
 
-Each config file builds on `base_config()`, picks a model with `MODEL_PRESETS`, and may
-apply `shrink()` (the `runlocal` switch) for tests and debugging. `validate()` is called by
+Config files under `configs/` build on `base_config()`, pick a model with `apply_model()`, and
+may apply `shrink()` (the `runlocal` switch) for tests and debugging. `validate()` is called by
 every entry point after command-line overrides, so a bad field stops the run with one line.
+`load_file()` loads a config file by path (as `--config=FILE:ARG` does); `differences()` compares
+a config with the one stored in a work directory (`workdir.py` stores and loads it).
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import ml_collections
+
+from transformer.errors import UsageError
 
 # Table 3 "base" and "big" rows (section 6.2); section 3 gives the base sizes.
 MODEL_PRESETS = {
@@ -35,15 +42,10 @@ def base_config() -> ml_collections.ConfigDict:
     # Shared source-target BPE vocabulary (section 5.1: about 37000 for EN-DE).
     c.vocab_size = 37000
 
-    c.model = m = ml_collections.ConfigDict()
-    m.num_encoder_layers = 6
-    m.num_decoder_layers = 6
-    m.d_model = 512
-    m.d_ff = 2048
-    m.num_heads = 8
-    m.d_k = 64  # per-head query/key width (section 3.2.2)
-    m.d_v = 64  # per-head value width
-    m.dropout_rate = 0.1  # P_drop, section 5.4: sub-layer outputs and embedding sums
+    # Section 3: N = 6, d_model 512, d_ff 2048, h = 8, d_k = d_v = 64 (query/key and value
+    # widths per head, 3.2.2).
+    c.model = m = ml_collections.ConfigDict(dict(MODEL_PRESETS['base']))
+    # m.dropout_rate is P_drop, section 5.4: on sub-layer outputs and embedding sums.
     # Departures from section 5.4, off by default: dropout on attention probabilities
     # and on the feed-forward hidden layer (tensor2tensor used both).
     m.attention_dropout_rate = 0.0
@@ -85,7 +87,7 @@ def base_config() -> ml_collections.ConfigDict:
     d.synthetic_max_words = 12
 
     c.train = t = ml_collections.ConfigDict()
-    t.steps = 100_000
+    t.steps = TRAIN_PRESETS['base']['steps']
     t.warmup_steps = 4000  # section 5.3
     t.learning_rate_scale = 1.0  # multiplies d_model^-0.5 * min(step^-0.5, step * warmup^-1.5)
     t.adam_b1 = 0.9
@@ -108,7 +110,7 @@ def base_config() -> ml_collections.ConfigDict:
     dc.beam_size = 4
     dc.length_penalty = 0.6
     dc.max_extra_length = 50
-    dc.average_last = 5
+    dc.average_last = TRAIN_PRESETS['base']['average_last']
     dc.batch_sentences = 64
     return c
 
@@ -116,7 +118,7 @@ def base_config() -> ml_collections.ConfigDict:
 def apply_model(c: ml_collections.ConfigDict, preset: str) -> ml_collections.ConfigDict:
     """Sets the model and run length of a named preset ('base' or 'big')."""
     if preset not in MODEL_PRESETS:
-        raise ValueError(f'unknown model {preset!r}; valid: {", ".join(MODEL_PRESETS)}')
+        raise UsageError(f'unknown model {preset!r}; valid: {", ".join(MODEL_PRESETS)}')
     c.model.update(MODEL_PRESETS[preset])
     c.train.steps = TRAIN_PRESETS[preset]['steps']
     c.decode.average_last = TRAIN_PRESETS[preset]['average_last']
@@ -147,7 +149,7 @@ def parse_arg(arg: str | None, valid: tuple[str, ...], default: str) -> tuple[st
     runlocal = 'runlocal' in parts
     names = [p for p in parts if p != 'runlocal'] or [default]
     if len(names) != 1 or names[0] not in valid:
-        raise ValueError(
+        raise UsageError(
             f'unknown config argument {arg!r}; valid: {", ".join(valid)} '
             '(optionally followed by ",runlocal")')
     return names[0], runlocal
@@ -159,7 +161,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
 
     def need(cond, msg):
         if not cond:
-            raise ValueError(msg)
+            raise UsageError(msg)
 
     need(c.source_lang != c.target_lang,
          f'source_lang and target_lang are both {c.source_lang!r}')
@@ -178,7 +180,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
     need(m.norm in ('post', 'pre'), f'model.norm={m.norm!r}; valid: post, pre')
     need(m.dtype in DTYPES + ('auto',),
          f'model.dtype={m.dtype!r}; valid: auto, {", ".join(DTYPES)}')
-    need(m.param_dtype in DTYPES, f'model.param_dtype={m.param_dtype!r}; valid: {", ".join(DTYPES)}')
+    need(m.param_dtype in DTYPES,
+         f'model.param_dtype={m.param_dtype!r}; valid: {", ".join(DTYPES)}')
     for name in ('dropout_rate', 'attention_dropout_rate', 'relu_dropout_rate'):
         need(0.0 <= m[name] < 1.0, f'model.{name}={m[name]} must be in [0, 1)')
     need(d.source in ('tfds', 'local', 'synthetic'),
@@ -188,7 +191,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
          f'data.max_length={d.max_length} exceeds model.max_position={m.max_position}')
     need(d.batch_tokens >= d.max_length,
          f'data.batch_tokens={d.batch_tokens} is smaller than data.max_length={d.max_length}')
-    need(0.0 <= t.label_smoothing < 1.0, f'train.label_smoothing={t.label_smoothing} must be in [0, 1)')
+    need(0.0 <= t.label_smoothing < 1.0,
+         f'train.label_smoothing={t.label_smoothing} must be in [0, 1)')
     need(t.steps > 0, f'train.steps={t.steps} must be positive')
     need(t.warmup_steps > 0, f'train.warmup_steps={t.warmup_steps} must be positive')
     need(t.grad_accum_steps >= 1, f'train.grad_accum_steps={t.grad_accum_steps} must be >= 1')
@@ -196,3 +200,41 @@ def validate(c: ml_collections.ConfigDict) -> None:
          f'train.keep_checkpoints={t.keep_checkpoints} is fewer than '
          f'decode.average_last={c.decode.average_last}')
     need(c.decode.beam_size >= 1, f'decode.beam_size={c.decode.beam_size} must be >= 1')
+
+
+# -- loading, storing and comparing ------------------------------------------------------------
+
+# Fields that may change between a run and its resumption: the run length, how often it logs,
+# evaluates and checkpoints. Anything else would silently train a different model.
+RESUMABLE_CHANGES = ('train.steps', 'train.log_every_steps', 'train.eval_every_steps',
+                     'train.checkpoint_every_steps', 'train.checkpoint_every_minutes',
+                     'train.eval_bleu_sentences')
+
+
+def load_file(spec: str) -> ml_collections.ConfigDict:
+    """`get_config(ARG)` of the config file in `spec` = 'FILE[:ARG]', loaded by path."""
+    path, _, arg = spec.partition(':')
+    if not os.path.isfile(path):
+        raise UsageError(f'config file {path!r} does not exist')
+    module_spec = importlib.util.spec_from_file_location('_transformer_config', path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg or None)
+
+
+def differences(a: ml_collections.ConfigDict, b: ml_collections.ConfigDict,
+                ignore: tuple[str, ...] = ()) -> list[str]:
+    """Dotted names of the fields whose values differ between two configs."""
+    fa, fb = _flatten(a.to_dict()), _flatten(b.to_dict())
+    return sorted(k for k in set(fa) | set(fb)
+                  if fa.get(k) != fb.get(k) and k not in ignore)
+
+
+def _flatten(d, prefix=''):
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f'{prefix}{k}.'))
+        else:
+            out[f'{prefix}{k}'] = list(v) if isinstance(v, tuple) else v
+    return out

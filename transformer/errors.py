@@ -1,0 +1,31 @@
+"""The errors a user sees as one line, and the exit status each one gives.
+
+Every program ends a failure with `error: <message>` on one line (`cli.run`) and:
+
+  2  bad input: a flag, a config field, a data file, or a work directory that cannot be used
+     as it is (no checkpoint, a changed vocabulary, a run with another config, a lock held);
+  1  a fault during a run: a non-finite loss, a failed save, a lost peer process.
+"""
+
+from __future__ import annotations
+
+EXIT_RUNTIME = 1
+EXIT_BAD_INPUT = 2
+
+
+class Error(Exception):
+    """Base of the project's errors; `exit_status` is what the program exits with."""
+
+    exit_status = EXIT_RUNTIME
+
+
+class UsageError(Error, ValueError):
+    """Bad input from the user (flags, config, files, work directory): exit status 2."""
+
+    exit_status = EXIT_BAD_INPUT
+
+
+class RunError(Error, RuntimeError):
+    """A run that must stop (non-finite loss, failed save, lost peer): exit status 1."""
+
+    exit_status = EXIT_RUNTIME
