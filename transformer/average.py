@@ -26,7 +26,7 @@ def main():
     last = _LAST.value if _LAST.value is not None else config.decode.average_last
     if last < 1:
         raise UsageError(f'--last={last} must be >= 1')
-    params, steps = workdir_lib.average_last(_WORKDIR.value, last, config)
+    params, steps, _ = workdir_lib.average_last(_WORKDIR.value, last, config)
     path = workdir_lib.save_averaged(_WORKDIR.value, params, steps)
     print(json.dumps({'averaged': path, 'steps': steps}))
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import time
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +27,11 @@ DATA_STATE_BYTES = 1 << 16  # room for one process's JSON iterator state
 
 
 class CheckpointError(errors.UsageError):
-    """A checkpoint that is missing or cannot be read (one line naming the step)."""
+    """No checkpoint that can be read (one line naming the steps and why): exit status 2."""
+
+
+class SaveError(errors.RunError):
+    """A save that failed (disk full, permissions): exit status 1; earlier steps are intact."""
 
 
 def make_manager(directory: str, keep: int, *, asynchronous: bool = True,
@@ -36,8 +42,13 @@ def make_manager(directory: str, keep: int, *, asynchronous: bool = True,
     options = ocp.CheckpointManagerOptions(
         max_to_keep=None if read_only else keep, enable_async_checkpointing=asynchronous,
         create=not read_only, cleanup_tmp_directories=not read_only)
+    # Handlers named up front (Orbax warns when it meets an item it has none for); readers
+    # restore parts of the state (the parameters), which takes the general PyTree handler.
+    handlers = {'state': (ocp.PyTreeCheckpointHandler() if read_only
+                          else ocp.StandardCheckpointHandler()),
+                'data': ocp.StandardCheckpointHandler()}
     return ocp.CheckpointManager(os.path.abspath(directory), options=options,
-                                 item_names=('state', 'data'))
+                                 item_handlers=handlers)
 
 
 # -- the data iterator's state, one JSON document per process ---------------------------------
@@ -71,11 +82,61 @@ def _abstract_data_state():
 
 # -- saving and restoring ---------------------------------------------------------------------
 
-def save(manager: ocp.CheckpointManager, step: int, state, data_state: dict) -> None:
-    """Starts an asynchronous save of `state` and the iterator's `data_state` at `step`."""
-    manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data=ocp.args.StandardSave({'iterator': _encode_data_state(data_state)})))
+def save(manager: ocp.CheckpointManager, step: int, state, data_state: dict,
+         info: dict | None = None) -> None:
+    """Starts an asynchronous save of `state` and the iterator's `data_state` at `step`.
+
+    `info` (JSON) is stored beside them (Orbax's custom metadata). A failure to start raises
+    SaveError; a failure of the writing itself is raised by `raise_if_failed` or `finish`.
+    """
+    try:
+        manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=ocp.args.StandardSave({'iterator': _encode_data_state(data_state)})),
+            custom_metadata=info or {})
+    except Exception as e:  # noqa: BLE001 - any failure of the save is the user's one line
+        raise _save_error(manager, step, e) from e
+
+
+def _save_error(manager, step: int, e: BaseException) -> SaveError:
+    return SaveError(f'could not save checkpoint {step} in {manager.directory}: '
+                     f'{errors.reason(e)}')
+
+
+def raise_if_failed(manager: ocp.CheckpointManager, step: int | None) -> None:
+    """Raises SaveError once the asynchronous save of `step` (None: none) has failed.
+
+    Cheap while the save is still writing; the training loop calls it after every step, so a
+    failed save stops the run at once instead of at the next save.
+    """
+    if step is None or manager.is_saving_in_progress():
+        return
+    finish(manager, step)
+
+
+def finish(manager: ocp.CheckpointManager, step: int | None) -> None:
+    """Waits for the asynchronous save of `step` to complete; SaveError if it failed."""
+    try:
+        manager.wait_until_finished()
+        manager.check_for_errors()
+    except Exception as e:  # noqa: BLE001
+        raise _save_error(manager, step, e) from e
+
+
+def info(manager: ocp.CheckpointManager, step: int) -> dict:
+    """The `info` saved with checkpoint `step` ({} if none)."""
+    return dict(manager.metadata(step).custom_metadata or {})
+
+
+def read_info(directory: str, step: int) -> dict:
+    """The `info` of checkpoint `step` in `directory`; {} if it cannot be read."""
+    manager = make_manager(directory, keep=1, asynchronous=False, read_only=True)
+    try:
+        return info(manager, step)
+    except Exception:  # noqa: BLE001 - a broken checkpoint is reported when it is restored
+        return {}
+    finally:
+        manager.close()
 
 
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state):
@@ -84,6 +145,38 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state):
         state=ocp.args.StandardRestore(abstract_state),
         data=ocp.args.StandardRestore({'iterator': _abstract_data_state()})))
     return restored['state'], _decode_data_state(restored['data']['iterator'])
+
+
+def restore_newest(manager: ocp.CheckpointManager, abstract_state, broken_dir: str | None):
+    """(step, state, data state, info) of the newest checkpoint that reads back whole; None if
+    there is no checkpoint.
+
+    A checkpoint that fails to read is named in a one-line warning and, with `broken_dir`,
+    moved there (never deleted) so that the run can write that step again; the next older one
+    is tried. CheckpointError when none can be read.
+    """
+    failures = []
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            state, data_state = restore(manager, step, abstract_state)
+            return step, state, data_state, info(manager, step)
+        except Exception as e:  # noqa: BLE001 - a broken checkpoint, whatever broke it
+            failures.append(f'step {step} ({errors.reason(e)})')
+            where = os.path.join(str(manager.directory), str(step))
+            if broken_dir is not None:
+                os.makedirs(broken_dir, exist_ok=True)
+                moved = os.path.join(broken_dir, f'{step}-{time.strftime("%Y%m%d-%H%M%S")}')
+                shutil.move(where, moved)
+                manager.reload()
+                errors.warn(f'checkpoint {step} in {manager.directory} cannot be read '
+                            f'({errors.reason(e)}); moved it to {moved}')
+            else:
+                errors.warn(f'checkpoint {step} in {manager.directory} cannot be read '
+                            f'({errors.reason(e)}); trying the one before')
+    if failures:
+        raise CheckpointError(f'no checkpoint in {manager.directory} can be read: '
+                              f'{"; ".join(failures)}')
+    return None
 
 
 def available_steps(directory: str) -> list[int]:
@@ -97,17 +190,41 @@ def available_steps(directory: str) -> list[int]:
         manager.close()
 
 
-def restore_params(directory: str, step: int, abstract_params):
-    """Only the parameters of checkpoint `step` (no optimizer state is read)."""
+def _restore_params(manager: ocp.CheckpointManager, step: int, abstract_params):
+    item = {'params': abstract_params}
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+        partial_restore=True)))
+    return restored['state']['params']
+
+
+def restore_params(directory: str, steps: list[int], count: int, abstract_params,
+                   minimum: int | None = None):
+    """Parameters only (no optimizer state) of the newest `count` checkpoints among `steps`
+    that read back whole: [(step, params, info)], oldest first.
+
+    A broken checkpoint is named in a one-line warning and skipped; CheckpointError when fewer
+    than `minimum` (default: `count`) can be read.
+    """
     manager = make_manager(directory, keep=1, asynchronous=False, read_only=True)
+    found, failures = [], []
     try:
-        item = {'params': abstract_params}
-        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-            item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-            partial_restore=True)))
-        return restored['state']['params']
+        for step in sorted(steps, reverse=True):
+            if len(found) == count:
+                break
+            try:
+                params = _restore_params(manager, step, abstract_params)
+                found.append((step, params, info(manager, step)))
+            except Exception as e:  # noqa: BLE001 - a broken checkpoint, whatever broke it
+                failures.append(f'step {step} ({errors.reason(e)})')
+                errors.warn(f'checkpoint {step} in {directory} cannot be read '
+                            f'({errors.reason(e)}); skipping it')
     finally:
         manager.close()
+    if len(found) < (count if minimum is None else minimum):
+        raise CheckpointError(f'{directory} has {len(found)} readable checkpoint(s) of the '
+                              f'{count} needed; unreadable: {"; ".join(failures) or "none"}')
+    return found[::-1]
 
 
 def average_params(trees: list):

@@ -136,11 +136,22 @@ def _parse_flags(argv: list[str]) -> list[str]:
         fail(_explain_flag_error(argv, e))
 
 
+def _exit_now(status: int) -> None:
+    """Ends a process of a multi-process run at once: the normal exit would wait for the
+    other processes at JAX's shutdown barrier (about a minute, then an abort) when one of them
+    is gone."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
 def run(main: Callable[[], None]) -> None:
     """Runs a program's `main()` with absl flags and one-line errors.
 
     Stray positional arguments are refused; errors.Error ends with its exit status, other bad
-    input (ValueError, a missing file, undecodable text) with status 2.
+    input (ValueError, a missing file, undecodable text) with status 2. In a multi-process run
+    any failure (a lost peer included) is one line and exit status 1, without waiting for the
+    other processes.
     """
 
     def wrapped(argv):
@@ -148,14 +159,23 @@ def run(main: Callable[[], None]) -> None:
             if len(argv) > 1:
                 raise errors.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
             main()
-        except errors.Error as e:
+        except Exception as e:
             if os.environ.get('TRANSFORMER_TRACEBACK'):
                 raise
-            fail(_first_line(e), e.exit_status)
-        except (ValueError, FileNotFoundError, UnicodeDecodeError) as e:
-            if os.environ.get('TRANSFORMER_TRACEBACK'):
+            if isinstance(e, errors.Error):
+                message, status = _first_line(e), e.exit_status
+            elif isinstance(e, (ValueError, FileNotFoundError, UnicodeDecodeError)):
+                message, status = _first_line(e), errors.EXIT_BAD_INPUT
+            elif jax.process_count() > 1:
+                message = (f'process {jax.process_index()} of {jax.process_count()} stopped: '
+                           f'{errors.reason(e)} (a lost peer process, or see its own error)')
+                status = errors.EXIT_RUNTIME
+            else:
                 raise
-            fail(_first_line(e))
+            if jax.process_count() > 1:
+                tqdm.write(f'error: {message}', file=sys.stderr)
+                _exit_now(status)
+            fail(message, status)
 
     # JAX logs at INFO each backend it fails to find (e.g. libtpu on a GPU or CPU machine),
     # Orbax a dozen lines per checkpoint: the console shows warnings and our own `say` lines

@@ -104,6 +104,13 @@ def base_config() -> ml_collections.ConfigDict:
     t.checkpoint_every_steps = 1000
     t.checkpoint_every_minutes = 10.0  # section 6.1: checkpoints written at 10-minute intervals
     t.keep_checkpoints = 5
+    # Stop (save and exit 0) after this many minutes of training, counted across restarts;
+    # 0 = no time bound, only train.steps.
+    t.max_minutes = 0.0
+    # Processes agree on host-side decisions (a stop signal, a time-based save or stop) every
+    # this many steps, not every step: each agreement is a collective that stalls the device
+    # queue. Also how often the loop checks that an asynchronous save has not failed.
+    t.sync_every_steps = 10
 
     c.decode = dc = ml_collections.ConfigDict()
     # Section 6.1: beam 4, length penalty 0.6, max length = input length + 50.
@@ -194,6 +201,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
     need(0.0 <= t.label_smoothing < 1.0,
          f'train.label_smoothing={t.label_smoothing} must be in [0, 1)')
     need(t.steps > 0, f'train.steps={t.steps} must be positive')
+    need(t.max_minutes >= 0, f'train.max_minutes={t.max_minutes} must be >= 0 (0: no bound)')
+    need(t.sync_every_steps >= 1, f'train.sync_every_steps={t.sync_every_steps} must be >= 1')
     need(t.warmup_steps > 0, f'train.warmup_steps={t.warmup_steps} must be positive')
     need(t.grad_accum_steps >= 1, f'train.grad_accum_steps={t.grad_accum_steps} must be >= 1')
     need(t.keep_checkpoints >= c.decode.average_last,
@@ -206,9 +215,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
 
 # Fields that may change between a run and its resumption: the run length, how often it logs,
 # evaluates and checkpoints. Anything else would silently train a different model.
-RESUMABLE_CHANGES = ('train.steps', 'train.log_every_steps', 'train.eval_every_steps',
-                     'train.checkpoint_every_steps', 'train.checkpoint_every_minutes',
-                     'train.eval_bleu_sentences')
+RESUMABLE_CHANGES = ('train.steps', 'train.max_minutes', 'train.log_every_steps',
+                     'train.eval_every_steps', 'train.checkpoint_every_steps',
+                     'train.checkpoint_every_minutes', 'train.eval_bleu_sentences',
+                     'train.sync_every_steps')
 
 
 def load_file(spec: str) -> ml_collections.ConfigDict:

@@ -27,6 +27,7 @@ from transformer import (
     data,
     decode,
     distributed,
+    errors,
     metrics,
     model_stats,
     sharding,
@@ -67,22 +68,27 @@ class StopSignal:
         self.requested = True
 
 
-def vocabulary(config, workdir: str):
-    """The run's vocabulary: trained by process 0 when absent, then read by every process."""
+def vocabulary(config, workdir: str, fingerprint: str | None, steps: list[int]):
+    """The run's vocabulary: trained by process 0 when absent, then read by every process;
+    under checkpoints it must be the one they recorded (`fingerprint`)."""
+    def get():
+        return workdir_lib.vocabulary(config, workdir, lambda: data.vocab_text(config),
+                                      fingerprint, steps)
+
     if distributed.is_main():
-        tokenizer = workdir_lib.vocabulary(config, workdir, lambda: data.vocab_text(config))
+        tokenizer = get()
     distributed.sync('vocabulary ready')
     if not distributed.is_main():
-        tokenizer = workdir_lib.vocabulary(config, workdir, lambda: data.vocab_text(config))
+        tokenizer = get()
     return tokenizer
 
 
-def training_batches(config, workdir: str, tokenizer) -> batching.TrainIterator:
+def training_batches(config, workdir: str, tokenizer, fingerprint: str) -> batching.TrainIterator:
     """This process's training batches, from the tokenized training set (cached by process 0
     in the work directory, then memory-mapped by every process)."""
     t = config.train
     cache = dict(cache_dir=workdir_lib.path(workdir, workdir_lib.CACHE_DIR),
-                 vocab_fingerprint=workdir_lib.vocabulary_fingerprint(workdir))
+                 vocab_fingerprint=fingerprint)
     if distributed.is_main():
         split = data.tokenized_train(config, tokenizer, **cache)
     distributed.sync('training data tokenized')
@@ -95,15 +101,18 @@ def training_batches(config, workdir: str, tokenizer) -> batching.TrainIterator:
 
 
 def validation_batches(config, tokenizer) -> list | None:
-    """This process's validation batches, read and tokenized once per run (None if absent)."""
-    try:
-        return list(batching.eval_batches(config, tokenizer, 'validation',
-                                          config.data.eval_batch_sentences,
-                                          process_index=jax.process_index(),
-                                          process_count=jax.process_count()))
-    except data.DataError as e:
-        logging.warning('No validation loss: %s', e)
+    """This process's validation batches, read and tokenized once per run.
+
+    None, with a warning, when local data has no validation split configured; a configured
+    split that cannot be read stops the run before any training (DataError).
+    """
+    if config.data.source == 'local' and not config.data.validation:
+        errors.warn('config.data.validation is not set: no validation loss')
         return None
+    return list(batching.eval_batches(config, tokenizer, 'validation',
+                                      config.data.eval_batch_sentences,
+                                      process_index=jax.process_index(),
+                                      process_count=jax.process_count()))
 
 
 def validation_loss(eval_fn, params, batches: list, mesh) -> dict:
@@ -151,6 +160,41 @@ def checked(step: int, step_metrics, last_saved, workdir: str) -> dict:
     return m
 
 
+def open_run(config, workdir: str):
+    """Takes the work directory (process 0 holds its lock, returned, for the whole run), checks
+    that the config may resume what is there, stores the config. Returns (checkpoint steps,
+    the lock)."""
+    lock, failed = None, None
+    if distributed.is_main():
+        try:
+            lock = workdir_lib.lock(workdir)
+        except UsageError as e:
+            failed = e
+    if distributed.agree(failed is not None)[0]:
+        raise failed or UsageError(f'process 0 could not take the work directory {workdir}')
+    steps = workdir_lib.checkpoint_steps(workdir)
+    workdir_lib.check_resumable(config, workdir)
+    if distributed.is_main():
+        workdir_lib.save_config(config, workdir)
+    return steps, lock
+
+
+def progress_bar(config, step: int):
+    """The console's progress bar: its total and ETA follow whichever bound comes first,
+    train.steps or train.max_minutes (see `update_total`)."""
+    return tqdm(total=config.train.steps, initial=step, desc='train', unit='step',
+                dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30)
+
+
+def update_total(progress, config, step: int, seconds: float, steps_per_second: float) -> None:
+    """With a time bound, the steps it leaves time for, if fewer than train.steps."""
+    t = config.train
+    if progress is None or t.max_minutes <= 0 or steps_per_second <= 0:
+        return
+    by_time = step + int(max(0.0, 60 * t.max_minutes - seconds) * steps_per_second)
+    progress.total = max(step, min(t.steps, by_time))
+
+
 def main():
     # --- set-up --------------------------------------------------------------------------------
     config = cli.checked_config(_CONFIG)
@@ -159,14 +203,16 @@ def main():
         raise UsageError('--workdir is required')
     distributed.initialize()
     is_main = distributed.is_main()
-    workdir_lib.check_resumable(config, workdir)
-    if is_main:
-        workdir_lib.save_config(config, workdir)
+    steps, lock = open_run(config, workdir)  # the lock is released when the process ends
     t = config.train
+    checkpoints = workdir_lib.path(workdir, workdir_lib.CHECKPOINTS_DIR)
 
     # --- vocabulary and data -------------------------------------------------------------------
-    tokenizer = vocabulary(config, workdir)
-    train_iter = training_batches(config, workdir, tokenizer)
+    recorded = workdir_lib.recorded_fingerprint(
+        workdir, [checkpoint.read_info(checkpoints, steps[-1])] if steps else [])
+    tokenizer = vocabulary(config, workdir, recorded, steps)
+    fingerprint = workdir_lib.vocabulary_fingerprint(workdir)
+    train_iter = training_batches(config, workdir, tokenizer, fingerprint)
     cli.say(f'Training data: {train_iter.stats}')
     validation = validation_batches(config, tokenizer)
 
@@ -178,95 +224,118 @@ def main():
                         out_shardings=setup.replicated)
 
     # --- restore or initialise -----------------------------------------------------------------
-    manager = checkpoint.make_manager(workdir_lib.path(workdir, workdir_lib.CHECKPOINTS_DIR),
-                                      keep=t.keep_checkpoints)
-    last_saved = manager.latest_step()
-    if last_saved is not None:
-        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                              setup.abstract_state, setup.state_shardings)
-        state, data_state = checkpoint.restore(manager, last_saved, target)
+    manager = checkpoint.make_manager(checkpoints, keep=t.keep_checkpoints)
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          setup.abstract_state, setup.state_shardings)
+    restored = checkpoint.restore_newest(
+        manager, target, workdir_lib.path(workdir, workdir_lib.BROKEN_DIR) if is_main else None)
+    if restored is not None:
+        last_saved, state, data_state, run_info = restored
+        if run_info.get('vocab_sha256', fingerprint) != fingerprint:
+            raise UsageError(f'{workdir_lib.path(workdir, workdir_lib.VOCAB_MODEL)} is not the '
+                             f'vocabulary checkpoint {last_saved} was trained with')
         train_iter.set_state(data_state)
         cli.say(f'Resumed from step {last_saved} of {workdir} (data position {data_state})')
     else:
+        last_saved, run_info = None, {}
         state = jax.jit(setup.init_state, out_shardings=setup.state_shardings)()
         cli.say(f'New run in {workdir}: {jax.device_count()} devices, mesh {dict(mesh.shape)}')
     step = int(state['step'])
+    seconds_before = float(run_info.get('train_seconds', 0.0))  # training time of earlier runs
 
     # --- the loop ------------------------------------------------------------------------------
     # Batches are made and put on the devices by a producer thread, a few steps ahead; the
     # metrics of a step are fetched after the next step is dispatched, so the host never makes
-    # the device wait. Every process saves, evaluates and stops at the same steps.
+    # the device wait; processes agree on stopping and time-based saves every
+    # train.sync_every_steps steps. Every process saves, evaluates and stops at the same steps.
     def place(batch):
         arrays = {k: jax.make_array_from_process_local_data(setup.batch_sharding, v)
                   for k, v in batch.items()}
         return arrays, batch_stats(config, batch)
 
     batches = batching.Prefetcher(train_iter, PREFETCH_BATCHES, place)
-    data_state = train_iter.get_state()  # the position after the last batch consumed
-    writer = metrics.MetricWriter(workdir, enabled=is_main)
+    writer = metrics.MetricWriter(workdir, start=step, enabled=is_main)
     stop = StopSignal()
     peak = model_stats.peak_flops()
-    window = metrics.Window()
-    progress = tqdm(total=t.steps, initial=step, desc='train', unit='step', dynamic_ncols=True,
-                    mininterval=0.5 if sys.stderr.isatty() else 30) if is_main else None
-    last_save_time = time.time()
+    window = metrics.Window(smoothed_loss=run_info.get('loss_smoothed'))
+    progress = progress_bar(config, step) if is_main else None
+    start_time = last_save_time = time.time()
     pending = None  # (step, metrics) of the previous step, fetched one step late
-
-    while step < t.steps:
-        (batch, stats), data_state = next(batches)
-        window.add_batch(stats['flops'], stats['real_tokens'], stats['slots'])
-        state, step_metrics = train_step(state, batch)
+    saving = None  # the step whose asynchronous save may still be writing
+    stop_now = False
+    try:
+        while step < t.steps and not stop_now:
+            wait_start = time.perf_counter()
+            (batch, stats), data_state = next(batches)
+            window.add_batch(stats['flops'], stats['real_tokens'], stats['slots'],
+                             time.perf_counter() - wait_start)
+            state, step_metrics = train_step(state, batch)
+            if pending is not None:
+                window.add_metrics(checked(*pending, last_saved, workdir))
+            step += 1
+            _fault_injection('after-step', step)
+            pending = (step, step_metrics)
+            if progress is not None:
+                progress.update(1)
+            checkpoint.raise_if_failed(manager, saving)
+            seconds = seconds_before + time.time() - start_time
+            time_due = out_of_time = False
+            if step % t.sync_every_steps == 0 or jax.process_count() == 1:
+                stop_now, time_due, out_of_time = distributed.agree(
+                    stop.requested,
+                    time.time() - last_save_time >= 60 * t.checkpoint_every_minutes,
+                    0 < t.max_minutes <= seconds / 60)
+            stop_now = stop_now or out_of_time
+            save_due = (step % t.checkpoint_every_steps == 0 or time_due or stop_now
+                        or step == t.steps)
+            log_due = step % t.log_every_steps == 0 or step == t.steps or stop_now
+            if save_due or log_due:  # never save a state whose loss was not finite
+                m = checked(*pending, last_saved, workdir)
+                window.add_metrics(m)
+                pending = None
+                if log_due:
+                    scalars = window.scalars(peak * jax.device_count() if peak else None)
+                    scalars.update(learning_rate=float(m['learning_rate']),
+                                   grad_norm=float(m['grad_norm']))
+                    writer.write(step, scalars, prefix='train/')
+                    update_total(progress, config, step, seconds,
+                                 1.0 / max(scalars['step_time'], 1e-9))
+                    if progress is not None:
+                        progress.set_postfix(loss=f'{scalars["loss"]:.3f}',
+                                             tok_s=f'{scalars["tokens_per_second"]:.0f}',
+                                             refresh=False)
+            if save_due:
+                checkpoint.save(manager, step, state, data_state, info={
+                    'vocab_sha256': fingerprint, 'loss_smoothed': window.smoothed_loss,
+                    'train_seconds': seconds})
+                last_save_time, last_saved, saving = time.time(), step, step
+                _fault_injection('in-save', step)
+            if validation is not None and (step % t.eval_every_steps == 0 or step == t.steps):
+                result = validation_loss(eval_step, state['params'], validation, mesh)
+                if t.eval_bleu_sentences > 0 and jax.process_count() == 1:
+                    result['greedy_bleu'] = validation_bleu(
+                        config, tokenizer, setup.graphdef, state['params'], t.eval_bleu_sentences)
+                    cli.say(f'step {step} greedy BLEU on {t.eval_bleu_sentences} validation '
+                            f'sentences: {result["greedy_bleu"]:.2f}')
+                writer.write(step, result, prefix='eval/')
+                cli.say(f'step {step} validation: nll {result["nll"]:.4f}, '
+                        f'perplexity {result["perplexity"]:.3f}')
         if pending is not None:
-            window.add_metrics(checked(*pending, last_saved, workdir))
-        step += 1
-        _fault_injection('after-step', step)
-        pending = (step, step_metrics)
+            checked(*pending, last_saved, workdir)
+        checkpoint.finish(manager, saving)
+    finally:
+        # --- shutdown --------------------------------------------------------------------------
+        batches.close()
+        writer.close()
         if progress is not None:
-            progress.update(1)
-        time_due = time.time() - last_save_time >= 60 * t.checkpoint_every_minutes
-        stop_now, time_due = distributed.agree(stop.requested, time_due)
-        save_due = step % t.checkpoint_every_steps == 0 or time_due or step == t.steps or stop_now
-        log_due = step % t.log_every_steps == 0 or step == t.steps
-        if save_due or log_due:  # never save a state whose loss was not finite
-            m = checked(*pending, last_saved, workdir)
-            window.add_metrics(m)
-            pending = None
-            if log_due:
-                scalars = window.scalars(peak * jax.device_count() if peak else None)
-                scalars.update(learning_rate=float(m['learning_rate']),
-                               grad_norm=float(m['grad_norm']))
-                writer.write(step, scalars, prefix='train/')
-                if progress is not None:
-                    progress.set_postfix(loss=f'{scalars["loss"]:.3f}',
-                                         tok_s=f'{scalars["tokens_per_second"]:.0f}',
-                                         refresh=False)
-        if save_due:
-            checkpoint.save(manager, step, state, data_state)
-            last_save_time, last_saved = time.time(), step
-            _fault_injection('in-save', step)
-        if validation is not None and (step % t.eval_every_steps == 0 or step == t.steps):
-            result = validation_loss(eval_step, state['params'], validation, mesh)
-            if t.eval_bleu_sentences > 0 and jax.process_count() == 1:
-                result['greedy_bleu'] = validation_bleu(config, tokenizer, setup.graphdef,
-                                                        state['params'], t.eval_bleu_sentences)
-                cli.say(f'step {step} greedy BLEU on {t.eval_bleu_sentences} validation '
-                        f'sentences: {result["greedy_bleu"]:.2f}')
-            writer.write(step, result, prefix='eval/')
-            cli.say(f'step {step} validation: nll {result["nll"]:.4f}, '
-                    f'perplexity {result["perplexity"]:.3f}')
-        if stop_now:
-            cli.say(f'Stopped at step {step} after a signal; checkpoint saved.')
-            break
-
-    # --- shutdown ------------------------------------------------------------------------------
-    batches.close()
-    if pending is not None:
-        checked(*pending, last_saved, workdir)
-    manager.wait_until_finished()
+            progress.close()
     manager.close()
-    writer.close()
-    if progress is not None:
-        progress.close()
+    del lock
+    if stop.requested:
+        cli.say(f'Stopped at step {step} after a signal; checkpoint saved.')
+    elif step < t.steps:
+        cli.say(f'Stopped at step {step}: train.max_minutes={t.max_minutes:g} reached; '
+                'checkpoint saved.')
     cli.say(f'Done at step {step}; checkpoints {manager.all_steps()} in {workdir}')
 
 

@@ -10,13 +10,18 @@ Every file name of a work directory is defined here, once:
   averaged/               the output of `python -m transformer.average`
   eval/                   evaluate's hypotheses and scores
   metrics.jsonl, tensorboard/   the training metrics
+  train.lock              held by the training process while it runs (names its PID and host)
+  broken-checkpoints/     checkpoints train found unreadable, moved aside (never deleted)
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import itertools
 import json
 import os
+import socket
 import tempfile
 import time
 from collections.abc import Callable, Iterable
@@ -26,7 +31,7 @@ import ml_collections
 from absl import logging
 from flax import nnx
 
-from transformer import checkpoint
+from transformer import checkpoint, errors
 from transformer import config as config_lib
 from transformer import tokenizer as tokenizer_lib
 from transformer.errors import UsageError
@@ -41,6 +46,8 @@ AVERAGED_DIR = 'averaged'
 EVAL_DIR = 'eval'
 METRICS_FILE = 'metrics.jsonl'
 TENSORBOARD_DIR = 'tensorboard'
+LOCK_FILE = 'train.lock'
+BROKEN_DIR = 'broken-checkpoints'
 
 # Fields of vocab.json that must agree with the config for a stored vocabulary to be reused.
 _VOCAB_FIELDS = ('vocab_size', 'source_lang', 'target_lang')
@@ -109,59 +116,139 @@ def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
 
 
 # -- the vocabulary ---------------------------------------------------------------------------
+# The run's vocabulary is fingerprinted (sha256 of vocab.model) in vocab.json and in every
+# checkpoint: a missing or changed vocabulary under existing checkpoints is refused, never
+# rebuilt, since a new one would map the same ids to other pieces.
 
 def _vocab_metadata(config) -> dict:
     return dict(vocab_size=int(config.vocab_size), source_lang=config.source_lang,
                 target_lang=config.target_lang)
 
 
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
 def vocabulary_fingerprint(workdir: str) -> str:
     """The sha256 of the stored vocabulary file."""
     with open(path(workdir, VOCAB_MODEL), 'rb') as f:
-        return hashlib.sha256(f.read()).hexdigest()
+        return _sha256(f.read())
 
 
-def load_vocabulary(workdir: str) -> tokenizer_lib.Tokenizer:
-    """The vocabulary stored in `workdir` (for evaluate, translate, attention)."""
+def _vocab_meta(workdir: str) -> dict:
+    file = path(workdir, VOCAB_META)
+    if not os.path.exists(file):
+        return {}
+    try:
+        with open(file) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise UsageError(f'{file} cannot be read: {errors.reason(e)}') from None
+
+
+def recorded_fingerprint(workdir: str, infos: list[dict] = ()) -> str | None:
+    """The vocabulary fingerprint the run recorded: in its newest checkpoint (`infos`, oldest
+    first, as checkpoint.info gives them), else in vocab.json; None if neither has one."""
+    for info in reversed(list(infos)):
+        if info.get('vocab_sha256'):
+            return info['vocab_sha256']
+    return _vocab_meta(workdir).get('sha256')
+
+
+def load_vocabulary(workdir: str, fingerprint: str | None = None) -> tokenizer_lib.Tokenizer:
+    """The vocabulary stored in `workdir`; with `fingerprint`, it must be that very file."""
     file = path(workdir, VOCAB_MODEL)
     if not os.path.exists(file):
         raise UsageError(f'no vocabulary at {file}; train a model in this workdir first')
     with open(file, 'rb') as f:
-        return tokenizer_lib.Tokenizer(f.read())
+        proto = f.read()
+    if fingerprint is not None and _sha256(proto) != fingerprint:
+        raise UsageError(f'{file} is not the vocabulary this run was trained with (sha256 '
+                         f'{_sha256(proto)[:12]}..., the run recorded {fingerprint[:12]}...): '
+                         'restore the original file or use a new --workdir')
+    try:
+        return tokenizer_lib.Tokenizer(proto)
+    except Exception as e:  # noqa: BLE001 - SentencePiece raises bare RuntimeErrors
+        raise UsageError(f'{file} is not a SentencePiece model ({errors.reason(e)})') from None
 
 
-def vocabulary(config, workdir: str,
-               texts: Callable[[], Iterable[str]]) -> tokenizer_lib.Tokenizer:
+def vocabulary(config, workdir: str, texts: Callable[[], Iterable[str]],
+               fingerprint: str | None = None,
+               steps: list[int] = ()) -> tokenizer_lib.Tokenizer:
     """The run's vocabulary: the one stored in `workdir`, or trained on `texts()` and stored.
 
-    A stored vocabulary made for another vocab_size or language pair is refused (UsageError).
+    `steps` are the run's checkpoints and `fingerprint` what they recorded (see
+    recorded_fingerprint): under checkpoints a missing or changed vocabulary is refused. A
+    stored vocabulary made for another vocab_size or language pair is refused too.
     """
     model_file, meta_file = path(workdir, VOCAB_MODEL), path(workdir, VOCAB_META)
     want = _vocab_metadata(config)
     if os.path.exists(model_file):
-        have = {}
-        if os.path.exists(meta_file):
-            with open(meta_file) as f:
-                have = json.load(f)
+        have = _vocab_meta(workdir)
         bad = [f'{k}: stored {have.get(k)!r} vs config {want[k]!r}'
                for k in _VOCAB_FIELDS if have.get(k) != want[k]]
         if bad:
             raise UsageError(f'vocabulary {model_file} was made for another config '
                              f'({"; ".join(bad)}); use a new workdir or delete the vocabulary')
-        return load_vocabulary(workdir)
+        return load_vocabulary(workdir, fingerprint)
+    if steps:
+        raise UsageError(f'{model_file} is missing, but {workdir} holds checkpoints (steps '
+                         f'{", ".join(map(str, steps))}) trained with it; a new vocabulary would '
+                         'not match them: restore the file or use a new --workdir')
 
+    sentences = iter(texts())
+    first = next(sentences, None)
+    if first is None:
+        raise UsageError(f'no text to train the vocabulary on: the training data of '
+                         f'data.source={config.data.source!r} holds only blank lines')
     os.makedirs(workdir, exist_ok=True)
     start = time.time()
-    proto = tokenizer_lib.train(texts(), config.vocab_size)
+    proto = tokenizer_lib.train(itertools.chain([first], sentences), config.vocab_size)
     seconds = time.time() - start
     tokenizer = tokenizer_lib.Tokenizer(proto)
     logging.info('Trained a %d-piece BPE vocabulary in %.1f s', tokenizer.vocab_size, seconds)
-    meta = dict(want, pieces=tokenizer.vocab_size, model_type='bpe',
+    meta = dict(want, pieces=tokenizer.vocab_size, model_type='bpe', sha256=_sha256(proto),
                 train_seconds=round(seconds, 2), data_source=config.data.source)
     # Metadata first: vocab.model is what marks the vocabulary as present.
     atomic_write(meta_file, (json.dumps(meta, indent=2) + '\n').encode())
     atomic_write(model_file, proto)
     return tokenizer
+
+
+# -- the training process's lock --------------------------------------------------------------
+
+def lock(workdir: str):
+    """Takes the work directory for one training process; returns the open lock file (keep it).
+
+    An exclusive flock on train.lock, which the OS releases when the process ends, however it
+    ends (kill -9 included): a second `train` on the same directory is refused in one line
+    naming the holder. Also the check that the directory can be written at all, before
+    anything is built.
+    """
+    file = path(workdir, LOCK_FILE)
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        handle = open(file, 'a+')
+    except OSError as e:
+        raise UsageError(f'cannot write in the work directory {workdir}: '
+                         f'{errors.reason(e)}') from None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or 'another process'
+        handle.close()
+        raise UsageError(f'{workdir} is in use by another train ({holder}); wait for it to '
+                         'end or use another --workdir') from None
+    try:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f'pid {os.getpid()} on host {socket.gethostname()}\n')
+        handle.flush()
+    except OSError as e:
+        raise UsageError(f'cannot write in the work directory {workdir}: '
+                         f'{errors.reason(e)}') from None
+    return handle
 
 
 # -- checkpoints and trained models -------------------------------------------------------------
@@ -189,18 +276,24 @@ def _existing_steps(workdir: str) -> list[int]:
     return steps
 
 
-def average_last(workdir: str, last: int, config=None, abstract=None):
-    """The mean parameters of the last `last` checkpoints (section 6.1): (params, steps)."""
+def _restore(workdir: str, steps: list[int], count: int, abstract, minimum=None):
+    """[(step, params, info)] of the newest `count` readable checkpoints among `steps`."""
+    return checkpoint.restore_params(path(workdir, CHECKPOINTS_DIR), steps, count, abstract,
+                                     minimum)
+
+
+def average_last(workdir: str, last: int, config=None, abstract=None, minimum=None):
+    """The mean parameters of the last `last` readable checkpoints (section 6.1; at least
+    `minimum` of them, default all): (params, steps, infos)."""
     if abstract is None:
         _, abstract = abstract_params(config or load_config(workdir))
     steps = _existing_steps(workdir)
     if last > len(steps):
         raise UsageError(f'asked to average the last {last} checkpoints, but '
                          f'{workdir} holds {len(steps)}: {steps}')
-    chosen = steps[-last:]
-    directory = path(workdir, CHECKPOINTS_DIR)
-    trees = [checkpoint.restore_params(directory, s, abstract) for s in chosen]
-    return checkpoint.average_params(trees), chosen
+    found = _restore(workdir, steps, last, abstract, minimum)
+    params = checkpoint.average_params([p for _, p, _ in found])
+    return params, [s for s, _, _ in found], [i for _, _, i in found]
 
 
 def save_averaged(workdir: str, params, steps: list[int]) -> str:
@@ -215,24 +308,30 @@ def load_model(workdir: str, *, average: int | None = None, step: int | None = N
     """The trained model of a work directory: (model, config, tokenizer, steps used).
 
     Parameters come from checkpoint `step`, or are averaged over the last `average`
-    checkpoints; `average=None` takes the config's decode.average_last, or all there are when
-    fewer. An explicit `average` must be available.
+    readable checkpoints; `average=None` takes the config's decode.average_last, or all there
+    are when fewer. An explicit `average` must be available. The vocabulary must be the one
+    the checkpoints were trained with.
     """
     config = load_config(workdir)
     if step is not None and average not in (None, 1):
         raise UsageError('--step and --average > 1 exclude each other')
     if average is not None and average < 1:
         raise UsageError(f'--average={average} must be >= 1')
-    tokenizer = load_vocabulary(workdir)
+    if not os.path.exists(path(workdir, VOCAB_MODEL)):
+        raise UsageError(f'no vocabulary at {path(workdir, VOCAB_MODEL)}; the run cannot be '
+                         'read without the vocabulary it was trained with')
     available = _existing_steps(workdir)
-    if step is None and average is None:
-        average = max(1, min(config.decode.average_last, len(available)))
     graphdef, abstract = abstract_params(config)
-    if step is None and average > 1:
-        params, steps = average_last(workdir, average, abstract=abstract)
-    else:
-        if step is not None and step not in available:
+    if step is not None:
+        if step not in available:
             raise UsageError(f'no checkpoint of step {step} in {workdir}; have {available}')
-        steps = [step if step is not None else available[-1]]
-        params = checkpoint.restore_params(path(workdir, CHECKPOINTS_DIR), steps[0], abstract)
+        found = _restore(workdir, [step], 1, abstract)
+        params, steps, infos = found[0][1], [step], [found[0][2]]
+    else:
+        minimum = average  # an explicit --average must be met; the default takes what reads
+        if average is None:
+            average, minimum = max(1, min(config.decode.average_last, len(available))), 1
+        params, steps, infos = average_last(workdir, average, abstract=abstract,
+                                            minimum=minimum)
+    tokenizer = load_vocabulary(workdir, recorded_fingerprint(workdir, infos))
     return nnx.merge(graphdef, params), config, tokenizer, steps
