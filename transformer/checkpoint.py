@@ -9,15 +9,20 @@ knows Orbax and nothing of work directories (`workdir.py` says where the directo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import sys
+import tempfile
+import threading
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging as absl_logging
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -26,12 +31,55 @@ from transformer import errors
 DATA_STATE_BYTES = 1 << 16  # room for one process's JSON iterator state
 
 
+@contextlib.contextmanager
+def _quiet_failures():
+    """Keeps the noise of a failed restore off the console (with TRANSFORMER_TRACEBACK unset).
+
+    When one array of a broken checkpoint fails to read, Orbax's other concurrent reads end
+    on a closed event loop and TensorStore's callback threads print a traceback each (thousands
+    of lines); the failure itself is raised and reported in one line. Writes to file
+    descriptor 2 go to a scratch file while the restore runs, and for a moment after a failure
+    while those threads finish.
+    """
+    if os.environ.get('TRANSFORMER_TRACEBACK'):
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as scratch:
+        os.dup2(scratch.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            time.sleep(0.5)
+            # The failed reads' coroutines, when collected later, would print their whole
+            # TensorStore spec each ("Exception ignored in ..."): drop those reports.
+            sys.unraisablehook = _drop_failed_reads
+            raise
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def _drop_failed_reads(unraisable) -> None:
+    if '_read_array_index' in repr(getattr(unraisable, 'object', None)):
+        return
+    sys.__unraisablehook__(unraisable)
+
+
 class CheckpointError(errors.UsageError):
     """No checkpoint that can be read (one line naming the steps and why): exit status 2."""
 
 
 class SaveError(errors.RunError):
-    """A save that failed (disk full, permissions): exit status 1; earlier steps are intact."""
+    """A save that failed (disk full, permissions): exit status 1; earlier steps are intact.
+
+    Orbax's background threads of the failed save wait forever for signals that will not
+    come, so the process ends at once after the error line.
+    """
+
+    exit_at_once = True
 
 
 def make_manager(directory: str, keep: int, *, asynchronous: bool = True,
@@ -86,41 +134,93 @@ def save(manager: ocp.CheckpointManager, step: int, state, data_state: dict,
          info: dict | None = None) -> None:
     """Starts an asynchronous save of `state` and the iterator's `data_state` at `step`.
 
-    `info` (JSON) is stored beside them (Orbax's custom metadata). A failure to start raises
-    SaveError; a failure of the writing itself is raised by `raise_if_failed` or `finish`.
+    `info` (JSON) is stored beside them (Orbax's custom metadata). `Saver` is what the
+    training loop uses: it also notices when the writing fails.
     """
-    try:
-        manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            data=ocp.args.StandardSave({'iterator': _encode_data_state(data_state)})),
-            custom_metadata=info or {})
-    except Exception as e:  # noqa: BLE001 - any failure of the save is the user's one line
-        raise _save_error(manager, step, e) from e
+    manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=ocp.args.StandardSave({'iterator': _encode_data_state(data_state)})),
+        custom_metadata=info or {})
 
 
-def _save_error(manager, step: int, e: BaseException) -> SaveError:
-    return SaveError(f'could not save checkpoint {step} in {manager.directory}: '
-                     f'{errors.reason(e)}')
+class Saver:
+    """Asynchronous saves whose failure stops the run at once, with earlier steps intact.
 
-
-def raise_if_failed(manager: ocp.CheckpointManager, step: int | None) -> None:
-    """Raises SaveError once the asynchronous save of `step` (None: none) has failed.
-
-    Cheap while the save is still writing; the training loop calls it after every step, so a
-    failed save stops the run at once instead of at the next save.
+    Before a save, the directory must have room for it (about the size of the newest
+    checkpoint, or of the state before the first): a full disk is refused before anything is
+    written. A watcher thread waits for each save to finish, so a failure while writing
+    (permissions, a disk that filled up meanwhile) is seen by the next `raise_if_failed`, not
+    at the next save. SaveError names the step and the reason.
     """
-    if step is None or manager.is_saving_in_progress():
-        return
-    finish(manager, step)
+
+    MARGIN = 1.1  # room asked for, over the expected size of a checkpoint
+
+    def __init__(self, manager: ocp.CheckpointManager):
+        self.manager = manager
+        self._step = None  # the step being written, or last written
+        self._error = None
+        self._watcher = None
+
+    def save(self, step: int, state, data_state: dict, info: dict | None = None) -> None:
+        self.wait()
+        directory = str(self.manager.directory)
+        free, needed = self._room(state)
+        if free < needed:
+            raise SaveError(f'could not save checkpoint {step} in {directory}: No space left '
+                            f'on device ({free / 2**20:.0f} MiB free, about '
+                            f'{needed / 2**20:.0f} MiB needed)')
+        self._step = step
+        try:
+            save(self.manager, step, state, data_state, info)
+        except Exception as e:  # noqa: BLE001 - any failure of the save is the user's one line
+            raise self._failed(e) from e
+        self._watcher = threading.Thread(target=self._watch, name='save-watcher', daemon=True)
+        self._watcher.start()
+
+    def _room(self, state) -> tuple[int, float]:
+        """(free bytes where checkpoints go, bytes a checkpoint needs with the margin)."""
+        directory = str(self.manager.directory)
+        steps = self.manager.all_steps()
+        if steps:
+            needed = _tree_size(os.path.join(directory, str(max(steps))))
+        else:  # this process's shards of the state
+            needed = sum(shard.data.nbytes for leaf in jax.tree.leaves(state)
+                         for shard in leaf.addressable_shards)
+        return shutil.disk_usage(directory).free, self.MARGIN * needed
+
+    def _watch(self) -> None:
+        try:
+            self.manager.wait_until_finished()
+            self.manager.check_for_errors()
+        except Exception as e:  # noqa: BLE001
+            self._error = e
+
+    def _failed(self, e: BaseException) -> SaveError:
+        return SaveError(f'could not save checkpoint {self._step} in {self.manager.directory}: '
+                         f'{errors.reason(e)}')
+
+    def raise_if_failed(self) -> None:
+        """SaveError if the last save failed (cheap: a flag)."""
+        if self._error is not None:
+            raise self._failed(self._error)
+
+    def wait(self) -> None:
+        """Waits for the last save to be complete; SaveError if it failed."""
+        if self._watcher is not None:
+            self._watcher.join()
+            self._watcher = None
+        self.raise_if_failed()
 
 
-def finish(manager: ocp.CheckpointManager, step: int | None) -> None:
-    """Waits for the asynchronous save of `step` to complete; SaveError if it failed."""
-    try:
-        manager.wait_until_finished()
-        manager.check_for_errors()
-    except Exception as e:  # noqa: BLE001
-        raise _save_error(manager, step, e) from e
+def _tree_size(path: str) -> int:
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.path.getsize(os.path.join(root, name))
+            except OSError:
+                pass
+    return total
 
 
 def info(manager: ocp.CheckpointManager, step: int) -> dict:
@@ -131,11 +231,14 @@ def info(manager: ocp.CheckpointManager, step: int) -> dict:
 def read_info(directory: str, step: int) -> dict:
     """The `info` of checkpoint `step` in `directory`; {} if it cannot be read."""
     manager = make_manager(directory, keep=1, asynchronous=False, read_only=True)
+    verbosity = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)  # a broken step is reported when restored
     try:
         return info(manager, step)
-    except Exception:  # noqa: BLE001 - a broken checkpoint is reported when it is restored
+    except Exception:  # noqa: BLE001
         return {}
     finally:
+        absl_logging.set_verbosity(verbosity)
         manager.close()
 
 
@@ -158,7 +261,8 @@ def restore_newest(manager: ocp.CheckpointManager, abstract_state, broken_dir: s
     failures = []
     for step in sorted(manager.all_steps(), reverse=True):
         try:
-            state, data_state = restore(manager, step, abstract_state)
+            with _quiet_failures():
+                state, data_state = restore(manager, step, abstract_state)
             return step, state, data_state, info(manager, step)
         except Exception as e:  # noqa: BLE001 - a broken checkpoint, whatever broke it
             failures.append(f'step {step} ({errors.reason(e)})')
@@ -213,7 +317,8 @@ def restore_params(directory: str, steps: list[int], count: int, abstract_params
             if len(found) == count:
                 break
             try:
-                params = _restore_params(manager, step, abstract_params)
+                with _quiet_failures():
+                    params = _restore_params(manager, step, abstract_params)
                 found.append((step, params, info(manager, step)))
             except Exception as e:  # noqa: BLE001 - a broken checkpoint, whatever broke it
                 failures.append(f'step {step} ({errors.reason(e)})')

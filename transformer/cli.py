@@ -137,12 +137,18 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 
 def _exit_now(status: int) -> None:
-    """Ends a process of a multi-process run at once: the normal exit would wait for the
-    other processes at JAX's shutdown barrier (about a minute, then an abort) when one of them
-    is gone."""
+    """Ends the process at once, skipping the interpreter's shutdown: in a multi-process run
+    it would wait for the other processes at JAX's shutdown barrier (about a minute, then an
+    abort) when one of them is gone; after a failed save, for Orbax threads that never end."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status)
+
+
+class _NoOrbaxErrors(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and '/orbax/' in record.pathname
+                    and not os.environ.get('TRANSFORMER_TRACEBACK'))
 
 
 def run(main: Callable[[], None]) -> None:
@@ -172,7 +178,7 @@ def run(main: Callable[[], None]) -> None:
                 status = errors.EXIT_RUNTIME
             else:
                 raise
-            if jax.process_count() > 1:
+            if jax.process_count() > 1 or getattr(e, 'exit_at_once', False):
                 tqdm.write(f'error: {message}', file=sys.stderr)
                 _exit_now(status)
             fail(message, status)
@@ -181,6 +187,12 @@ def run(main: Callable[[], None]) -> None:
     # Orbax a dozen lines per checkpoint: the console shows warnings and our own `say` lines
     # unless --verbosity asks for more.
     logging.getLogger('jax._src.xla_bridge').setLevel(logging.WARNING)
+    # Orbax reads arrays concurrently; when a broken checkpoint fails several reads, asyncio
+    # logs each unretrieved one with its whole TensorStore spec. The one that is raised is
+    # reported in one line.
+    logging.getLogger('asyncio').setLevel(logging.CRITICAL)
+    # Orbax logs its own failures with tracebacks; ours (one line) say what failed and where.
+    absl_logging.get_absl_handler().addFilter(_NoOrbaxErrors())
     if not any(a.startswith(('--verbosity', '-v')) for a in sys.argv[1:]):
         absl_logging.set_verbosity(absl_logging.WARNING)
     app.run(wrapped, flags_parser=_parse_flags)

@@ -19,9 +19,14 @@ EXIT_BAD_INPUT = 2
 
 
 class Error(Exception):
-    """Base of the project's errors; `exit_status` is what the program exits with."""
+    """Base of the project's errors; `exit_status` is what the program exits with.
+
+    `exit_at_once`: the process ends right after its error line, without waiting for
+    background threads that can no longer finish (a failed checkpoint save leaves some).
+    """
 
     exit_status = EXIT_RUNTIME
+    exit_at_once = False
 
 
 class UsageError(Error, ValueError):
@@ -42,17 +47,21 @@ def warn(message: str) -> None:
         tqdm.write(f'warning: {message}', file=sys.stderr)
 
 
-def reason(exc: BaseException) -> str:
-    """The most telling one-line reason of an exception chain: an OS error's text, if any."""
-    seen = exc
-    while seen is not None:
-        if isinstance(seen, OSError) and seen.strerror:
-            return seen.strerror
-        seen = seen.__cause__ or seen.__context__
-    text = str(exc).strip()
-    for line in text.splitlines():
-        for marker in ('No space left', 'Permission denied', 'Operation not permitted',
+def reason(exc: BaseException, limit: int = 200) -> str:
+    """The most telling one-line reason of an exception chain: an OS error's text if there is
+    one, else the first line of the innermost cause, cut to `limit` characters."""
+    chain = []
+    while exc is not None and exc not in chain:
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    for e in chain:
+        if isinstance(e, OSError) and e.strerror:
+            return e.strerror
+    for e in chain:
+        for marker in ('No space left on device', 'Permission denied', 'Operation not permitted',
                        'File too large', 'Read-only file system'):
-            if marker in line:
-                return marker if marker != 'No space left' else 'No space left on device'
-    return text.splitlines()[0][:300] if text else type(exc).__name__
+            if marker in str(e):
+                return marker
+    text = str(chain[-1]).strip()
+    line = text.splitlines()[0] if text else type(chain[-1]).__name__
+    return line if len(line) <= limit else line[:limit - 3] + '...'

@@ -225,6 +225,7 @@ def main():
 
     # --- restore or initialise -----------------------------------------------------------------
     manager = checkpoint.make_manager(checkpoints, keep=t.keep_checkpoints)
+    saver = checkpoint.Saver(manager)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           setup.abstract_state, setup.state_shardings)
     restored = checkpoint.restore_newest(
@@ -261,7 +262,6 @@ def main():
     progress = progress_bar(config, step) if is_main else None
     start_time = last_save_time = time.time()
     pending = None  # (step, metrics) of the previous step, fetched one step late
-    saving = None  # the step whose asynchronous save may still be writing
     stop_now = False
     try:
         while step < t.steps and not stop_now:
@@ -277,7 +277,7 @@ def main():
             pending = (step, step_metrics)
             if progress is not None:
                 progress.update(1)
-            checkpoint.raise_if_failed(manager, saving)
+            saver.raise_if_failed()
             seconds = seconds_before + time.time() - start_time
             time_due = out_of_time = False
             if step % t.sync_every_steps == 0 or jax.process_count() == 1:
@@ -305,10 +305,10 @@ def main():
                                              tok_s=f'{scalars["tokens_per_second"]:.0f}',
                                              refresh=False)
             if save_due:
-                checkpoint.save(manager, step, state, data_state, info={
+                saver.save(step, state, data_state, info={
                     'vocab_sha256': fingerprint, 'loss_smoothed': window.smoothed_loss,
                     'train_seconds': seconds})
-                last_save_time, last_saved, saving = time.time(), step, step
+                last_save_time, last_saved = time.time(), step
                 _fault_injection('in-save', step)
             if validation is not None and (step % t.eval_every_steps == 0 or step == t.steps):
                 result = validation_loss(eval_step, state['params'], validation, mesh)
@@ -322,7 +322,7 @@ def main():
                         f'perplexity {result["perplexity"]:.3f}')
         if pending is not None:
             checked(*pending, last_saved, workdir)
-        checkpoint.finish(manager, saving)
+        saver.wait()
     finally:
         # --- shutdown --------------------------------------------------------------------------
         batches.close()
