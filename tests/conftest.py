@@ -2,6 +2,9 @@
 
 import os
 import pathlib
+import socket
+import subprocess
+import sys
 
 # Must happen before JAX initialises its backends.
 os.environ.setdefault('XLA_FLAGS', '')
@@ -54,3 +57,69 @@ def shared_data(*parts: str) -> pathlib.Path:
     path = SHARED_DATA.joinpath(*parts)
     assert path.exists(), f'{path} not present: ../shared/data must sit beside the checkout'
     return path
+
+
+# -- running the programs -----------------------------------------------------------------------
+
+# A tiny model on the demo task: checkpoints every 4 steps, metrics every step.
+TINY_TRAIN = ['--config.train.steps=12', '--config.train.checkpoint_every_steps=4',
+              '--config.train.log_every_steps=1', '--config.train.eval_every_steps=1000',
+              '--config.data.batch_tokens=512']
+
+
+def program_env(devices=1, **extra) -> dict:
+    """The environment of a program run: `devices` simulated CPU devices, no fault injected."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS='cpu',
+               XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+    env.pop('TRANSFORMER_FAULT', None)
+    env.update(extra)
+    return env
+
+
+def program_command(module, *args) -> list[str]:
+    return [sys.executable, '-m', f'transformer.{module}', *args]
+
+
+def run_program(module, *args, stdin=None, check=True, devices=1, env=None, text=False,
+                timeout=300, **kwargs):
+    """Runs `python -m transformer.MODULE ARGS` from the repository root."""
+    proc = subprocess.run(program_command(module, *args), input=stdin, capture_output=True,
+                          cwd=REPO, env=env or program_env(devices), timeout=timeout, text=text,
+                          **kwargs)
+    if check and proc.returncode != 0:
+        err = proc.stderr if text else proc.stderr.decode()
+        raise AssertionError(f'{module} failed ({proc.returncode}):\n{err[-3000:]}')
+    return proc
+
+
+def train_command(workdir, *extra, config='configs/demo.py:runlocal') -> list[str]:
+    return program_command('train', f'--config={config}', f'--workdir={workdir}', *TINY_TRAIN,
+                           *extra)
+
+
+def run_train(workdir, *extra, env=None, check=True, config='configs/demo.py:runlocal',
+              **kwargs):
+    """The tiny training run (TINY_TRAIN, then `extra` overrides); text output."""
+    return run_program('train', f'--config={config}', f'--workdir={workdir}', *TINY_TRAIN,
+                       *extra, env=env, check=check, text=True, **kwargs)
+
+
+def error_line(proc) -> str:
+    """The one `error:` line of a failed program: its last line, without a traceback."""
+    err = proc.stderr if isinstance(proc.stderr, str) else proc.stderr.decode()
+    lines = [line for line in err.replace('\r', '\n').splitlines() if line.strip()]
+    assert lines and lines[-1].startswith('error: '), err[-3000:]
+    assert sum(line.startswith('error:') for line in lines) == 1, err[-3000:]
+    assert 'Traceback' not in err, err[-3000:]
+    return lines[-1]
+
+
+def two_process_env(port, process_id):
+    return program_env(devices=1, JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{port}',
+                       JAX_NUM_PROCESSES='2', JAX_PROCESS_ID=str(process_id))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]

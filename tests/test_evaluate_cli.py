@@ -6,43 +6,21 @@ import json
 import os
 import pathlib
 import shutil
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
+from conftest import error_line, run_program
 
 from transformer import data, decode, errors
 from transformer import workdir as workdir_lib
 from transformer.model import create_model
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-
-
-def run(module, *args, stdin=None, check=True, devices=1):
-    """Runs a command on `devices` simulated CPU devices."""
-    env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS='cpu',
-               XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
-    proc = subprocess.run([sys.executable, '-m', f'transformer.{module}', *args], input=stdin,
-                          capture_output=True, cwd=REPO, env=env, timeout=300)
-    if check and proc.returncode != 0:
-        raise AssertionError(f'{module} failed ({proc.returncode}):\n{proc.stderr.decode()}')
-    return proc
-
-
-def error_line(proc):
-    """The one line a failing command prints (library warnings before it aside)."""
-    lines = [line for line in proc.stderr.decode().splitlines() if line.strip()]
-    assert lines and lines[-1].startswith('error: '), proc.stderr.decode()
-    assert 'Traceback' not in proc.stderr.decode()
-    return lines[-1]
-
 
 @pytest.fixture(scope='module')
 def workdir(tmp_path_factory):
     path = tmp_path_factory.mktemp('demo')
-    run('train', '--config=configs/demo.py:runlocal', f'--workdir={path}',
+    run_program('train', '--config=configs/demo.py:runlocal', f'--workdir={path}',
         '--config.train.steps=10', '--config.train.checkpoint_every_steps=5',
         '--config.train.eval_every_steps=100', '--config.train.log_every_steps=5')
     return path
@@ -50,7 +28,8 @@ def workdir(tmp_path_factory):
 
 def test_evaluate_writes_hypotheses_and_scores(workdir):
     # On 8 devices: the batch is split over them.
-    proc = run('evaluate', f'--workdir={workdir}', '--average=2', '--beam_size=2', devices=8)
+    proc = run_program('evaluate', f'--workdir={workdir}', '--average=2', '--beam_size=2',
+                       devices=8)
     result = json.loads(proc.stdout)
     config = workdir_lib.load_config(str(workdir))
     sources, _ = data.load_text(config, 'test')
@@ -70,17 +49,17 @@ def test_evaluate_writes_hypotheses_and_scores(workdir):
 
 
 def test_average_writes_the_mean(workdir):
-    proc = run('average', f'--workdir={workdir}', '--last=2')
+    proc = run_program('average', f'--workdir={workdir}', '--last=2')
     result = json.loads(proc.stdout.decode().strip().splitlines()[-1])
     assert result['steps'] == [5, 10]
     assert os.path.isdir(result['averaged'])
-    error = error_line(run('average', f'--workdir={workdir}', '--last=9', check=False))
+    error = error_line(run_program('average', f'--workdir={workdir}', '--last=9', check=False))
     assert 'last 9' in error
 
 
 def test_translate_lines_empty_lines_and_truncation(workdir):
     text = 'zofu kabemi\n\n   \ntolarin zepa kabemi\n' + 'zofu ' * 400 + '\nlast line'
-    proc = run('translate', f'--workdir={workdir}', '--average=1', '--beam_size=2',
+    proc = run_program('translate', f'--workdir={workdir}', '--average=1', '--beam_size=2',
                stdin=text.encode())
     out = proc.stdout.decode('utf-8').split('\n')
     assert out[-1] == '' and len(out) - 1 == 6  # one line out per line in
@@ -89,7 +68,7 @@ def test_translate_lines_empty_lines_and_truncation(workdir):
 
 
 def test_translate_refuses_non_utf8_with_its_line_number(workdir):
-    proc = run('translate', f'--workdir={workdir}', '--average=1',
+    proc = run_program('translate', f'--workdir={workdir}', '--average=1',
                stdin=b'fine\nalso fine\nbad \xff\xfe byte\n', check=False)
     assert proc.returncode == errors.EXIT_BAD_INPUT
     assert 'line 3' in error_line(proc) and 'UTF-8' in error_line(proc)
@@ -97,7 +76,7 @@ def test_translate_refuses_non_utf8_with_its_line_number(workdir):
 
 def test_attention_plot(workdir, tmp_path):
     out = tmp_path / 'attention.png'
-    proc = run('attention', f'--workdir={workdir}', '--text=zofu kabemi tolarin',
+    proc = run_program('attention', f'--workdir={workdir}', '--text=zofu kabemi tolarin',
                f'--out={out}', '--average=1', '--beam_size=1')
     assert out.stat().st_size > 10_000
     assert json.loads(proc.stdout.decode().strip().splitlines()[-1])['out'] == str(out)
@@ -109,10 +88,10 @@ def test_workdir_without_checkpoint_is_refused(workdir, tmp_path):
     shutil.copy(workdir / 'config.json', empty / 'config.json')
     shutil.copy(workdir / 'vocab.model', empty / 'vocab.model')
     for module in ('evaluate', 'translate'):
-        proc = run(module, f'--workdir={empty}', stdin=b'x\n', check=False)
+        proc = run_program(module, f'--workdir={empty}', stdin=b'x\n', check=False)
         assert proc.returncode == errors.EXIT_BAD_INPUT, module
         assert 'checkpoint' in error_line(proc)
-    proc = run('evaluate', f'--workdir={tmp_path / "missing"}', check=False)
+    proc = run_program('evaluate', f'--workdir={tmp_path / "missing"}', check=False)
     assert proc.returncode == errors.EXIT_BAD_INPUT and 'does not exist' in error_line(proc)
 
 

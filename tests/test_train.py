@@ -3,46 +3,17 @@
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 
 import jax
 import numpy as np
 import pytest
+from conftest import free_port, program_env, run_train, train_command, two_process_env
 from flax import nnx
 
 from transformer import workdir as workdir_lib
 from transformer.schedule import learning_rate
-
-# A tiny model on the demo task; checkpoints every 4 steps, no dropout-free shortcuts.
-TINY = ['--config.train.steps=12',
-        '--config.train.checkpoint_every_steps=4', '--config.train.log_every_steps=1',
-        '--config.train.eval_every_steps=1000', '--config.data.batch_tokens=512']
-
-
-def train_env(devices=1, **extra):
-    env = dict(os.environ)
-    env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
-    env['JAX_PLATFORMS'] = 'cpu'
-    env.pop('TRANSFORMER_FAULT', None)
-    env.update(extra)
-    return env
-
-
-def train_command(workdir, *extra, config='configs/demo.py:runlocal'):
-    return [sys.executable, '-m', 'transformer.train', f'--config={config}',
-            f'--workdir={workdir}', *TINY, *extra]
-
-
-def run_train(repo_root, workdir, *extra, env=None, check=True, config='configs/demo.py:runlocal'):
-    cmd = train_command(workdir, *extra, config=config)
-    r = subprocess.run(cmd, cwd=repo_root, env=env or train_env(), capture_output=True,
-                       text=True, timeout=300)
-    if check:
-        assert r.returncode == 0, r.stderr[-3000:]
-    return r
 
 
 def final_params(workdir):
@@ -60,7 +31,7 @@ def losses(workdir):
 def reference(repo_root, tmp_path_factory):
     """The uninterrupted run that every resumed run must reproduce bitwise."""
     workdir = tmp_path_factory.mktemp('uninterrupted')
-    run_train(repo_root, workdir)
+    run_train(workdir)
     return workdir
 
 
@@ -75,7 +46,7 @@ def test_learning_rate_schedule_of_section_5_3():
 @pytest.mark.parametrize('fault', ['after-step:10', 'in-save:8'])
 def test_resume_after_kill_9_equals_uninterrupted(repo_root, tmp_path, reference, fault):
     workdir = tmp_path / 'run'
-    killed = run_train(repo_root, workdir, env=train_env(TRANSFORMER_FAULT=fault), check=False)
+    killed = run_train(workdir, env=program_env(TRANSFORMER_FAULT=fault), check=False)
     assert killed.returncode == -signal.SIGKILL
     complete = workdir_lib.checkpoint_steps(str(workdir))
     entries = os.listdir(workdir / 'checkpoints')
@@ -85,9 +56,18 @@ def test_resume_after_kill_9_equals_uninterrupted(repo_root, tmp_path, reference
     assert set(complete) <= {4, 8}
     if fault == 'in-save:8' and 8 not in complete:
         assert complete == [4]  # the save of step 8 was cut short and is not taken
-    resumed = run_train(repo_root, workdir)
+    resumed = run_train(workdir)
     expected = f'Resumed from step {max(complete)}' if complete else 'New run'
     assert expected in resumed.stderr
+    # Each step appears once in the metrics, and the smoothed loss went on where it was.
+    records = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+    train_steps = [r['step'] for r in records if 'train/loss' in r]
+    assert train_steps == list(range(1, 13))
+    smoothed = {r['step']: r['train/loss_smoothed'] for r in records if 'train/loss' in r}
+    with open(reference / 'metrics.jsonl') as f:
+        want = {r['step']: r['train/loss_smoothed'] for r in map(json.loads, f)
+                if 'train/loss' in r}
+    assert smoothed[12] == pytest.approx(want[12], rel=1e-6)
     step, params = final_params(workdir)
     ref_step, ref_params = final_params(reference)
     assert step == ref_step == 12
@@ -95,41 +75,46 @@ def test_resume_after_kill_9_equals_uninterrupted(repo_root, tmp_path, reference
         np.testing.assert_array_equal(a, b)  # bitwise
 
 
-def test_sigterm_saves_and_exits_cleanly(repo_root, tmp_path):
-    workdir = tmp_path / 'run'
+@pytest.mark.parametrize('processes', [1, 2])
+def test_sigterm_saves_and_exits_cleanly(repo_root, tmp_path, processes):
+    """With two processes only the second gets the signal: agreeing every
+    train.sync_every_steps steps, both save the same step and exit 0."""
+    workdir, port = tmp_path / 'run', free_port()
     cmd = train_command(workdir, '--config.train.steps=100000',
-                        '--config.train.checkpoint_every_steps=100000')
-    proc = subprocess.Popen(cmd, cwd=repo_root, env=train_env(), stderr=subprocess.PIPE,
-                            text=True)
+                        '--config.train.checkpoint_every_steps=100000',
+                        '--config.train.sync_every_steps=3')
+    envs = [program_env()] if processes == 1 else [two_process_env(port, i) for i in range(2)]
+    procs = [subprocess.Popen(cmd, cwd=repo_root, env=env, stderr=subprocess.PIPE, text=True)
+             for env in envs]
     deadline = time.time() + 120
     while time.time() < deadline:  # wait until training runs
         if os.path.exists(workdir / 'metrics.jsonl') and len(losses(workdir)) >= 3:
             break
         time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 0, stderr[-2000:]
-    assert 'Stopped at step' in stderr
+    procs[-1].send_signal(signal.SIGTERM)
+    stopped = set()
+    for proc in procs:
+        _, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == 0, stderr[-2000:]
+        stopped |= {line for line in stderr.replace('\r', '\n').splitlines()
+                    if line.startswith('Stopped at step')}
     steps = workdir_lib.checkpoint_steps(str(workdir))
     assert len(steps) == 1 and steps[0] >= 3
+    assert stopped == {f'Stopped at step {steps[0]} after a signal; checkpoint saved.'}
+    if processes == 2:
+        assert steps[0] % 3 == 0  # the processes agree every third step
 
 
 def test_8_devices_equal_1_device_with_gradient_accumulation(repo_root, tmp_path):
     # The same global batches: 8 devices, or 1 device accumulating 8 micro-batches.
     common = ['--config.model.dropout_rate=0.0', '--config.train.steps=6']
-    run_train(repo_root, tmp_path / 'eight', *common, env=train_env(devices=8))
-    run_train(repo_root, tmp_path / 'one', *common, '--config.train.grad_accum_steps=8',
-              env=train_env(devices=1))
+    run_train(tmp_path / 'eight', *common, env=program_env(devices=8))
+    run_train(tmp_path / 'one', *common, '--config.train.grad_accum_steps=8',
+              env=program_env(devices=1))
     eight, one = losses(tmp_path / 'eight'), losses(tmp_path / 'one')
     assert sorted(eight) == sorted(one) == list(range(1, 7))
     # Adam (eps 1e-9) amplifies float rounding.
     np.testing.assert_allclose([eight[s] for s in eight], [one[s] for s in eight], rtol=1e-4)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
 
 
 def test_two_processes_agree_with_one(repo_root, tmp_path):
@@ -137,20 +122,19 @@ def test_two_processes_agree_with_one(repo_root, tmp_path):
     port = free_port()
     workdir = tmp_path / 'two'
     cmd = train_command(workdir, *common)
-    procs = [subprocess.Popen(cmd, cwd=repo_root, stderr=subprocess.PIPE, text=True, env=train_env(
-        devices=1, JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{port}', JAX_NUM_PROCESSES='2',
-        JAX_PROCESS_ID=str(i))) for i in range(2)]
+    procs = [subprocess.Popen(cmd, cwd=repo_root, stderr=subprocess.PIPE, text=True,
+                              env=two_process_env(port, i)) for i in range(2)]
     for p in procs:
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err[-3000:]
-    run_train(repo_root, tmp_path / 'one', *common, env=train_env(devices=2))
+    run_train(tmp_path / 'one', *common, env=program_env(devices=2))
     two, one = losses(workdir), losses(tmp_path / 'one')
     assert sorted(two) == sorted(one) == list(range(1, 6))
     np.testing.assert_allclose([two[s] for s in two], [one[s] for s in two], rtol=1e-4)
 
 
 def test_non_finite_loss_stops_with_the_step(repo_root, tmp_path):
-    r = run_train(repo_root, tmp_path / 'run', '--config.train.learning_rate_scale=1e30',
+    r = run_train(tmp_path / 'run', '--config.train.learning_rate_scale=1e30',
                   check=False)
     assert r.returncode == 1
     error = [line for line in r.stderr.splitlines() if line.startswith('error:')]
@@ -158,7 +142,7 @@ def test_non_finite_loss_stops_with_the_step(repo_root, tmp_path):
 
 
 def test_changed_config_is_refused_with_the_fields(repo_root, tmp_path, reference):
-    r = run_train(repo_root, reference, '--config.model.d_ff=48', '--config.train.seed=7',
+    r = run_train(reference, '--config.model.d_ff=48', '--config.train.seed=7',
                   check=False)
     assert r.returncode == 2
     assert 'differing fields: model.d_ff, train.seed' in r.stderr
@@ -166,7 +150,7 @@ def test_changed_config_is_refused_with_the_fields(repo_root, tmp_path, referenc
 
 def test_demo_task_reaches_a_low_loss(repo_root, tmp_path):
     workdir = tmp_path / 'demo'
-    run_train(repo_root, workdir, '--config.train.steps=300',
+    run_train(workdir, '--config.train.steps=300',
               '--config.train.log_every_steps=50', '--config.train.checkpoint_every_steps=300',
               '--config.train.eval_every_steps=300', '--config.data.batch_tokens=2048',
               '--config.train.eval_bleu_sentences=0', config='configs/demo.py')
@@ -179,11 +163,11 @@ def test_demo_task_reaches_a_low_loss(repo_root, tmp_path):
 def test_a_start_that_failed_on_bad_data_can_be_corrected(repo_root, tmp_path):
     workdir = tmp_path / 'run'
     missing = tmp_path / 'nowhere' / 'train'
-    r = run_train(repo_root, workdir, f'--config.data.train={missing}',
+    r = run_train(workdir, f'--config.data.train={missing}',
                   config='configs/local.py:base,runlocal', check=False)
     assert r.returncode == 2
     error = [line for line in r.stderr.splitlines() if line.startswith('error:')]
     assert error == [f'error: missing file {missing}.en'], r.stderr
     # Nothing was trained, so the work directory takes the corrected command.
-    run_train(repo_root, workdir, '--config.train.steps=4')
+    run_train(workdir, '--config.train.steps=4')
     assert workdir_lib.checkpoint_steps(str(workdir)) == [4]

@@ -9,12 +9,9 @@ knows Orbax and nothing of work directories (`workdir.py` says where the directo
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import sys
-import tempfile
 import threading
 import time
 
@@ -29,43 +26,6 @@ from jax.sharding import PartitionSpec as P
 from transformer import errors
 
 DATA_STATE_BYTES = 1 << 16  # room for one process's JSON iterator state
-
-
-@contextlib.contextmanager
-def _quiet_failures():
-    """Keeps the noise of a failed restore off the console (with TRANSFORMER_TRACEBACK unset).
-
-    When one array of a broken checkpoint fails to read, Orbax's other concurrent reads end
-    on a closed event loop and TensorStore's callback threads print a traceback each (thousands
-    of lines); the failure itself is raised and reported in one line. Writes to file
-    descriptor 2 go to a scratch file while the restore runs, and for a moment after a failure
-    while those threads finish.
-    """
-    if os.environ.get('TRANSFORMER_TRACEBACK'):
-        yield
-        return
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as scratch:
-        os.dup2(scratch.fileno(), 2)
-        try:
-            yield
-        except BaseException:
-            time.sleep(0.5)
-            # The failed reads' coroutines, when collected later, would print their whole
-            # TensorStore spec each ("Exception ignored in ..."): drop those reports.
-            sys.unraisablehook = _drop_failed_reads
-            raise
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-
-
-def _drop_failed_reads(unraisable) -> None:
-    if '_read_array_index' in repr(getattr(unraisable, 'object', None)):
-        return
-    sys.__unraisablehook__(unraisable)
 
 
 class CheckpointError(errors.UsageError):
@@ -261,8 +221,7 @@ def restore_newest(manager: ocp.CheckpointManager, abstract_state, broken_dir: s
     failures = []
     for step in sorted(manager.all_steps(), reverse=True):
         try:
-            with _quiet_failures():
-                state, data_state = restore(manager, step, abstract_state)
+            state, data_state = restore(manager, step, abstract_state)
             return step, state, data_state, info(manager, step)
         except Exception as e:  # noqa: BLE001 - a broken checkpoint, whatever broke it
             failures.append(f'step {step} ({errors.reason(e)})')
@@ -317,8 +276,7 @@ def restore_params(directory: str, steps: list[int], count: int, abstract_params
             if len(found) == count:
                 break
             try:
-                with _quiet_failures():
-                    params = _restore_params(manager, step, abstract_params)
+                params = _restore_params(manager, step, abstract_params)
                 found.append((step, params, info(manager, step)))
             except Exception as e:  # noqa: BLE001 - a broken checkpoint, whatever broke it
                 failures.append(f'step {step} ({errors.reason(e)})')

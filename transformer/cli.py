@@ -145,6 +145,20 @@ def _exit_now(status: int) -> None:
     os._exit(status)
 
 
+def _unraisablehook(unraisable) -> None:
+    """Keeps Orbax's echoes of a failure it raised off the console (the failure itself is
+    reported in one line): when one read or write of a checkpoint fails, TensorStore's
+    callbacks for the others find the event loop closed, and the other reads' coroutines
+    report their own errors when collected, each with a traceback and a whole TensorStore
+    spec (thousands of lines)."""
+    value, source = unraisable.exc_value, repr(getattr(unraisable, 'object', None))
+    echo = ((isinstance(value, RuntimeError) and str(value) == 'Event loop is closed')
+            or '_read_array_index' in source)
+    if echo and not os.environ.get('TRANSFORMER_TRACEBACK'):
+        return
+    sys.__unraisablehook__(unraisable)
+
+
 class _NoOrbaxErrors(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return not (record.levelno >= logging.ERROR and '/orbax/' in record.pathname
@@ -193,6 +207,7 @@ def run(main: Callable[[], None]) -> None:
     logging.getLogger('asyncio').setLevel(logging.CRITICAL)
     # Orbax logs its own failures with tracebacks; ours (one line) say what failed and where.
     absl_logging.get_absl_handler().addFilter(_NoOrbaxErrors())
+    sys.unraisablehook = _unraisablehook
     if not any(a.startswith(('--verbosity', '-v')) for a in sys.argv[1:]):
         absl_logging.set_verbosity(absl_logging.WARNING)
     app.run(wrapped, flags_parser=_parse_flags)

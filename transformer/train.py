@@ -262,7 +262,7 @@ def main():
     progress = progress_bar(config, step) if is_main else None
     start_time = last_save_time = time.time()
     pending = None  # (step, metrics) of the previous step, fetched one step late
-    stop_now = False
+    stop_now = signalled = False
     try:
         while step < t.steps and not stop_now:
             wait_start = time.perf_counter()
@@ -281,11 +281,11 @@ def main():
             seconds = seconds_before + time.time() - start_time
             time_due = out_of_time = False
             if step % t.sync_every_steps == 0 or jax.process_count() == 1:
-                stop_now, time_due, out_of_time = distributed.agree(
+                signalled, time_due, out_of_time = distributed.agree(
                     stop.requested,
                     time.time() - last_save_time >= 60 * t.checkpoint_every_minutes,
                     0 < t.max_minutes <= seconds / 60)
-            stop_now = stop_now or out_of_time
+            stop_now = signalled or out_of_time
             save_due = (step % t.checkpoint_every_steps == 0 or time_due or stop_now
                         or step == t.steps)
             log_due = step % t.log_every_steps == 0 or step == t.steps or stop_now
@@ -331,7 +331,7 @@ def main():
             progress.close()
     manager.close()
     del lock
-    if stop.requested:
+    if signalled:
         cli.say(f'Stopped at step {step} after a signal; checkpoint saved.')
     elif step < t.steps:
         cli.say(f'Stopped at step {step}: train.max_minutes={t.max_minutes:g} reached; '
