@@ -80,7 +80,7 @@ def as_list(row):
     return decode.strip(row[None])[0] + [decode.EOS_ID]
 
 
-@pytest.mark.parametrize('seed, alpha', [(4, 0.6), (5, 2.0)])
+@pytest.mark.parametrize('seed, alpha', [(24, 0.6), (22, 2.0)])
 def test_wide_beam_finds_the_exhaustive_best(seed, alpha):
     """Beam 27 holds every live hypothesis of 3 words over 3 words, so it is exhaustive."""
     model = tiny_model(seed=seed)

@@ -123,7 +123,7 @@ def test_forward_returns_the_attention_it_used(norm):
     inputs = random_tokens(rng, (2, 7), pad_from=[7, 4])
     targets = random_tokens(rng, (2, 5), pad_from=[5, 3])
     logits, weights = m(inputs, targets, return_attention=True)
-    np.testing.assert_array_equal(logits, m(inputs, targets))
+    np.testing.assert_allclose(logits, m(inputs, targets), atol=1e-5)
     layers, heads = c.model.num_encoder_layers, c.model.num_heads
     assert weights['encoder'].shape == (layers, 2, heads, 7, 7)
     assert weights['decoder'].shape == (c.model.num_decoder_layers, 2, heads, 5, 5)

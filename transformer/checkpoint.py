@@ -184,21 +184,27 @@ def _tree_size(path: str) -> int:
 
 
 def info(manager: ocp.CheckpointManager, step: int) -> dict:
-    """The `info` saved with checkpoint `step` ({} if none)."""
-    return dict(manager.metadata(step).custom_metadata or {})
+    """The `info` saved with checkpoint `step` ({} if none).
+
+    Orbax also reads the items' metadata here and warns about a damaged one; the damage is
+    reported when the step is restored, in one line.
+    """
+    verbosity = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    try:
+        return dict(manager.metadata(step).custom_metadata or {})
+    finally:
+        absl_logging.set_verbosity(verbosity)
 
 
 def read_info(directory: str, step: int) -> dict:
     """The `info` of checkpoint `step` in `directory`; {} if it cannot be read."""
     manager = make_manager(directory, keep=1, asynchronous=False, read_only=True)
-    verbosity = absl_logging.get_verbosity()
-    absl_logging.set_verbosity(absl_logging.ERROR)  # a broken step is reported when restored
     try:
         return info(manager, step)
-    except Exception:  # noqa: BLE001
+    except Exception:  # noqa: BLE001 - a broken step is reported when it is restored
         return {}
     finally:
-        absl_logging.set_verbosity(verbosity)
         manager.close()
 
 

@@ -55,6 +55,16 @@ def base_config() -> ml_collections.ConfigDict:
     m.norm = 'post'  # section 3.1 post-LN; 'pre' is a modern departure (option)
     m.share_embeddings = True  # section 3.4: one matrix for both embeddings and the softmax
     m.layer_norm_epsilon = 1e-6
+    # Attention through jax.nn.dot_product_attention: 'auto' = cuDNN's fused kernel where the
+    # backend (GPU), dtype (16-bit) and head width allow it, XLA's otherwise; 'xla' | 'cudnn'.
+    m.attention_impl = 'auto'
+    # Rematerialisation: 'block' recomputes each layer's activations in the backward pass
+    # (about a third more compute, far less activation memory); 'none' keeps them.
+    m.remat = 'none'
+    # The layers of a stack run in a lax.scan (one layer traced and compiled per stack);
+    # False unrolls that loop: longer compiles, and XLA's cost analysis then counts every layer
+    # (it counts a loop's body once).
+    m.scan_layers = True
     # Compute dtype. 'auto': bfloat16 on GPU/TPU, float32 on CPU; parameters and optimizer
     # state stay in param_dtype (float32) either way.
     m.dtype = 'auto'
@@ -96,6 +106,11 @@ def base_config() -> ml_collections.ConfigDict:
     t.label_smoothing = 0.1  # section 5.4
     t.grad_accum_steps = 1
     t.seed = 0
+    # The random bits of dropout: 'rbg' (XLA's RngBitGenerator) moves far fewer bytes per step
+    # than 'threefry2x32', JAX's default (on CPU 4.3 against 5.2 GB for a small model's step,
+    # benchmarks/step_cost.py). Either is reproducible, run to run and across a resume.
+    t.dropout_rng_impl = 'rbg'
+
     t.mesh_data = -1  # devices on the 'data' axis; -1 = all that the fsdp axis leaves
     t.mesh_fsdp = 1  # devices on the 'fsdp' axis (parameters and optimizer state sharded)
     t.log_every_steps = 100
@@ -185,6 +200,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
     need(m.positional in ('sinusoidal', 'learned'),
          f'model.positional={m.positional!r}; valid: sinusoidal, learned')
     need(m.norm in ('post', 'pre'), f'model.norm={m.norm!r}; valid: post, pre')
+    need(m.attention_impl in ('auto', 'xla', 'cudnn'),
+         f'model.attention_impl={m.attention_impl!r}; valid: auto, xla, cudnn')
+    need(m.remat in ('none', 'block'), f'model.remat={m.remat!r}; valid: none, block')
     need(m.dtype in DTYPES + ('auto',),
          f'model.dtype={m.dtype!r}; valid: auto, {", ".join(DTYPES)}')
     need(m.param_dtype in DTYPES,
@@ -205,6 +223,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
     need(t.sync_every_steps >= 1, f'train.sync_every_steps={t.sync_every_steps} must be >= 1')
     need(t.warmup_steps > 0, f'train.warmup_steps={t.warmup_steps} must be positive')
     need(t.grad_accum_steps >= 1, f'train.grad_accum_steps={t.grad_accum_steps} must be >= 1')
+    need(t.dropout_rng_impl in ('rbg', 'threefry2x32'),
+         f'train.dropout_rng_impl={t.dropout_rng_impl!r}; valid: rbg, threefry2x32')
     need(t.keep_checkpoints >= c.decode.average_last,
          f'train.keep_checkpoints={t.keep_checkpoints} is fewer than '
          f'decode.average_last={c.decode.average_last}')

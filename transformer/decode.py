@@ -97,8 +97,8 @@ def _encode_and_cache(model, inputs, bound: int, repeat: int):
     segmentation, _ = segments_and_positions(inputs)
     encoded = model.encode(inputs, segmentation)
     cache = model.init_cache(encoded, bound)
-    if repeat > 1:  # beams of one sentence are adjacent rows: row b * K + k
-        cache = jax.tree.map(lambda x: jnp.repeat(x, repeat, axis=0), cache)
+    if repeat > 1:  # beams of one sentence are adjacent rows: row b * K + k (cache axis 1)
+        cache = jax.tree.map(lambda x: jnp.repeat(x, repeat, axis=1), cache)
         segmentation = jnp.repeat(segmentation, repeat, axis=0)
     return cache, segmentation
 
@@ -164,13 +164,11 @@ def _gather_beams(x, beam_index):
 
 
 def _gather_cache(cache, beam_index, beam_size):
-    """Reorders cache rows [B * K, ...]: row b * K + k becomes row b * K + beam_index[b, k].
-
-    A gather of whole rows along the leading axis (a contiguous copy per row).
-    """
+    """Reorders cache rows [layers, B * K, ...]: row b * K + k becomes row
+    b * K + beam_index[b, k], in every layer (a gather of whole rows)."""
     batch = beam_index.shape[0]
     rows = (jnp.arange(batch)[:, None] * beam_size + beam_index).reshape(-1)
-    return jax.tree.map(lambda x: jnp.take(x, rows, axis=0, mode='clip'), cache)
+    return jax.tree.map(lambda x: jnp.take(x, rows, axis=1, mode='clip'), cache)
 
 
 def _beam_search(graphdef, params, inputs, beam_size: int, alpha: float,

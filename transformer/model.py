@@ -15,7 +15,11 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from transformer.multi_head_attention import MultiHeadAttention, attention_mask
+from transformer.multi_head_attention import (
+    MultiHeadAttention,
+    attention_mask,
+    resolve_implementation,
+)
 from transformer.tokenizer import PAD_ID  # also the decoder's start symbol
 
 
@@ -103,8 +107,10 @@ class Residual(nnx.Module):
 
 def _attention(cfg, dtype, param_dtype, rngs):
     return MultiHeadAttention(cfg.d_model, cfg.num_heads, cfg.d_k, cfg.d_v,
-                              dropout_rate=cfg.attention_dropout_rate, dtype=dtype,
-                              param_dtype=param_dtype, rngs=rngs)
+                              dropout_rate=cfg.attention_dropout_rate,
+                              implementation=resolve_implementation(cfg.attention_impl, dtype,
+                                                                    cfg.d_k, cfg.d_v),
+                              dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
 
 class EncoderLayer(nnx.Module):
@@ -115,11 +121,19 @@ class EncoderLayer(nnx.Module):
                                rngs)
         self.ffn_residual = Residual(cfg, dtype, param_dtype, rngs)
 
-    def __call__(self, x, mask, rngs=None, weights=None):
-        """`weights`, a list, receives the attention weights when given."""
-        x = self.attention_residual(
-            x, lambda h: self.self_attention(h, h, mask, rngs=rngs, weights=weights), rngs)
-        return self.ffn_residual(x, lambda h: self.ffn(h, rngs), rngs)
+    def __call__(self, x, mask, rngs=None, return_attention=False):
+        """The layer's output and, with `return_attention`, {'encoder': weights}."""
+        weights = {}
+
+        def attend(h):
+            out = self.self_attention(h, h, mask, rngs=rngs, return_weights=return_attention)
+            if not return_attention:
+                return out
+            weights['encoder'] = out[1]
+            return out[0]
+
+        x = self.attention_residual(x, attend, rngs)
+        return self.ffn_residual(x, lambda h: self.ffn(h, rngs), rngs), weights
 
 
 class DecoderLayer(nnx.Module):
@@ -132,16 +146,24 @@ class DecoderLayer(nnx.Module):
                                rngs)
         self.ffn_residual = Residual(cfg, dtype, param_dtype, rngs)
 
-    def __call__(self, x, encoded, self_mask, cross_mask, rngs=None, self_weights=None,
-                 cross_weights=None):
-        """`self_weights`, `cross_weights`, lists, receive the attention weights when given."""
-        x = self.self_residual(
-            x, lambda h: self.self_attention(h, h, self_mask, rngs=rngs, weights=self_weights),
-            rngs)
+    def __call__(self, x, encoded, self_mask, cross_mask, rngs=None, return_attention=False):
+        """The layer's output and, with `return_attention`, {'decoder': .., 'cross': ..}."""
+        weights = {}
+
+        def attend(kind, attention, kv_input, mask):
+            def sublayer(h):
+                out = attention(h, h if kv_input is None else kv_input, mask, rngs=rngs,
+                                return_weights=return_attention)
+                if not return_attention:
+                    return out
+                weights[kind] = out[1]
+                return out[0]
+            return sublayer
+
+        x = self.self_residual(x, attend('decoder', self.self_attention, None, self_mask), rngs)
         x = self.cross_residual(
-            x, lambda h: self.cross_attention(h, encoded, cross_mask, rngs=rngs,
-                                              weights=cross_weights), rngs)
-        return self.ffn_residual(x, lambda h: self.ffn(h, rngs), rngs)
+            x, attend('cross', self.cross_attention, encoded, cross_mask), rngs)
+        return self.ffn_residual(x, lambda h: self.ffn(h, rngs), rngs), weights
 
     def step(self, x, self_cache, cross_kv, cross_mask, index):
         """One cached decoding step (no dropout): x is [batch, 1, d_model]."""
@@ -154,8 +176,46 @@ class DecoderLayer(nnx.Module):
 
         x = self.self_residual(x, self_attn)
         x = self.cross_residual(
-            x, lambda h: self.cross_attention(h, None, cross_mask, kv=cross_kv))
+            x, lambda h: self.cross_attention(h, None, cross_mask, kv=cross_kv, decoding=True))
         return self.ffn_residual(x, self.ffn), new_cache[0]
+
+
+# -- stacks of identical layers -------------------------------------------------------------------
+# A stack's parameters are stacked on a leading 'layers' axis and the layers run in a
+# lax.scan: the step traces and compiles one layer per stack instead of N (trace time of the
+# base step: see benchmarks/step_cost.py), and rematerialisation is one jax.checkpoint around
+# the scanned layer.
+
+
+def _layer_stack(layer_class, count: int, cfg, dtype, param_dtype, rngs: nnx.Rngs):
+    """`count` layers built as one module whose parameters have a leading axis of `count`."""
+    @nnx.split_rngs(splits=count)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: 'layers'})
+    def create(rngs):
+        return layer_class(cfg, dtype, param_dtype, rngs)
+
+    return create(rngs)
+
+
+def _scan_layers(stack, x, body, xs=None, *, rngs=None, remat: bool = False,
+                 unroll: bool = False):
+    """Runs `body(layer, x, layer_xs, layer_rngs) -> (x, layer_ys)` over the layers of `stack`.
+
+    `xs` (a pytree with a leading layer axis, or None) gives each layer its slice; `rngs`
+    gives each layer its own dropout key. Returns (x, ys stacked on a leading layer axis).
+    """
+    graphdef, state = nnx.split(stack)
+    count = jax.tree.leaves(state)[0].shape[0]
+    keys = jax.random.split(rngs.dropout(), count) if rngs is not None else None
+
+    def step(carry, layer_inputs):
+        layer_state, layer_xs, key = layer_inputs
+        layer_rngs = nnx.Rngs(dropout=key) if key is not None else None
+        return body(nnx.merge(graphdef, layer_state), carry, layer_xs, layer_rngs)
+
+    if remat:  # keep only each layer's input for the backward pass; recompute the rest
+        step = jax.checkpoint(step, prevent_cse=False)
+    return jax.lax.scan(step, x, (state, xs, keys), unroll=count if unroll else 1)
 
 
 class Transformer(nnx.Module):
@@ -190,10 +250,10 @@ class Transformer(nnx.Module):
                 embedding_init=nnx.with_partitioning(nnx.initializers.normal(0.02),
                                                      (None, 'embed')), rngs=rngs)
         self.embed_dropout = nnx.Dropout(cfg.dropout_rate)
-        self.encoder_layers = nnx.List(
-            [EncoderLayer(cfg, dtype, param_dtype, rngs) for _ in range(cfg.num_encoder_layers)])
-        self.decoder_layers = nnx.List(
-            [DecoderLayer(cfg, dtype, param_dtype, rngs) for _ in range(cfg.num_decoder_layers)])
+        self.encoder_layers = _layer_stack(EncoderLayer, cfg.num_encoder_layers, cfg, dtype,
+                                           param_dtype, rngs)
+        self.decoder_layers = _layer_stack(DecoderLayer, cfg.num_decoder_layers, cfg, dtype,
+                                           param_dtype, rngs)
         if cfg.norm == 'pre':  # pre-LN needs a final normalisation of each stack's output
             self.encoder_norm = _layer_norm(cfg, dtype, param_dtype, rngs)
             self.decoder_norm = _layer_norm(cfg, dtype, param_dtype, rngs)
@@ -215,49 +275,64 @@ class Transformer(nnx.Module):
         return x
 
     def output_logits(self, x):
-        """The pre-softmax projection of decoder outputs (the shared embedding, 3.4)."""
+        """The pre-softmax projection of decoder outputs (the shared embedding, 3.4), computed
+        and returned in float32 whatever the compute dtype: the loss and the beam scores see
+        unrounded logits."""
         if self.cfg.share_embeddings:
-            logits = self.embed.attend(x)
+            weights, spec = self.embed.embedding[...], 'btd,vd->btv'
         else:
-            logits = self.output_projection(x)
-        return logits.astype(jnp.float32)
+            weights, spec = self.output_projection.kernel[...], 'btd,dv->btv'
+        return jnp.einsum(spec, x.astype(self.dtype), weights.astype(self.dtype),
+                          preferred_element_type=jnp.float32)
 
     # -- full passes --------------------------------------------------------------------------
 
     def encode(self, inputs, inputs_segmentation=None, inputs_position=None, *, rngs=None,
-               attention=None):
+               return_attention: bool = False):
         """Encoder stack: token ids [batch, src_len] -> representations [batch, src_len, d_model].
 
-        `attention`, a dict, receives the self-attention weights under 'encoder' when given.
+        With `return_attention`, also {'encoder': weights [layers, batch, heads, src, src]}.
         """
         seg, pos = segments_and_positions(inputs, inputs_segmentation, inputs_position)
         x = self.embed_tokens(inputs, pos, target=False, rngs=rngs)
         mask = attention_mask(seg, seg)
-        weights = attention.setdefault('encoder', []) if attention is not None else None
-        for layer in self.encoder_layers:
-            x = layer(x, mask, rngs, weights)
-        return self.encoder_norm(x) if self.cfg.norm == 'pre' else x
+
+        def body(layer, x, _, layer_rngs):
+            return layer(x, mask, layer_rngs, return_attention)
+
+        x, weights = _scan_layers(self.encoder_layers, x, body, rngs=rngs,
+                                  remat=self._remat(return_attention),
+                                  unroll=not self.cfg.scan_layers)
+        if self.cfg.norm == 'pre':
+            x = self.encoder_norm(x)
+        return (x, weights) if return_attention else x
 
     def decode(self, encoded, inputs_segmentation, targets, targets_segmentation=None,
-               targets_position=None, *, rngs=None, attention=None):
+               targets_position=None, *, rngs=None, return_attention: bool = False):
         """Decoder stack with teacher forcing: logits [batch, tgt_len, vocab] in float32.
 
-        `targets` are the outputs to predict; the decoder reads them shifted right.
-        `attention`, a dict, receives the weights under 'decoder' and 'cross' when given.
+        `targets` are the outputs to predict; the decoder reads them shifted right. With
+        `return_attention`, also {'decoder': [layers, batch, heads, tgt, tgt], 'cross':
+        [layers, batch, heads, tgt, src]}.
         """
         seg, pos = segments_and_positions(targets, targets_segmentation, targets_position)
         x = self.embed_tokens(shift_right(targets, pos), pos, target=True, rngs=rngs)
         self_mask = attention_mask(seg, seg, causal=True)
         cross_mask = attention_mask(seg, inputs_segmentation)
-        self_weights = cross_weights = None
-        if attention is not None:
-            self_weights = attention.setdefault('decoder', [])
-            cross_weights = attention.setdefault('cross', [])
-        for layer in self.decoder_layers:
-            x = layer(x, encoded, self_mask, cross_mask, rngs, self_weights, cross_weights)
+
+        def body(layer, x, _, layer_rngs):
+            return layer(x, encoded, self_mask, cross_mask, layer_rngs, return_attention)
+
+        x, weights = _scan_layers(self.decoder_layers, x, body, rngs=rngs,
+                                  remat=self._remat(return_attention),
+                                  unroll=not self.cfg.scan_layers)
         if self.cfg.norm == 'pre':
             x = self.decoder_norm(x)
-        return self.output_logits(x)
+        logits = self.output_logits(x)
+        return (logits, weights) if return_attention else logits
+
+    def _remat(self, return_attention: bool) -> bool:
+        return self.cfg.remat == 'block' and not return_attention
 
     def __call__(self, inputs, targets, inputs_segmentation=None, targets_segmentation=None,
                  inputs_position=None, targets_position=None, *, rngs=None,
@@ -268,30 +343,33 @@ class Transformer(nnx.Module):
         {'encoder': [layers, batch, heads, src, src], 'decoder': [layers, batch, heads, tgt,
         tgt], 'cross': [layers, batch, heads, tgt, src]}.
         """
-        attention = {} if return_attention else None
         in_seg, _ = segments_and_positions(inputs, inputs_segmentation, inputs_position)
-        encoded = self.encode(inputs, in_seg, inputs_position, rngs=rngs, attention=attention)
-        logits = self.decode(encoded, in_seg, targets, targets_segmentation, targets_position,
-                             rngs=rngs, attention=attention)
+        encoded = self.encode(inputs, in_seg, inputs_position, rngs=rngs,
+                              return_attention=return_attention)
         if not return_attention:
-            return logits
-        return logits, {k: jnp.stack(v) for k, v in attention.items()}
+            return self.decode(encoded, in_seg, targets, targets_segmentation,
+                               targets_position, rngs=rngs)
+        encoded, weights = encoded
+        logits, more = self.decode(encoded, in_seg, targets, targets_segmentation,
+                                   targets_position, rngs=rngs, return_attention=True)
+        return logits, {**weights, **more}
 
     # -- cached autoregressive decoding ------------------------------------------------------
 
     def init_cache(self, encoded, max_length: int):
         """Decoding state for `encoded` [batch, src_len, d_model].
 
-        'self': per decoder layer, zeroed key/value buffers [batch, max_length, heads, d]
-        (the only part beam search reorders); 'cross': per layer, the encoder-output keys and
-        values, projected once per sentence.
+        'self': key and value buffers [layers, batch, max_length, heads, d], zeroed (the only
+        part beam search reorders); 'cross': the encoder-output keys and values of every layer
+        [layers, batch, src_len, heads, d], projected once per sentence.
         """
-        batch = encoded.shape[0]
-        cfg = self.cfg
-        self_cache = [(jnp.zeros((batch, max_length, cfg.num_heads, cfg.d_k), self.dtype),
-                       jnp.zeros((batch, max_length, cfg.num_heads, cfg.d_v), self.dtype))
-                      for _ in self.decoder_layers]
-        cross = [layer.cross_attention.project_kv(encoded) for layer in self.decoder_layers]
+        batch, cfg = encoded.shape[0], self.cfg
+        layers = cfg.num_decoder_layers
+        self_cache = (jnp.zeros((layers, batch, max_length, cfg.num_heads, cfg.d_k), self.dtype),
+                      jnp.zeros((layers, batch, max_length, cfg.num_heads, cfg.d_v), self.dtype))
+        _, cross = _scan_layers(
+            self.decoder_layers, encoded,
+            lambda layer, x, _, __: (x, layer.cross_attention.project_kv(encoded)))
         return {'self': self_cache, 'cross': cross}
 
     def decode_step(self, tokens, index, cache, inputs_segmentation):
@@ -302,10 +380,14 @@ class Transformer(nnx.Module):
         positions = jnp.full((tokens.shape[0], 1), index, jnp.int32)
         x = self.embed_tokens(tokens[:, None], positions, target=True)
         cross_mask = (inputs_segmentation > 0)[:, None, None, :]
-        new_self = []
-        for layer, self_cache, cross_kv in zip(self.decoder_layers, cache['self'], cache['cross']):
-            x, c = layer.step(x, self_cache, cross_kv, cross_mask, index)
-            new_self.append(c)
+
+        def body(layer, x, layer_cache, _):
+            self_cache, cross_kv = layer_cache
+            return layer.step(x, self_cache, cross_kv, cross_mask, index)
+
+        x, new_self = _scan_layers(self.decoder_layers, x, body,
+                                   (cache['self'], cache['cross']),
+                                   unroll=not self.cfg.scan_layers)
         if self.cfg.norm == 'pre':
             x = self.decoder_norm(x)
         return self.output_logits(x)[:, 0], {'self': new_self, 'cross': cache['cross']}
@@ -314,8 +396,8 @@ class Transformer(nnx.Module):
 def create_model(config: ml_collections.ConfigDict, seed: int = 0) -> Transformer:
     """Builds the model of `config` (uses config.model and config.vocab_size).
 
-    Parameters carry logical axis names ('vocab', 'embed', 'heads', 'mlp'); `sharding.py`
-    maps them onto the mesh, so they are not sharded eagerly here.
+    Parameters carry logical axis names ('layers', 'vocab', 'embed', 'heads', 'mlp');
+    `sharding.py` maps them onto the mesh, so they are not sharded eagerly here.
     """
-    with nnx.use_eager_sharding(False):
-        return Transformer(config.model, config.vocab_size, rngs=nnx.Rngs(params=seed))
+    nnx.use_eager_sharding(False)  # also inside the layer stacks' vmap
+    return Transformer(config.model, config.vocab_size, rngs=nnx.Rngs(params=seed))

@@ -1,4 +1,11 @@
-"""Scaled dot-product and multi-head attention (section 3.2), masks, and the decoding cache."""
+"""Scaled dot-product and multi-head attention (section 3.2), masks, and the decoding cache.
+
+Attention goes through `jax.nn.dot_product_attention`, so that GPUs can run cuDNN's fused
+(flash) kernel: `model.attention_impl` 'auto' picks 'cudnn' where the backend, dtype and head
+width allow it and 'xla' otherwise. Two cases need the attention weights themselves and take
+the explicit formula below: attention-probability dropout (an option, off by default) and
+returning the weights (the attention plot).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +16,7 @@ from flax import nnx
 # Masked logits get this instead of -inf (section 3.2.3): identical weights wherever a row has
 # at least one visible key, and no NaN in the all-masked rows of padding queries.
 MASK_VALUE = -1e9
+IMPLEMENTATIONS = ('auto', 'xla', 'cudnn')
 
 
 def attention_mask(q_segmentation: jax.Array, k_segmentation: jax.Array,
@@ -26,28 +34,55 @@ def attention_mask(q_segmentation: jax.Array, k_segmentation: jax.Array,
     return mask[:, None]
 
 
-def dot_product_attention(q, k, v, mask, dropout: nnx.Dropout | None = None, rngs=None):
-    """softmax(Q K^T / sqrt(d_k)) V (section 3.2.1); q,k,v are [batch, len, heads, dim].
+def resolve_implementation(name: str, dtype, d_k: int, d_v: int) -> str:
+    """'xla' or 'cudnn' for model.attention_impl `name` ('auto' decides)."""
+    if name not in IMPLEMENTATIONS:
+        raise ValueError(f'model.attention_impl={name!r}; valid: {", ".join(IMPLEMENTATIONS)}')
+    if name != 'auto':
+        return name
+    # cuDNN's fused kernel: GPU, 16-bit inputs, equal query/value widths, a multiple of 8 up
+    # to 128 (jax.nn.dot_product_attention checks the rest and says what it refuses).
+    fits = (jax.default_backend() == 'gpu' and jnp.dtype(dtype).itemsize == 2
+            and d_k == d_v and d_k % 8 == 0 and d_k <= 128)
+    return 'cudnn' if fits else 'xla'
 
-    Returns the output [batch, q_len, heads, d_v] and the weights [batch, heads, q_len, k_len].
-    """
+
+def attention_weights(q, k, mask, dropout: nnx.Dropout | None = None, rngs=None):
+    """softmax(Q K^T / sqrt(d_k)) (section 3.2.1) as weights [batch, heads, q_len, k_len],
+    in float32 whatever the compute dtype; q, k are [batch, len, heads, d_k]."""
     depth = q.shape[-1]
     logits = jnp.einsum('bqhd,bkhd->bhqk', q, k) / jnp.sqrt(depth).astype(q.dtype)
-    # Softmax in float32 whatever the compute dtype, for stability.
     logits = jnp.where(mask, logits.astype(jnp.float32), MASK_VALUE)
     weights = jax.nn.softmax(logits, axis=-1)
     if dropout is not None and rngs is not None:
         weights = dropout(weights, rngs=rngs)
+    return weights
+
+
+def dot_product_attention(q, k, v, mask, *, implementation: str = 'xla',
+                          dropout: nnx.Dropout | None = None, rngs=None,
+                          return_weights: bool = False):
+    """Attention output [batch, q_len, heads, d_v] of q, k [.., d_k], v [.., d_v] under `mask`.
+
+    With `return_weights`, (output, weights [batch, heads, q_len, k_len]).
+    """
+    explicit = (return_weights or (dropout is not None and rngs is not None)
+                or q.shape[-1] != v.shape[-1])  # jax's function wants one head width
+    if not explicit:
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+    weights = attention_weights(q, k, mask, dropout, rngs)
     out = jnp.einsum('bhqk,bkhd->bqhd', weights.astype(v.dtype), v)
-    return out, weights
+    return (out, weights) if return_weights else out
 
 
 class MultiHeadAttention(nnx.Module):
     """Multi-head attention (section 3.2.2): h heads of width d_k (queries, keys), d_v (values)."""
 
     def __init__(self, d_model: int, num_heads: int, d_k: int, d_v: int, *, dropout_rate=0.0,
-                 dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 implementation: str = 'xla', dtype=jnp.float32, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
         self.num_heads, self.d_k, self.d_v = num_heads, d_k, d_v
+        self.implementation = implementation
         init = nnx.initializers.xavier_uniform()
         zeros = nnx.initializers.zeros
 
@@ -65,21 +100,29 @@ class MultiHeadAttention(nnx.Module):
     def _split(self, x, depth):
         return x.reshape(x.shape[:-1] + (self.num_heads, depth))
 
+    def _merge(self, out):
+        return self.out(out.reshape(out.shape[:-2] + (self.num_heads * self.d_v,)))
+
     def project_kv(self, x):
         """Keys and values [batch, len, heads, d] of `x` (once per sentence when decoding)."""
         return self._split(self.key(x), self.d_k), self._split(self.value(x), self.d_v)
 
-    def __call__(self, x, kv_input, mask, *, rngs=None, kv=None, weights=None):
+    def __call__(self, x, kv_input, mask, *, rngs=None, kv=None, return_weights=False,
+                 decoding=False):
         """Attends from `x` [batch, q_len, d_model] to `kv_input` (or precomputed `kv`).
 
-        `weights`, a list, receives the attention weights [batch, heads, q_len, k_len].
+        With `return_weights`, (output, weights [batch, heads, q_len, k_len]). A decoding
+        step (one query per row) always takes XLA's implementation.
         """
         q = self._split(self.query(x), self.d_k)
         k, v = kv if kv is not None else self.project_kv(kv_input)
-        out, probs = dot_product_attention(q, k, v, mask, self.dropout, rngs)
-        if weights is not None:
-            weights.append(probs)
-        return self.out(out.reshape(out.shape[:-2] + (self.num_heads * self.d_v,)))
+        implementation = 'xla' if decoding else self.implementation
+        out = dot_product_attention(q, k, v, mask, implementation=implementation,
+                                    dropout=self.dropout, rngs=rngs,
+                                    return_weights=return_weights)
+        if return_weights:
+            return self._merge(out[0]), out[1]
+        return self._merge(out)
 
     def cached_self_attention(self, x, cache, index):
         """One decoding step of causal self-attention over a key/value cache.
@@ -95,6 +138,5 @@ class MultiHeadAttention(nnx.Module):
             cache[1], v_new.astype(cache[1].dtype), index, 1)
         mask = (jnp.arange(k_cache.shape[1]) <= index)[None, None, None, :]
         q = self._split(self.query(x), self.d_k)
-        out, _ = dot_product_attention(q, k_cache, v_cache, mask)
-        out = self.out(out.reshape(out.shape[:-2] + (self.num_heads * self.d_v,)))
-        return out, (k_cache, v_cache)
+        out = dot_product_attention(q, k_cache, v_cache, mask, implementation='xla')
+        return self._merge(out), (k_cache, v_cache)

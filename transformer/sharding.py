@@ -2,7 +2,8 @@
 
 The mesh has two named axes: 'data' (batch split, parameters replicated) and 'fsdp' (batch
 split too, and parameters and optimizer state split along d_model). Parameters carry logical
-axis names from the model ('vocab', 'embed', 'heads', 'mlp'); `RULES` maps them onto the mesh.
+axis names from the model ('layers', 'vocab', 'embed', 'heads', 'mlp'); `RULES` maps them onto
+the mesh.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ DATA, FSDP = 'data', 'fsdp'
 BATCH_AXES = (DATA, FSDP)  # the batch is split over every device
 
 # Logical axis -> mesh axis. 'embed' (d_model) divides every layer's matrices evenly for the
-# usual mesh sizes, unlike 'vocab' (37000 is not a multiple of 8), so FSDP shards it.
-RULES = {'embed': FSDP, 'vocab': None, 'heads': None, 'mlp': None}
+# usual mesh sizes, unlike 'vocab' (37000 is not a multiple of 8), so FSDP shards it. 'layers'
+# is the leading axis of a stack of layers (model.py scans over it).
+RULES = {'embed': FSDP, 'vocab': None, 'heads': None, 'mlp': None, 'layers': None}
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:

@@ -4,7 +4,8 @@ The training state is a plain dict of arrays (so Orbax saves it as is):
   params     the model's parameters (`nnx.to_pure_dict` of its state)
   opt_state  Adam's state
   step       the number of updates applied (int32)
-  rng        the base dropout key; step k uses fold_in(rng, k), so a resumed run draws the
+  rng        the base dropout key's data (train.dropout_rng_impl); step k uses fold_in(rng,
+             k), so a resumed run draws the
              same dropout masks as an uninterrupted one
 """
 
@@ -53,7 +54,8 @@ def _forward_sums(graphdef, params, batch: Batch, rng, label_smoothing: float):
 
 
 def make_train_step(graphdef, optimizer: optax.GradientTransformation, *, label_smoothing: float,
-                    grad_accum_steps: int = 1, dropout: bool = True, learning_rate=None):
+                    grad_accum_steps: int = 1, dropout: bool = True, learning_rate=None,
+                    rng_impl: str = 'threefry2x32'):
     """Returns step(state, batch) -> (state, metrics), to be jitted with the state donated.
 
     The gradient is the mean over every real target token of the global batch, also when the
@@ -69,7 +71,10 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, *, label_
 
     def step(state: dict[str, Any], batch: Batch):
         params = state['params']
-        rng = jax.random.fold_in(state['rng'], state['step']) if dropout else None
+        rng = None
+        if dropout:
+            key = jax.random.wrap_key_data(state['rng'], impl=rng_impl)
+            rng = jax.random.fold_in(key, state['step'])
         if grad_accum_steps == 1:
             grads, sums = grads_of(params, batch, rng)
         else:
@@ -145,7 +150,8 @@ def setup(config, mesh) -> Setup:
         params = nnx.to_pure_dict(nnx.state(model_fn()))
         return {'params': params, 'opt_state': optimizer.init(params),
                 'step': jnp.zeros((), jnp.int32),
-                'rng': jax.random.key_data(jax.random.PRNGKey(t.seed + 1))}
+                'rng': jax.random.key_data(jax.random.key(t.seed + 1,
+                                                          impl=t.dropout_rng_impl))}
 
     abstract_state = jax.eval_shape(init_state)
     opt_shardings = optax.tree_map_params(
@@ -158,7 +164,7 @@ def setup(config, mesh) -> Setup:
         graphdef, optimizer, label_smoothing=t.label_smoothing,
         grad_accum_steps=t.grad_accum_steps,
         dropout=max(m.dropout_rate, m.attention_dropout_rate, m.relu_dropout_rate) > 0,
-        learning_rate=schedule.rate(config))
+        learning_rate=schedule.rate(config), rng_impl=t.dropout_rng_impl)
     return Setup(graphdef, init_state, abstract_state, state_shardings,
                  sharding.batch_sharding(mesh), replicated, step_fn)
 
