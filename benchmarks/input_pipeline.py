@@ -3,15 +3,18 @@
   python benchmarks/input_pipeline.py [--batch_tokens=25000] [--runs=5] [--batches=20]
 
 Uses ../shared/data (Multi30k and the WMT EN-DE sample) as local parallel text. For each
-corpus: BPE vocabulary training time, length-index time, and for 'bucket' and 'pack' batching
-the real (non-padding) token throughput of the iterator (median of --runs runs of --batches
-batches, source + target tokens) and the real-token fraction over one epoch (of the full
-batches, and of all batches including the epoch's partial last one).
+corpus: BPE vocabulary training time, the time to tokenize the training set once into the
+cached token arrays (`tokenize_seconds`, and `tokenize_tokens_per_second`), and for 'bucket'
+and 'pack' batching the real (non-padding) source + target tokens per second one process's
+iterator produces (median of --runs runs of --batches batches, epoch re-plans included) and
+the real-token fraction over one epoch (of the full batches, and of all batches including
+the epoch's partial last one).
 
-Unless --no-train-step: the base config's training step on this machine (the sharded step of
-transformer/train.py, timed by benchmarks/train_step.py on a synthetic batch of
---train_step_batch_tokens per side), and for each corpus and batching `pipeline_over_train_step`,
-the pipeline's token rate over the step's (the issue asks for at least 10).
+The speed is set against what one host of 8 H100s would consume training base
+(`H100X8_BASE_TOKENS_PER_SECOND`: about 6 M source + target tokens/s, the upper end of the
+estimate in the project's issue: NVIDIA's big model does about 82k tokens/s on one A100,
+base about 3x that, an H100 2-3x an A100): `over_8xh100` must stay above 1, with room, since
+the iterator runs in a background thread of every process.
 """
 
 import argparse
@@ -45,6 +48,10 @@ def _real_tokens(batch):
     return int((batch['inputs_segmentation'] > 0).sum() + (batch['targets_segmentation'] > 0).sum())
 
 
+# Source + target tokens per second that 8 H100s training base would consume (see above).
+H100X8_BASE_TOKENS_PER_SECOND = 6e6
+
+
 def bench_corpus(prefix, vocab_size, args):
     c = config_lib.base_config()
     c.vocab_size = vocab_size
@@ -57,11 +64,17 @@ def bench_corpus(prefix, vocab_size, args):
         tok = workdir_lib.vocabulary(c, workdir, lambda: data.vocab_text(c))
         out['vocab_train_seconds'] = round(time.perf_counter() - start, 3)
         out['vocab_pieces'] = tok.vocab_size
+        start = time.perf_counter()
+        split = data.tokenized_train(c, tok, cache_dir=os.path.join(workdir, 'cache'),
+                                     vocab_fingerprint=workdir_lib.vocabulary_fingerprint(workdir))
+        out['tokenize_seconds'] = round(time.perf_counter() - start, 3)
+        tokens = int(sum(split.lengths[side].sum() for side in ('source', 'target')))
+        out['tokenize_tokens_per_second'] = round(tokens / out['tokenize_seconds'])
         for batching in ('bucket', 'pack'):
             c.data.batching = batching
             start = time.perf_counter()
-            it = batching_lib.TrainIterator(data.tokenized_train(c, tok), c.data)
-            init = time.perf_counter() - start  # first one builds the length index, then cached
+            it = batching_lib.TrainIterator(split, c.data)
+            init = time.perf_counter() - start
             # Real-token fraction over one epoch: of the batches with every row in use (what a
             # large corpus sees), and of all batches, including the epoch's partial last batch,
             # whose empty rows weigh a lot when an epoch has only a dozen batches.
@@ -84,6 +97,7 @@ def bench_corpus(prefix, vocab_size, args):
                 speeds.append(tokens / (time.perf_counter() - start))
             out[batching] = dict(
                 tokens_per_second=round(statistics.median(speeds)),
+                over_8xh100=round(statistics.median(speeds) / H100X8_BASE_TOKENS_PER_SECOND, 2),
                 tokens_per_second_runs=[round(s) for s in speeds],
                 real_token_fraction=round(real[0] / total[0], 4),
                 real_token_fraction_whole_epoch=round(real[1] / total[1], 4),
@@ -120,17 +134,6 @@ def _fraction_at_scale(c, tok, prefix, workdir, scale):
     return out
 
 
-def train_step_speed(args):
-    """Tokens per second (source + target) of the base config's sharded train step here."""
-    from benchmarks.train_step import measure  # imports JAX; only when asked for
-    r = measure('base', args.train_step_batch_tokens, args.train_step_seq_len,
-                args.train_step_runs, 1, variants=('sharded',))
-    return dict(config=r['config'], batch=r['batch'], dtype=r['dtype'],
-                step_time_s=round(r['sharded']['step_time_s'], 4),
-                step_time_s_runs=r['sharded']['step_time_s_runs'],
-                tokens_per_second=round(r['sharded']['tokens_per_second'], 1))
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--batch_tokens', type=int, default=25_000)
@@ -143,12 +146,6 @@ def main():
     parser.add_argument('--corpora', default=','.join(CORPORA))
     parser.add_argument('--scale', type=int, default=20,
                         help='corpus repetitions for the at-scale padding measurement')
-    parser.add_argument('--no-train-step', dest='train_step', action='store_false',
-                        help='skip the comparison with the base config\'s training step')
-    parser.add_argument('--train_step_batch_tokens', type=int, default=1024,
-                        help='tokens per side of the base train step\'s batch (25000 on a GPU)')
-    parser.add_argument('--train_step_seq_len', type=int, default=32)
-    parser.add_argument('--train_step_runs', type=int, default=3)
     args = parser.parse_args()
     logging.set_verbosity(logging.WARNING)
     result = dict(benchmark='input_pipeline',
@@ -160,18 +157,12 @@ def main():
             result['corpora'][name] = f'skipped: {prefix}.en not present'
             continue
         result['corpora'][name] = bench_corpus(prefix, vocab_size, args)
-    if args.train_step:
-        step = result['train_step'] = train_step_speed(args)
-        ratios = {}
-        for name, corpus in result['corpora'].items():
-            if not isinstance(corpus, dict):
-                continue
-            for batching in ('bucket', 'pack'):
-                ratio = round(corpus[batching]['tokens_per_second'] / step['tokens_per_second'], 2)
-                corpus[batching]['pipeline_over_train_step'] = ratio
-                ratios[f'{name}/{batching}'] = ratio
-        result['pipeline_over_train_step'] = ratios
-        result['pipeline_at_least_10x_train_step'] = bool(ratios) and min(ratios.values()) >= 10
+    speeds = {f'{name}/{how}': corpus[how]['tokens_per_second']
+              for name, corpus in result['corpora'].items() if isinstance(corpus, dict)
+              for how in ('bucket', 'pack')}
+    result['h100x8_base_tokens_per_second'] = H100X8_BASE_TOKENS_PER_SECOND
+    result['slowest_tokens_per_second'] = min(speeds.values()) if speeds else None
+    result['at_least_10M_tokens_per_second'] = bool(speeds) and min(speeds.values()) >= 10e6
     print(json.dumps(result, default=lambda x: x.item() if isinstance(x, np.generic) else str(x)))
 
 

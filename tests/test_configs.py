@@ -90,6 +90,25 @@ def test_summary_json(repo_root):
     assert s['memory_bytes']['total'] == 214_245_376 * 4 * 3
 
 
+def test_summary_memory_plan_compiles_the_step_for_n_devices(repo_root):
+    plans = {}
+    for fsdp in (1, 2):
+        r = run_cli(repo_root, '--config=configs/demo.py:runlocal', '--memory', '--devices=2',
+                    '--json', f'--config.train.mesh_fsdp={fsdp}')
+        assert r.returncode == 0, r.stderr
+        plans[fsdp] = json.loads(r.stdout)['memory_plan']
+    p = plans[1]
+    assert p['devices'] == 2 and p['mesh'] == {'data': 2, 'fsdp': 1}
+    assert p['batch'] == {'rows': 16, 'length': 64, 'tokens_per_side': 1024,
+                          'grad_accum_steps': 1}  # runlocal: 1024 tokens in rows of 64
+    b = p['per_device_bytes']
+    assert b['peak'] == b['argument'] + b['output'] - b['alias'] + b['temp'] > 0
+    assert b['alias'] > 0  # the state is donated
+    # Sharding parameters and Adam state over 2 devices halves (about) their share.
+    assert plans[2]['per_device_bytes']['argument'] < 0.7 * b['argument']
+    assert plans[2]['analytic_state_bytes_per_device'] == p['analytic_state_bytes_per_device'] / 2
+
+
 @pytest.mark.parametrize('args,needle', [
     (['--config=configs/table3.py:Z9'], "unknown config argument 'Z9'; valid: base, A1"),
     (['--config=configs/table3.py:A1', '--config.model.nope=1'],

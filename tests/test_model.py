@@ -12,6 +12,7 @@ from flax import nnx
 
 from transformer import config as config_lib
 from transformer import model as model_lib
+from transformer import multi_head_attention as mha
 from transformer import sharding
 from transformer.model_stats import count_parameters
 from transformer.multi_head_attention import attention_mask
@@ -207,3 +208,75 @@ def test_gradient_descent_lowers_the_loss_on_a_copy_task():
     losses = [float(step(m, optimizer)) for _ in range(30)]
     assert all(np.isfinite(losses))
     assert losses[-1] < 0.7 * losses[0]
+
+
+def test_fused_attention_path_equals_the_formula():
+    """jax.nn.dot_product_attention (what the model calls) against softmax(QK^T/sqrt(d))V
+    written out, in float32, with padding, causal and fully masked (padding) query rows."""
+    rng = np.random.default_rng(7)
+    q, k, v = (jnp.asarray(rng.normal(size=(2, 5, 3, 8)), jnp.float32) for _ in range(3))
+    seg = jnp.array([[1, 1, 1, 0, 0], [1, 1, 2, 2, 2]])
+    for causal in (False, True):
+        mask = attention_mask(seg, seg, causal=causal)
+        fused = mha.dot_product_attention(q, k, v, mask, implementation='xla')
+        explicit, weights = mha.dot_product_attention(q, k, v, mask, return_weights=True)
+        logits = np.einsum('bqhd,bkhd->bhqk', q, k) / np.sqrt(8)
+        logits = np.where(mask, logits, -np.inf)
+        with np.errstate(invalid='ignore'):  # rows with no visible key: NaN, not compared
+            by_hand = np.exp(logits - logits.max(-1, keepdims=True))
+            by_hand = by_hand / by_hand.sum(-1, keepdims=True)
+        real = np.asarray(seg > 0)  # queries of padding see nothing; their output is unused
+        np.testing.assert_allclose(np.asarray(weights).transpose(0, 2, 1, 3)[real],
+                                   by_hand.transpose(0, 2, 1, 3)[real], atol=1e-6)
+        np.testing.assert_allclose(np.asarray(fused)[real], np.asarray(explicit)[real],
+                                   atol=1e-6)
+    assert mha.resolve_implementation('auto', jnp.bfloat16, 64, 64) == 'xla'  # on a CPU
+    assert mha.resolve_implementation('cudnn', jnp.float32, 64, 64) == 'cudnn'
+    with pytest.raises(ValueError, match='attention_impl'):
+        mha.resolve_implementation('flash', jnp.float32, 64, 64)
+
+
+def test_attention_dropout_still_applies():
+    c = tiny_config(attention_dropout_rate=0.5)
+    m = model_lib.create_model(c, seed=0)
+    rng = np.random.default_rng(8)
+    inputs, targets = random_tokens(rng, (2, 6)), random_tokens(rng, (2, 5))
+    plain = m(inputs, targets)
+    dropped = [m(inputs, targets, rngs=nnx.Rngs(dropout=key)) for key in (1, 1, 2)]
+    assert not np.allclose(plain, dropped[0], atol=1e-3)
+    np.testing.assert_array_equal(dropped[0], dropped[1])  # the same key, the same masks
+    assert not np.allclose(dropped[0], dropped[2], atol=1e-3)
+
+
+def test_logits_are_computed_in_float32_in_bfloat16_models():
+    c = tiny_config(dtype='bfloat16')
+    m = model_lib.create_model(c, seed=1)
+    x = jnp.asarray(np.random.default_rng(9).normal(size=(2, 3, c.model.d_model)), jnp.bfloat16)
+    logits = m.output_logits(x)
+    assert logits.dtype == jnp.float32
+    # The reference: the same bfloat16 inputs, multiplied and summed in float64.
+    table = np.asarray(m.embed.embedding[...].astype(jnp.bfloat16), np.float64)
+    exact = np.asarray(x, np.float64) @ table.T
+    error = np.abs(np.asarray(logits) - exact).max()
+    rounded = np.abs(np.asarray(jnp.asarray(exact, jnp.bfloat16), np.float64) - exact).max()
+    assert error < 1e-4 < rounded  # bfloat16 outputs would be off by the rounding
+
+
+def test_remat_gives_the_same_gradients_in_less_memory():
+    rng = np.random.default_rng(10)
+    inputs, targets = random_tokens(rng, (4, 12)), random_tokens(rng, (4, 10))
+
+    def loss(graphdef, params):
+        logits = nnx.merge(graphdef, params)(inputs, targets, rngs=nnx.Rngs(dropout=3))
+        return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+
+    grads, temps = [], []
+    for remat in ('none', 'block'):
+        c = tiny_config(remat=remat, dropout_rate=0.1)
+        graphdef, params = nnx.split(model_lib.create_model(c, seed=2))
+        fn = jax.jit(jax.grad(loss, argnums=1), static_argnums=0)
+        grads.append(fn(graphdef, params))
+        temps.append(fn.lower(graphdef, params).compile().memory_analysis().temp_size_in_bytes)
+    for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    assert temps[1] < temps[0]

@@ -98,11 +98,25 @@ class _Plan:
     """
 
     def __init__(self, batches: list[tuple[int, list[list[int]]]]):
-        self.lengths = np.array([length for length, _ in batches], np.int32)
+        """`batches`: (length, rows), each row a list of example ids."""
         rows = [row for _, batch_rows in batches for row in batch_rows]
-        self.row_start = np.cumsum([0] + [len(r) for _, r in batches])
-        self.ex_start = np.cumsum([0] + [len(row) for row in rows])
-        self.examples = np.array([e for row in rows for e in row], np.int64)
+        self._set([length for length, _ in batches], [len(r) for _, r in batches],
+                  [len(row) for row in rows], [e for row in rows for e in row])
+
+    @classmethod
+    def one_per_row(cls, batches: list[tuple[int, np.ndarray]]) -> _Plan:
+        """`batches`: (length, example id of each row, -1 for a padding row)."""
+        plan = cls.__new__(cls)
+        rows = np.concatenate([ids for _, ids in batches]) if batches else np.zeros(0, int)
+        plan._set([length for length, _ in batches], [len(ids) for _, ids in batches],
+                  (rows >= 0).astype(np.int64), rows[rows >= 0])
+        return plan
+
+    def _set(self, lengths, rows_per_batch, examples_per_row, examples):
+        self.lengths = np.asarray(lengths, np.int32)
+        self.row_start = np.concatenate([[0], np.cumsum(rows_per_batch, dtype=np.int64)])
+        self.ex_start = np.concatenate([[0], np.cumsum(examples_per_row, dtype=np.int64)])
+        self.examples = np.asarray(examples, np.int64)
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -127,19 +141,20 @@ def _bucket_plan(rng, ids, src_len, tgt_len, data_config, multiple) -> _Plan:
     """Shuffled pairs grouped by length bucket, one pair per row, batches shuffled."""
     ids = rng.permutation(ids)
     buckets = bucket_length(np.maximum(src_len[ids], tgt_len[ids]), data_config)
-    batches, pending = [], []
+    batches, pending = [], ids[:0]
     for length in np.unique(buckets):
         per_batch = _round_rows(data_config.batch_tokens // int(length), multiple)
         # Rows a shorter bucket could not fill a batch with fit here; carrying them up leaves
         # a single partial batch per epoch instead of one per bucket.
-        rows = pending + [[int(e)] for e in ids[buckets == length]]
+        rows = np.concatenate([pending, ids[buckets == length]])
         full = len(rows) // per_batch * per_batch
         batches += [(int(length), rows[i:i + per_batch]) for i in range(0, full, per_batch)]
         pending = rows[full:]
-    if pending:
-        batches += [(int(length), _chunk_rows(pending, per_batch)[0])]
+    if len(pending):
+        padding = np.full(per_batch - len(pending), -1, ids.dtype)
+        batches += [(int(length), np.concatenate([pending, padding]))]
     order = rng.permutation(len(batches))
-    return _Plan([batches[i] for i in order])
+    return _Plan.one_per_row([batches[i] for i in order])
 
 
 def _pack_plan(rng, ids, src_len, tgt_len, data_config, multiple) -> _Plan:

@@ -20,6 +20,7 @@ from transformer.multi_head_attention import (
     attention_mask,
     resolve_implementation,
 )
+from transformer.sharding import constrain_batch
 from transformer.tokenizer import PAD_ID  # also the decoder's start symbol
 
 
@@ -294,11 +295,12 @@ class Transformer(nnx.Module):
         With `return_attention`, also {'encoder': weights [layers, batch, heads, src, src]}.
         """
         seg, pos = segments_and_positions(inputs, inputs_segmentation, inputs_position)
-        x = self.embed_tokens(inputs, pos, target=False, rngs=rngs)
+        x = constrain_batch(self.embed_tokens(inputs, pos, target=False, rngs=rngs))
         mask = attention_mask(seg, seg)
 
         def body(layer, x, _, layer_rngs):
-            return layer(x, mask, layer_rngs, return_attention)
+            x, weights = layer(x, mask, layer_rngs, return_attention)
+            return constrain_batch(x), weights
 
         x, weights = _scan_layers(self.encoder_layers, x, body, rngs=rngs,
                                   remat=self._remat(return_attention),
@@ -317,18 +319,20 @@ class Transformer(nnx.Module):
         """
         seg, pos = segments_and_positions(targets, targets_segmentation, targets_position)
         x = self.embed_tokens(shift_right(targets, pos), pos, target=True, rngs=rngs)
+        x = constrain_batch(x)
         self_mask = attention_mask(seg, seg, causal=True)
         cross_mask = attention_mask(seg, inputs_segmentation)
 
         def body(layer, x, _, layer_rngs):
-            return layer(x, encoded, self_mask, cross_mask, layer_rngs, return_attention)
+            x, weights = layer(x, encoded, self_mask, cross_mask, layer_rngs, return_attention)
+            return constrain_batch(x), weights
 
         x, weights = _scan_layers(self.decoder_layers, x, body, rngs=rngs,
                                   remat=self._remat(return_attention),
                                   unroll=not self.cfg.scan_layers)
         if self.cfg.norm == 'pre':
             x = self.decoder_norm(x)
-        logits = self.output_logits(x)
+        logits = constrain_batch(self.output_logits(x))
         return (logits, weights) if return_attention else logits
 
     def _remat(self, return_attention: bool) -> bool:

@@ -170,6 +170,39 @@ def setup(config, mesh) -> Setup:
 
 
 def jit_sharded_step(s: Setup):
-    """The training step as train runs it: sharded in and out, the state donated."""
-    return jax.jit(s.step_fn, in_shardings=(s.state_shardings, s.batch_sharding),
+    """The training step as train runs it: sharded in and out, the state donated, traced
+    under the mesh (activations stay split by rows: sharding.constrain_batch)."""
+    mesh = s.batch_sharding.mesh
+
+    def traced_under_mesh(state, batch):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return s.step_fn(state, batch)
+
+    return jax.jit(traced_under_mesh, in_shardings=(s.state_shardings, s.batch_sharding),
                    out_shardings=(s.state_shardings, s.replicated), donate_argnums=0)
+
+
+def abstract_batch(config, rows: int, length: int, batch_sharding) -> Batch:
+    """Shapes of a global training batch of `rows` x `length` tokens on both sides."""
+    shape = jax.ShapeDtypeStruct((rows, length), jnp.int32, sharding=batch_sharding)
+    return {k: shape for k in ('inputs', 'targets', 'inputs_segmentation',
+                               'targets_segmentation', 'inputs_position', 'targets_position')}
+
+
+def memory_plan(config, mesh, rows: int, length: int) -> dict:
+    """Compiles the real training step for `mesh` on a [rows, length] batch (nothing is
+    allocated) and returns XLA's memory analysis of it, in bytes per device.
+
+    'peak' is arguments + outputs - aliased (the donated state is updated in place) +
+    temporaries: what one device must hold during a step.
+    """
+    s = setup(config, mesh)
+    state = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                         s.abstract_state, s.state_shardings)
+    compiled = jit_sharded_step(s).lower(
+        state, abstract_batch(config, rows, length, s.batch_sharding)).compile()
+    m = compiled.memory_analysis()
+    out = {name: int(getattr(m, f'{name}_size_in_bytes')) for name in
+           ('argument', 'output', 'alias', 'temp', 'generated_code')}
+    out['peak'] = out['argument'] + out['output'] - out['alias'] + out['temp']
+    return out
