@@ -38,6 +38,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -258,6 +259,25 @@ def _per_config(value: str, names, default: dict | None, flag: str, strict=True)
     return out
 
 
+def demo_input_wait(steps: int) -> dict:
+    """The demo trained by `python -m transformer.train` for `steps` steps in a temporary work
+    directory: train/input_wait_fraction (time the loop waited for its next batch / wall time)
+    of every logged window but the first (compilation), and their median."""
+    with tempfile.TemporaryDirectory() as workdir:
+        command = [sys.executable, '-m', 'transformer.train', '--config=configs/demo.py',
+                   f'--workdir={workdir}', f'--config.train.steps={steps}',
+                   '--config.train.eval_every_steps=100000',
+                   '--config.train.checkpoint_every_steps=100000']
+        subprocess.run(command, cwd=ROOT, check=True, capture_output=True)
+        with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+            windows = [json.loads(line) for line in f]
+    fractions = [w['train/input_wait_fraction'] for w in windows
+                 if 'train/input_wait_fraction' in w][1:]
+    return {'config': 'configs/demo.py', 'steps': steps,
+            'input_wait_fraction': statistics.median(fractions),
+            'input_wait_fraction_windows': [round(x, 5) for x in fractions]}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--configs', default=','.join(CONFIGS),
@@ -272,6 +292,9 @@ def main():
     parser.add_argument('--runs', type=int, default=7, help='timed runs per variant')
     parser.add_argument('--steps', type=int, default=1, help='steps per timed run')
     parser.add_argument('--variants', default=','.join(VARIANTS))
+    parser.add_argument('--input_wait_steps', type=int, default=300,
+                        help='train the demo this many steps and report input_wait_fraction '
+                        '(0: skip)')
     parser.add_argument('--in_process', action='store_true',
                         help='run every config in this process (peak memory is then cumulative)')
     parser.add_argument('--_child', default=None, help=argparse.SUPPRESS)
@@ -327,6 +350,8 @@ def main():
                 'batch_tokens_per_side': {n: r['batch']['tokens_per_side']
                                           for n, r in results.items() if 'batch' in r},
                 'seq_len': {n: r['batch']['seq_len'] for n, r in results.items() if 'batch' in r}}
+    if args.input_wait_steps:
+        results['demo_input_wait'] = demo_input_wait(args.input_wait_steps)
     print(json.dumps({'benchmark': 'train_step', **(env or {}), 'settings': settings,
                       'configs': results}))
 
