@@ -17,4 +17,5 @@ def get_config(arg=None):
     c.data.source = 'tfds'
     c.data.tfds_name = 'wmt14_translate/de-en'
     config_lib.apply_model(c, name)
+    c.row = name
     return config_lib.shrink(c) if runlocal else c

@@ -165,10 +165,11 @@ class _NoOrbaxErrors(logging.Filter):
                     and not os.environ.get('TRANSFORMER_TRACEBACK'))
 
 
-def run(main: Callable[[], None]) -> None:
+def run(main: Callable[[], None], positional: list | None = None) -> None:
     """Runs a program's `main()` with absl flags and one-line errors.
 
-    Stray positional arguments are refused; errors.Error ends with its exit status, other bad
+    Positional arguments go to the list `positional` of a program that takes them, and are
+    refused otherwise; errors.Error ends with its exit status, other bad
     input (ValueError, a missing file, undecodable text) with status 2. In a multi-process run
     any failure (a lost peer included) is one line and exit status 1, without waiting for the
     other processes.
@@ -176,7 +177,9 @@ def run(main: Callable[[], None]) -> None:
 
     def wrapped(argv):
         try:
-            if len(argv) > 1:
+            if positional is not None:
+                positional.extend(argv[1:])
+            elif len(argv) > 1:
                 raise errors.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
             main()
         except Exception as e:

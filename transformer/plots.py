@@ -1,4 +1,4 @@
-"""Figures: attention maps of one sentence.
+"""Figures: attention maps of one sentence; the curves and BLEU of a set of runs.
 
 matplotlib runs headless (Agg); each function writes one PNG.
 """
@@ -63,5 +63,36 @@ def attention_maps(weights: dict, source_pieces, target_pieces, out: str, title:
                     ax.set_title(f'head {head + 1}', fontsize=9)
                 ax.tick_params(length=0)
         subfig.colorbar(image, ax=grid, shrink=0.6, label='weight')
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def runs_figure(curves: dict, bleu: dict, out: str) -> None:
+    """Two panels into one PNG: validation perplexity against steps of every run, and
+    validation BLEU against parameters.
+
+    curves: run -> [(step, perplexity)]; bleu: run -> (parameters, BLEU).
+    """
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5), layout='constrained')
+    for name, curve in curves.items():
+        if curve:
+            steps, ppl = zip(*curve)
+            left.plot(steps, ppl, marker='.', label=name)
+    left.set_xlabel('training step')
+    left.set_ylabel('validation perplexity (per word-piece)')
+    left.set_yscale('log')
+    left.grid(True, which='both', alpha=0.3)
+    if any(curves.values()):
+        left.legend(fontsize=7, ncol=2)
+    left.set_title('validation perplexity')
+    for name, (parameters, score) in bleu.items():
+        right.scatter(parameters / 1e6, score)
+        right.annotate(name, (parameters / 1e6, score), fontsize=8, xytext=(3, 3),
+                       textcoords='offset points')
+    right.set_xscale('log')
+    right.set_xlabel('parameters (millions)')
+    right.set_ylabel('validation BLEU (beam search, no averaging)')
+    right.grid(True, which='both', alpha=0.3)
+    right.set_title('BLEU against parameters')
     fig.savefig(out, dpi=110)
     plt.close(fig)

@@ -262,7 +262,8 @@ def main():
     progress = progress_bar(config, step) if is_main else None
     start_time = last_save_time = time.time()
     pending = None  # (step, metrics) of the previous step, fetched one step late
-    stop_now = signalled = False
+    signalled = False
+    stop_now = 0 < t.max_minutes <= seconds_before / 60  # a time-bounded run already done
     try:
         while step < t.steps and not stop_now:
             wait_start = time.perf_counter()
