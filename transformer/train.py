@@ -141,6 +141,19 @@ def validation_bleu(config, tokenizer, graphdef, params, sentences: int) -> floa
     return bleu.sacrebleu_score(ordered, references[:len(ordered)])[0]
 
 
+def evaluate(config, tokenizer, graphdef, params, eval_step, validation, mesh, step) -> dict:
+    """The validation loss (and greedy BLEU when asked) at `step`, also said on the console."""
+    result = validation_loss(eval_step, params, validation, mesh)
+    sentences = config.train.eval_bleu_sentences
+    if sentences > 0 and jax.process_count() == 1:
+        result['greedy_bleu'] = validation_bleu(config, tokenizer, graphdef, params, sentences)
+        cli.say(f'step {step} greedy BLEU on {sentences} validation sentences: '
+                f'{result["greedy_bleu"]:.2f}')
+    cli.say(f'step {step} validation: nll {result["nll"]:.4f}, '
+            f'perplexity {result["perplexity"]:.3f}')
+    return result
+
+
 def batch_stats(config, batch: dict) -> dict:
     """Host-side facts of a global batch: its FLOPs and its real and total token slots."""
     rows = batch['inputs'].shape[0] * jax.process_count()
@@ -311,16 +324,11 @@ def main():
                     'train_seconds': seconds})
                 last_save_time, last_saved = time.time(), step
                 _fault_injection('in-save', step)
-            if validation is not None and (step % t.eval_every_steps == 0 or step == t.steps):
-                result = validation_loss(eval_step, state['params'], validation, mesh)
-                if t.eval_bleu_sentences > 0 and jax.process_count() == 1:
-                    result['greedy_bleu'] = validation_bleu(
-                        config, tokenizer, setup.graphdef, state['params'], t.eval_bleu_sentences)
-                    cli.say(f'step {step} greedy BLEU on {t.eval_bleu_sentences} validation '
-                            f'sentences: {result["greedy_bleu"]:.2f}')
-                writer.write(step, result, prefix='eval/')
-                cli.say(f'step {step} validation: nll {result["nll"]:.4f}, '
-                        f'perplexity {result["perplexity"]:.3f}')
+            # The last step is evaluated too, unless a signal asks to be quick.
+            last = step == t.steps or (stop_now and not signalled)
+            if validation is not None and (step % t.eval_every_steps == 0 or last):
+                writer.write(step, evaluate(config, tokenizer, setup.graphdef, state['params'],
+                                            eval_step, validation, mesh, step), prefix='eval/')
         if pending is not None:
             checked(*pending, last_saved, workdir)
         saver.wait()
