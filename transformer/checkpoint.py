@@ -143,9 +143,9 @@ class Saver:
         steps = self.manager.all_steps()
         if steps:
             needed = _tree_size(os.path.join(directory, str(max(steps))))
-        else:  # this process's shards of the state
+        else:  # this process's shards of the state, each written once however replicated
             needed = sum(shard.data.nbytes for leaf in jax.tree.leaves(state)
-                         for shard in leaf.addressable_shards)
+                         for shard in leaf.addressable_shards if shard.replica_id == 0)
         return shutil.disk_usage(directory).free, self.MARGIN * needed
 
     def _watch(self) -> None:

@@ -4,8 +4,8 @@ Every file name of a work directory is defined here, once:
 
   config.json             the resolved config (train writes it; the other programs read it)
   vocab.model, vocab.json the shared BPE vocabulary and what it was made for
-  cache/                  what train derives from the training text (length index); rebuilt
-                          when deleted
+  cache/                  the training set tokenized once (token arrays per text and
+                          vocabulary, memory-mapped); rebuilt when deleted
   checkpoints/<step>/     Orbax steps of the training state and data position
   averaged/               the output of `python -m transformer.average`
   eval/                   evaluate's hypotheses and scores
