@@ -2,12 +2,13 @@
 length penalty on the validation split, and score test2016 once.
 
     python benchmarks/multi30k.py [--workdir=/tmp/multi30k] [--minutes=55] [--alphas=0.6,1.0]
-                                  [--dry_run] [-- --config.model.dropout_rate=0.2 ...]
+                                  [--validation_only] [--dry_run]
+                                  [-- --config.model.dropout_rate=0.2 ...]
 
 The model is the miniature Table 3's base (configs/table3_mini.py: 3 + 3 layers, d_model 256,
 d_ff 1024, 4 heads, shared BPE 8000, about 2048 tokens a batch, packed, warm-up 200 steps) with
-the settings in TUNED, chosen from the miniature sweep's validation results (README,
-"Reproducing the paper"): everything else is the paper's (post-LN, Adam 0.9/0.98/1e-9, the
+the settings in TUNED, chosen on the validation split (none so far: see the comment there);
+everything else is the paper's (post-LN, Adam 0.9/0.98/1e-9, the
 inverse-square-root schedule, label smoothing 0.1, beam 4). Training stops by itself after
 --minutes of training (train.max_minutes: it saves and exits 0), with checkpoints every
 --checkpoint_minutes, so the last 5, averaged, span the end of the run like the paper's
@@ -36,12 +37,11 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 DATA = REPO.parent / 'shared' / 'data' / 'multi30k'
 AVERAGE = 5
 
-# Chosen on the validation split from the miniature Table 3 sweep (README, "Reproducing the
-# paper"): nothing beyond the miniature base. At a fixed time the sweep favours the faster
-# step (fewer, narrower layers win at 8 minutes because they take more steps), but 55 minutes
-# give the base ~20 epochs of Multi30k, enough for its depth to pay; the base's short warm-up
-# (200 steps, peak rate 2.2e-3) trained stably in every row; less dropout helped at 8 minutes,
-# when nothing overfits yet, so the paper's 0.1 stays for a run twice as long.
+# Chosen on the validation split (benchmarks/README.md, "multi30k.py"): nothing beyond the
+# miniature base. The 8-minute sweep favours whatever learns fastest early (fewer layers, no
+# dropout), which 55 minutes (~20 epochs, overfitting after ~15) do not reward; P_drop 0.2,
+# run for the full 55 minutes with --validation_only, was level with the base on validation
+# BLEU (39.13 against 39.28), so the base stays.
 TUNED: list[str] = []
 
 
@@ -76,6 +76,9 @@ def main():
     parser.add_argument('--checkpoint_minutes', type=float, default=3.0)
     parser.add_argument('--alphas', default='0.6,1.0',
                         help='length penalties tried on the validation split')
+    parser.add_argument('--validation_only', action='store_true',
+                        help='stop after the validation scores (to compare settings without '
+                        'looking at test2016); run again without it to score test once')
     parser.add_argument('--dry_run', action='store_true')
     args = parser.parse_args(argv)
     alphas = [float(a) for a in args.alphas.split(',')]
@@ -100,6 +103,14 @@ def main():
     validation = {a: run_json(evaluate_command(args.workdir, 'validation', a), env)
                   for a in alphas}
     alpha = max(alphas, key=lambda a: validation[a]['sacrebleu'])
+    scores = {str(a): {k: v[k] for k in ('sacrebleu', 'sacrebleu_lowercase', 'tokenized_bleu')}
+              for a, v in validation.items()}
+    if args.validation_only:
+        print(json.dumps({'benchmark': 'multi30k_en_de_validation', 'alpha': alpha,
+                          'validation': scores, 'checkpoint_steps': validation[alpha]['steps'],
+                          'train_wall_seconds': train_seconds, 'settings': TUNED + extra,
+                          'commands': commands}, indent=1))
+        return
     test = run_json(evaluate_command(args.workdir, 'test', alpha), env)
     evaluate_seconds = time.time() - start
     print(json.dumps({
@@ -111,9 +122,7 @@ def main():
         'chrf': test['chrf'],
         'sentences': test['sentences'],
         'alpha': alpha,
-        'validation': {str(a): {k: v[k] for k in ('sacrebleu', 'sacrebleu_lowercase',
-                                                   'tokenized_bleu')}
-                       for a, v in validation.items()},
+        'validation': scores,
         'checkpoint_steps': test['steps'],
         'train_minutes_requested': args.minutes,
         'train_wall_seconds': train_seconds,

@@ -180,7 +180,7 @@ def parse_arg(arg: str | None, valid: tuple[str, ...], default: str) -> tuple[st
 
 
 def validate(c: ml_collections.ConfigDict) -> None:
-    """Raises ValueError with one line naming the field when the config cannot work."""
+    """Raises UsageError with one line naming the field when the config cannot work."""
     m, d, t = c.model, c.data, c.train
 
     def need(cond, msg):
