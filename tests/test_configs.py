@@ -26,7 +26,8 @@ def load(repo_root, name, arg=None):
 def test_every_config_builds_and_validates(repo_root):
     for name, args in [('wmt14_ende', ['base', 'big', 'base,runlocal']),
                        ('wmt14_enfr', ['base', 'big']), ('local', ['base', 'big']),
-                       ('demo', [None, 'runlocal']), ('table3', TABLE3_ROWS)]:
+                       ('demo', [None, 'runlocal']), ('table3', TABLE3_ROWS),
+                       ('table3_mini', TABLE3_ROWS + ['C5,runlocal'])]:
         for arg in args:
             c = load(repo_root, name, arg)
             config_lib.validate(c)
@@ -124,3 +125,25 @@ def test_bad_config_input_is_one_line_and_exit_2(repo_root, args, needle):
     errors = [line for line in r.stderr.splitlines() if line.startswith('error:')]
     assert len(errors) == 1 and needle in errors[0], r.stderr
     assert 'Traceback' not in r.stderr
+
+
+def _row_changes(name, row):
+    """{field: +1 or -1 (or the new value)} of what a Table 3 row changes from its base."""
+    base, changed = load_config(name, 'base'), load_config(name, row)
+    config_lib.validate(changed)
+    fields = [f for f in config_lib.differences(base, changed)
+              if f.startswith('model.') or f == 'train.label_smoothing']
+
+    def get(c, field):
+        group, key = field.split('.')
+        return c[group][key]
+
+    return {f: (get(changed, f) > get(base, f)) - (get(changed, f) < get(base, f))
+            if isinstance(get(base, f), (int, float)) else get(changed, f) for f in fields}
+
+
+@pytest.mark.parametrize('row', TABLE3_ROWS)
+def test_miniature_table3_rows_change_what_the_papers_rows_change(row):
+    # The same fields, each moved in the same direction (bigger, smaller, or to the same
+    # choice), from the miniature base as from the paper's.
+    assert _row_changes('table3_mini', row) == _row_changes('table3', row)
