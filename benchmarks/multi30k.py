@@ -8,11 +8,10 @@ length penalty on the validation split, and score test2016 once.
 The model is the miniature Table 3's base (configs/table3_mini.py: 3 + 3 layers, d_model 256,
 d_ff 1024, 4 heads, shared BPE 8000, about 2048 tokens a batch, packed, warm-up 200 steps) with
 the settings in TUNED, chosen on the validation split (none so far: see the comment there);
-everything else is the paper's (post-LN, Adam 0.9/0.98/1e-9, the
-inverse-square-root schedule, label smoothing 0.1, beam 4). Training stops by itself after
---minutes of training (train.max_minutes: it saves and exits 0), with checkpoints every
---checkpoint_minutes, so the last 5, averaged, span the end of the run like the paper's
-10-minute checkpoints.
+everything else is the paper's (post-LN, Adam 0.9/0.98/1e-9, the inverse-square-root schedule,
+label smoothing 0.1, beam 4). Training stops by itself after --minutes of training
+(train.max_minutes: it saves and exits 0), with checkpoints every --checkpoint_minutes, so the
+last 5, averaged, span the end of the run like the paper's 10-minute checkpoints.
 
 Then, on the averaged model: the validation split is decoded with each length penalty in
 --alphas, the one with the best cased sacreBLEU is kept, and test2016 is decoded once with it.
@@ -54,7 +53,7 @@ def train_command(workdir: str, minutes: float, checkpoint_minutes: float,
             f'--config.train.keep_checkpoints={AVERAGE}', *TUNED, *extra]
 
 
-def evaluate_command(workdir: str, split: str, alpha: float) -> list[str]:
+def evaluate_command(workdir: str, split: str, alpha: float | str) -> list[str]:
     return [sys.executable, '-m', 'transformer.evaluate', f'--workdir={workdir}',
             f'--split={split}', f'--average={AVERAGE}', '--beam_size=4', f'--alpha={alpha}']
 
@@ -87,8 +86,7 @@ def main():
     commands = {'train': shlex.join(train),
                 'validation': [shlex.join(evaluate_command(args.workdir, 'validation', a))
                                for a in alphas],
-                'test': shlex.join(evaluate_command(args.workdir, 'test', 0.0))
-                .replace('--alpha=0.0', '--alpha=<chosen>')}
+                'test': shlex.join(evaluate_command(args.workdir, 'test', '<chosen>'))}
     if args.dry_run:
         print(json.dumps({'commands': commands}, indent=1))
         return
