@@ -34,7 +34,7 @@ import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DATA = REPO.parent / 'shared' / 'data' / 'multi30k'
-AVERAGE = 5
+SCORES = ('sacrebleu', 'sacrebleu_lowercase', 'tokenized_bleu', 'tokenized_bleu_lowercase')
 
 # Chosen on the validation split (benchmarks/README.md, "multi30k.py"): nothing beyond the
 # miniature base. The 8-minute sweep favours whatever learns fastest early (fewer layers, no
@@ -44,18 +44,19 @@ AVERAGE = 5
 TUNED: list[str] = []
 
 
-def train_command(workdir: str, minutes: float, checkpoint_minutes: float,
+def train_command(workdir: str, minutes: float, checkpoint_minutes: float, keep: int,
                   extra: list[str]) -> list[str]:
     return [sys.executable, '-m', 'transformer.train', '--config=configs/table3_mini.py:base',
             f'--workdir={workdir}', f'--config.train.max_minutes={minutes}',
             f'--config.train.checkpoint_every_minutes={checkpoint_minutes}',
             '--config.train.eval_every_steps=500', '--config.train.log_every_steps=50',
-            f'--config.train.keep_checkpoints={AVERAGE}', *TUNED, *extra]
+            f'--config.train.keep_checkpoints={keep}', *TUNED, *extra]
 
 
-def evaluate_command(workdir: str, split: str, alpha: float | str) -> list[str]:
+def evaluate_command(workdir: str, split: str, average: int | str,
+                     alpha: float | str) -> list[str]:
     return [sys.executable, '-m', 'transformer.evaluate', f'--workdir={workdir}',
-            f'--split={split}', f'--average={AVERAGE}', '--beam_size=4', f'--alpha={alpha}']
+            f'--split={split}', f'--average={average}', '--beam_size=4', f'--alpha={alpha}']
 
 
 def run_json(command: list[str], env: dict) -> dict:
@@ -75,18 +76,25 @@ def main():
     parser.add_argument('--checkpoint_minutes', type=float, default=3.0)
     parser.add_argument('--alphas', default='0.6,1.0',
                         help='length penalties tried on the validation split')
+    parser.add_argument('--averages', default='5',
+                        help='numbers of final checkpoints averaged, tried on the validation '
+                        'split (the run keeps as many as the largest)')
     parser.add_argument('--validation_only', action='store_true',
                         help='stop after the validation scores (to compare settings without '
                         'looking at test2016); run again without it to score test once')
     parser.add_argument('--dry_run', action='store_true')
     args = parser.parse_args(argv)
     alphas = [float(a) for a in args.alphas.split(',')]
+    averages = [int(k) for k in args.averages.split(',')]
+    grid = [(k, a) for k in averages for a in alphas]
 
-    train = train_command(args.workdir, args.minutes, args.checkpoint_minutes, extra)
+    train = train_command(args.workdir, args.minutes, args.checkpoint_minutes, max(averages),
+                          extra)
     commands = {'train': shlex.join(train),
-                'validation': [shlex.join(evaluate_command(args.workdir, 'validation', a))
-                               for a in alphas],
-                'test': shlex.join(evaluate_command(args.workdir, 'test', '<chosen>'))}
+                'validation': [shlex.join(evaluate_command(args.workdir, 'validation', k, a))
+                               for k, a in grid],
+                'test': shlex.join(evaluate_command(args.workdir, 'test', '<chosen>',
+                                                    '<chosen>'))}
     if args.dry_run:
         print(json.dumps({'commands': commands}, indent=1))
         return
@@ -98,18 +106,20 @@ def main():
     subprocess.run(train, cwd=REPO, env=env, stdout=sys.stderr, check=True)
     train_seconds = time.time() - start
     start = time.time()
-    validation = {a: run_json(evaluate_command(args.workdir, 'validation', a), env)
-                  for a in alphas}
-    alpha = max(alphas, key=lambda a: validation[a]['sacrebleu'])
-    scores = {str(a): {k: v[k] for k in ('sacrebleu', 'sacrebleu_lowercase', 'tokenized_bleu')}
-              for a, v in validation.items()}
+    validation = {(k, a): run_json(evaluate_command(args.workdir, 'validation', k, a), env)
+                  for k, a in grid}
+    average, alpha = max(grid, key=lambda ka: validation[ka]['sacrebleu'])
+    scores = {f'average{k}_alpha{a}': {
+        m: v[m] for m in SCORES}
+        for (k, a), v in validation.items()}
     if args.validation_only:
-        print(json.dumps({'benchmark': 'multi30k_en_de_validation', 'alpha': alpha,
-                          'validation': scores, 'checkpoint_steps': validation[alpha]['steps'],
+        print(json.dumps({'benchmark': 'multi30k_en_de_validation', 'average': average,
+                          'alpha': alpha, 'validation': scores,
+                          'checkpoint_steps': validation[average, alpha]['steps'],
                           'train_wall_seconds': train_seconds, 'settings': TUNED + extra,
                           'commands': commands}, indent=1))
         return
-    test = run_json(evaluate_command(args.workdir, 'test', alpha), env)
+    test = run_json(evaluate_command(args.workdir, 'test', average, alpha), env)
     evaluate_seconds = time.time() - start
     print(json.dumps({
         'benchmark': 'multi30k_en_de_test2016',
@@ -117,8 +127,10 @@ def main():
         'sacrebleu_signature': test['sacrebleu_signature'],
         'sacrebleu_lowercase': test['sacrebleu_lowercase'],
         'tokenized_bleu': test['tokenized_bleu'],
+        'tokenized_bleu_lowercase': test['tokenized_bleu_lowercase'],
         'chrf': test['chrf'],
         'sentences': test['sentences'],
+        'average': average,
         'alpha': alpha,
         'validation': scores,
         'checkpoint_steps': test['steps'],

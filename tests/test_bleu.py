@@ -67,6 +67,15 @@ def test_tokenized_bleu_splits_compounds():
     assert bleu.tokenized_bleu(hyp, ref, 'de') == pytest.approx(expected)
 
 
+def test_lowercased_tokenized_bleu_keeps_compounds_whole():
+    hyp = ['Das Haus ist rot-grün und sehr schön und groß.']
+    ref = ['das Haus ist rot-blau und sehr schön und groß.']
+    # Lowercased, 10 tokens, only the 4th ('rot-grün', not split) wrong: 9/10, 7/9, 5/8, 3/7.
+    expected = 100 * (9 / 10 * 7 / 9 * 5 / 8 * 3 / 7) ** 0.25
+    assert bleu.lowercased_tokenized_bleu(hyp, ref, 'de') == pytest.approx(expected)
+    assert bleu.tokenized_bleu(hyp, ref, 'de') < expected  # cased: 'Das' does not match
+
+
 def test_sacrebleu_cased_lowercased_and_signatures():
     hyp, ref = ['The cat sat on the mat.'], ['the cat sat on the mat.']
     cased, signature = bleu.sacrebleu_score(hyp, ref)
@@ -87,6 +96,6 @@ def test_chrf_perfect_and_signature():
 def test_all_scores_and_mismatched_lengths():
     s = bleu.all_scores(['Ein Haus.', ''], ['Ein Haus.', 'Hallo'], 'de')
     assert set(s) >= {'sacrebleu', 'sacrebleu_signature', 'tokenized_bleu', 'chrf',
-                      'sacrebleu_lowercase'}
+                      'sacrebleu_lowercase', 'tokenized_bleu_lowercase'}
     with pytest.raises(ValueError, match='2 hypotheses but 1 references'):
         bleu.all_scores(['a', 'b'], ['a'], 'de')

@@ -9,6 +9,8 @@
   whitespace tokens, cased, no smoothing, brevity penalty against the reference length.
   It reads typically 0.7-1.0 above detokenized sacreBLEU on the same output.
 * `lowercased_sacrebleu`: sacreBLEU with lowercase=True, how Multi30k results are often given.
+* `lowercased_tokenized_bleu`: the other way Multi30k papers report: lowercased, Moses-tokenized
+  text scored by multi-bleu.perl, without the compound split.
 * `chrf`: sacreBLEU's chrF2.
 """
 
@@ -120,6 +122,15 @@ def tokenized_bleu(hypotheses: Sequence[str], references: Sequence[str], lang: s
     return corpus_bleu_tokenized(hyp, ref)['bleu']
 
 
+def lowercased_tokenized_bleu(hypotheses: Sequence[str], references: Sequence[str],
+                              lang: str) -> float:
+    """Multi30k's usual figure: lowercased, Moses-tokenized, multi-bleu, no compound split."""
+    _check(hypotheses, references)
+    hyp = [moses_tokenize(h.lower(), lang) for h in hypotheses]
+    ref = [moses_tokenize(r.lower(), lang) for r in references]
+    return corpus_bleu_tokenized(hyp, ref)['bleu']
+
+
 def all_scores(hypotheses: Sequence[str], references: Sequence[str], lang: str) -> dict:
     """Every score evaluate reports, with signatures."""
     cased, signature = sacrebleu_score(hypotheses, references)
@@ -133,6 +144,9 @@ def all_scores(hypotheses: Sequence[str], references: Sequence[str], lang: str) 
                                  '##AT##-##AT##, multi-bleu (cased, unsmoothed)',
         'sacrebleu_lowercase': lower,
         'sacrebleu_lowercase_signature': lower_signature,
+        'tokenized_bleu_lowercase': lowercased_tokenized_bleu(hypotheses, references, lang),
+        'tokenized_bleu_lowercase_method': f'lowercased, sacremoses tokenizer -l {lang} '
+                                           '(escaped), multi-bleu (unsmoothed)',
         'chrf': chrf_score,
         'chrf_signature': chrf_signature,
         'sacrebleu_version': sacrebleu.__version__,
