@@ -20,6 +20,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from transformer import (
+    allocator,
     batching,
     bleu,
     checkpoint,
@@ -254,6 +255,12 @@ def main():
         last_saved, run_info = None, {}
         state = jax.jit(setup.init_state, out_shardings=setup.state_shardings)()
         cli.say(f'New run in {workdir}: {jax.device_count()} devices, mesh {dict(mesh.shape)}')
+    if jax.default_backend() == 'cpu':
+        malloc = allocator.in_use()
+        hint = '' if malloc == 'tcmalloc' else (
+            ' (CPU steps run about 1.3x faster with tcmalloc: apt-get install '
+            'libtcmalloc-minimal4)')
+        cli.say(f'Memory allocator: {malloc}{hint}')
     step = int(state['step'])
     seconds_before = float(run_info.get('train_seconds', 0.0))  # training time of earlier runs
 
