@@ -4,7 +4,7 @@ XLA:CPU allocates each step's large temporary buffers afresh and frees them afte
 malloc serves blocks over 32 MiB with mmap and returns them with munmap, so every step
 page-faults its whole working memory anew: on the 2-core CPU about half of the Multi30k model's
 training time went to the kernel (futex, munmap, page faults). tcmalloc keeps freed memory for
-reuse: 1.29x the training steps per minute there (`benchmarks/README.md`, "allocator").
+reuse: 1.35x faster training steps there (`benchmarks/allocator.py`).
 
 A program (`python -m transformer.PROGRAM`) therefore re-executes itself once, at the import of
 the package and before JAX is loaded, with tcmalloc in LD_PRELOAD when the library is installed
