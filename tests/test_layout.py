@@ -35,6 +35,11 @@ def test_programs_are_imported_by_nothing_and_the_library_never_imports_cli():
             assert 'cli' not in imported, f'library module {module} imports cli'
 
 
+def test_the_allocator_restarts_exactly_the_programs():
+    from transformer import allocator
+    assert set(allocator.PROGRAMS) == PROGRAMS
+
+
 def test_no_import_cycle():
     graph = imports()
     state = {}
