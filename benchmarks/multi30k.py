@@ -115,9 +115,8 @@ def main():
     validation = {(k, a): run_json(evaluate_command(args.workdir, 'validation', k, a), env)
                   for k, a in grid}
     average, alpha = max(grid, key=lambda ka: validation[ka]['sacrebleu'])
-    scores = {f'average{k}_alpha{a}': {
-        m: v[m] for m in SCORES}
-        for (k, a), v in validation.items()}
+    scores = {f'average{k}_alpha{a}': {m: v[m] for m in SCORES}
+              for (k, a), v in validation.items()}
     if args.validation_only:
         print(json.dumps({'benchmark': 'multi30k_en_de_validation', 'average': average,
                           'alpha': alpha, 'validation': scores,

@@ -53,10 +53,9 @@ def reexec_env(argv: list[str], environ: Mapping[str, str],
 
 def use_tcmalloc() -> None:
     """Re-executes the running program with tcmalloc preloaded when `reexec_env` says so."""
-    argv = list(getattr(sys, 'orig_argv', ()))
-    env = reexec_env(argv, os.environ) if argv else None
+    env = reexec_env(sys.orig_argv, os.environ)
     if env is not None:
-        os.execve(sys.executable, [sys.executable, *argv[1:]], env)
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
 
 
 def in_use() -> str:
