@@ -9,7 +9,6 @@ planned from the lengths and read from the token arrays (batching.py).
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
@@ -19,17 +18,13 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from transformer import synthetic
-from transformer.errors import UsageError
+from transformer import synthetic, tfds_source
+from transformer.errors import DataError
 from transformer.tokenizer import Tokenizer
 
 SPLITS = ('train', 'validation', 'test')
 # Pairs are read and tokenized in chunks of this many (bounded memory, batched SentencePiece).
 CHUNK = 8192
-
-
-class DataError(UsageError):
-    """Bad input data; the message is one line naming the file, split or field."""
 
 
 # -- sources: random access to the sentence pairs of a split -----------------------------------
@@ -46,27 +41,6 @@ class _ListPairs:
 
     def get(self, ids: Sequence[int]) -> tuple[list[str], list[str]]:
         return [self.sources[i] for i in ids], [self.targets[i] for i in ids]
-
-
-class _TfdsPairs:
-    """Pairs read on demand from a TFDS ArrayRecord data source (no TensorFlow needed)."""
-
-    def __init__(self, source, src_lang: str, tgt_lang: str, name: str):
-        self.source, self.src_lang, self.tgt_lang, self.name = source, src_lang, tgt_lang, name
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def get(self, ids: Sequence[int]) -> tuple[list[str], list[str]]:
-        ids = [int(i) for i in ids]
-        getitems = getattr(self.source, '__getitems__', None)  # batched reads where offered
-        records = getitems(ids) if getitems else [self.source[i] for i in ids]
-        return ([_to_str(r[self.src_lang]) for r in records],
-                [_to_str(r[self.tgt_lang]) for r in records])
-
-
-def _to_str(x) -> str:
-    return x.decode('utf-8') if isinstance(x, bytes) else str(x)
 
 
 def read_lines(path: str) -> list[str]:
@@ -86,21 +60,6 @@ def read_lines(path: str) -> list[str]:
     if lines[-1] == '':
         lines.pop()
     return [line[:-1] if line.endswith('\r') else line for line in lines]
-
-
-@functools.lru_cache(maxsize=4)
-def _tfds_builder(name: str, data_dir: str, manual_dir: str):
-    import tensorflow_datasets as tfds  # heavy import, only for data.source == 'tfds'
-    builder = tfds.builder(name, data_dir=data_dir or None)
-    builder.download_and_prepare(
-        file_format='array_record',
-        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir or None))
-    return builder
-
-
-def clear_tfds_cache() -> None:
-    """Forgets the TFDS builders opened so far (they are kept open per process)."""
-    _tfds_builder.cache_clear()
 
 
 def pairs(config, split: str):
@@ -127,19 +86,7 @@ def pairs(config, split: str):
             raise DataError(f'{src_path} and {tgt_path} are empty')
         return _ListPairs(sources, targets, name=prefix)
     if d.source == 'tfds':
-        builder = _tfds_builder(d.tfds_name, d.tfds_data_dir, d.manual_dir)
-        languages = sorted(builder.info.features.keys())
-        for field, lang in (('source_lang', src_lang), ('target_lang', tgt_lang)):
-            if lang not in languages:
-                raise DataError(f'config.{field}={lang!r} is not in {d.tfds_name} '
-                                f'(languages: {", ".join(languages)})')
-        try:
-            source = builder.as_data_source(split)
-        except (KeyError, ValueError) as e:
-            raise DataError(f'{d.tfds_name} has no split {split!r}: {e}') from None
-        if len(source) == 0:
-            raise DataError(f'{d.tfds_name} split {split!r} is empty')
-        return _TfdsPairs(source, src_lang, tgt_lang, name=f'{d.tfds_name}:{split}')
+        return tfds_source.split_pairs(config, split)
     raise DataError(f'data.source={d.source!r}; valid: tfds, local, synthetic')
 
 

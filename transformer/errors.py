@@ -35,6 +35,10 @@ class UsageError(Error, ValueError):
     exit_status = EXIT_BAD_INPUT
 
 
+class DataError(UsageError):
+    """Bad input data; the message is one line naming the file, split or field."""
+
+
 class RunError(Error, RuntimeError):
     """A run that must stop (non-finite loss, failed save, lost peer): exit status 1."""
 

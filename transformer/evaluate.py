@@ -11,8 +11,11 @@ The split is never length-filtered; sources longer than model.max_position token
 included) are truncated, and their count is reported. Parameters are averaged over the last
 `--average` checkpoints (default: the config's decode.average_last, or as many as there are).
 
-Writes DIR/eval/<split>_<what>.hyp (one hypothesis per source line, in order) and
-DIR/eval/<split>_<what>.json (the scores, settings and speed), and prints the JSON.
+Writes DIR/eval/<split>_<what>.hyp (one hypothesis per source line, in the split's official
+order: newstest2014's SGML order for WMT14, file order for local data), .src and .ref beside it
+(the sources and references scored against, in the same order, so that `sacrebleu X.ref -i
+X.hyp` gives the printed score) and DIR/eval/<split>_<what>.json (the scores, settings and
+speed), and prints the JSON.
 """
 
 from __future__ import annotations
@@ -90,11 +93,19 @@ def evaluate(workdir: str, *, split: str, average: int | None, step: int | None,
                    f'{jax.devices()[0].platform} device(s)',
     }
     if distributed.is_main():
-        hyp_path = os.path.join(out_dir, label + '.hyp')
-        # A hypothesis never holds a newline (SentencePiece pieces cannot), but be sure.
-        text = ''.join(line.replace('\n', ' ') + '\n' for line in ordered)
-        workdir_lib.atomic_write(hyp_path, text.encode('utf-8'))
-        result['hypotheses_file'] = hyp_path
+        # The hypotheses, and beside them the sources and references they were scored
+        # against, line by line in the split's official order (newstest2014's SGML order for
+        # WMT14, file order for local data): sacreBLEU run by hand on the .hyp and .ref files
+        # gives the score printed here.
+        for suffix, lines, key in (('.hyp', ordered, 'hypotheses_file'),
+                                   ('.src', sources, 'sources_file'),
+                                   ('.ref', references, 'references_file')):
+            path = os.path.join(out_dir, label + suffix)
+            # A line never holds a newline (read split on them, SentencePiece cannot make
+            # one), but be sure.
+            text = ''.join(line.replace('\n', ' ') + '\n' for line in lines)
+            workdir_lib.atomic_write(path, text.encode('utf-8'))
+            result[key] = path
         workdir_lib.atomic_write(os.path.join(out_dir, label + '.json'),
                                  json.dumps(result, indent=2).encode())
     return result

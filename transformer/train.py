@@ -32,6 +32,7 @@ from transformer import (
     metrics,
     model_stats,
     sharding,
+    tfds_source,
 )
 from transformer import train_step as train_step_lib
 from transformer import workdir as workdir_lib
@@ -67,6 +68,24 @@ class StopSignal:
         del frame
         logging.warning('Received signal %d: saving after this step and exiting.', signum)
         self.requested = True
+
+
+def prepared_data(config) -> None:
+    """A TFDS dataset prepared before anything reads it: by this process in a single-process
+    run (the same code as `python -m transformer.prepare`); a multi-process run must find it
+    prepared on every process (preparing takes hours: not with a pod or cluster waiting)."""
+    if config.data.source != 'tfds':
+        return
+    if jax.process_count() == 1:
+        tfds_source.prepare(config.data, say=cli.say)
+        return
+    missing = not tfds_source.is_prepared(config.data)
+    if distributed.agree(missing)[0]:
+        where = tfds_source.builder(config.data).data_dir_root
+        raise UsageError(f'{config.data.tfds_name} is not prepared in {where} on '
+                         f'{"this" if missing else "another"} process: run python -m '
+                         'transformer.prepare with this config once, into a data directory '
+                         'every process reads (--config.data.tfds_data_dir), then launch again')
 
 
 def vocabulary(config, workdir: str, fingerprint: str | None, steps: list[int]):
@@ -222,6 +241,7 @@ def main():
     checkpoints = workdir_lib.path(workdir, workdir_lib.CHECKPOINTS_DIR)
 
     # --- vocabulary and data -------------------------------------------------------------------
+    prepared_data(config)
     recorded = workdir_lib.recorded_fingerprint(
         workdir, [checkpoint.read_info(checkpoints, steps[-1])] if steps else [])
     tokenizer = vocabulary(config, workdir, recorded, steps)
