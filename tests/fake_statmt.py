@@ -13,7 +13,9 @@ mid-body). Connection refused is a proxy address where nothing listens (`REFUSED
 
 The fakes' checksums are not TFDS's registered ones; `python tests/fake_statmt.py CHECKSUMS
 -m MODULE ARGS` runs a program with TFDS's registry of the WMT14 URLs replaced by CHECKSUMS
-(the only change to TFDS), optionally hiding an installed TensorFlow (FAKE_STATMT_NO_TF=1).
+(the only change to TFDS), optionally hiding an installed TensorFlow (FAKE_STATMT_NO_TF=1) and
+with fewer download retries than TFDS's 10 (FAKE_STATMT_RETRIES: against a refused connection
+urllib3 backs off for about 3.5 minutes before TFDS gives up).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import http.server
 import io
+import json
 import os
 import pathlib
 import re
@@ -40,6 +43,21 @@ URLS = (EUROPARL, COMMONCRAWL, NEWS_COMMENTARY, DEV)
 # A proxy address where nothing listens: every download's connection is refused.
 REFUSED_PROXY = 'http://127.0.0.1:9'
 
+# The records TFDS writes for these archives with TensorFlow installed (record_digests of a
+# preparation by tensorflow-cpu 2.21.0 and tensorflow-datasets 4.9.10, 2026-12-01). To record
+# them again after a TFDS upgrade, in an environment with TensorFlow:
+#     python tests/fake_statmt.py --record
+REFERENCE_DIGESTS = {
+    'shared': {
+        'test': 'e42def249a6fed6a003733774abaa2e82008e900b737d5cc56e3edcd310f13d0',
+        'train': '69a9b657d5e9ab4d6113155befc13195b346f3d55bba4733d2b44133ad919f58',
+        'validation': 'a7ac64ca815c2e53dc8a4d296a5bb48964b14c65b1d062ce1ab411b69d691bf8'},
+    'generated': {
+        'test': '52ff835e21e23129c757196b61c8a413226305ba754dd7d0c881c91b6230718d',
+        'train': '329a719e26645fa7b6a187eaf7daf1ae542ff4be959dbf6eec43db4545a73b99',
+        'validation': '9847f6f36826e3ae6c58985b577de6d7ff1906f94a469e4a6e035eebbcc0e154'},
+}
+
 # Training lines per corpus (de-en), and newstest documents kept.
 SIZES = {EUROPARL: 300, COMMONCRAWL: 150, NEWS_COMMENTARY: 100}
 TEST_DOCUMENTS = 6
@@ -55,10 +73,16 @@ _EN = 'the a house street man woman dog cat runs sees red blue small big city ri
 _DE = 'der die Haus Straße Mann Frau Hund Katze läuft sieht rot blau klein groß Stadt'.split()
 
 
+def variant() -> str:
+    """'shared' when the fixture's text comes from ../shared/data, 'generated' otherwise."""
+    return ('shared' if (SHARED / 'wmt_ende_sample').is_dir()
+            and (SHARED / 'wmt14_newstest').is_dir() else 'generated')
+
+
 def _training_pairs() -> tuple[list[str], list[str]]:
     total = sum(SIZES.values())
     sample = SHARED / 'wmt_ende_sample'
-    if sample.is_dir():
+    if variant() == 'shared':
         en = (sample / 'train.tok.en').read_text(encoding='utf-8').split('\n')[:total]
         de = (sample / 'train.tok.de').read_text(encoding='utf-8').split('\n')[:total]
         return en, de
@@ -95,7 +119,7 @@ def _sgm(kind: str, lang: str, segments: list[list[str]], src: str, tgt: str) ->
 def newstest2014_sgm() -> dict[str, str]:
     """SGML text of newstest2014 by language (en, de): the real files' first documents."""
     sgm = SHARED / 'wmt14_newstest' / 'sgm'
-    if sgm.is_dir():
+    if variant() == 'shared':
         return {'en': _sgm_documents(sgm / 'newstest2014-deen-src.en.sgm', TEST_DOCUMENTS),
                 'de': _sgm_documents(sgm / 'newstest2014-deen-ref.de.sgm', TEST_DOCUMENTS)}
     en = [_generated(9, 5 + d, _EN) for d in range(TEST_DOCUMENTS)]
@@ -118,7 +142,7 @@ def _swap_set(sgm_text: str, kind: str, src: str, tgt: str) -> str:
 
 def newstest2013() -> tuple[list[str], list[str]]:
     plain = SHARED / 'wmt14_newstest'
-    if plain.is_dir():
+    if variant() == 'shared':
         return tuple((plain / f'newstest2013.{lang}').read_text(encoding='utf-8')
                      .split('\n')[:VALIDATION_LINES] for lang in ('en', 'de'))
     return _generated(VALIDATION_LINES, 11, _EN), _generated(VALIDATION_LINES, 13, _DE)
@@ -307,10 +331,62 @@ def _launch(argv: list[str]) -> None:
         original(self, *args, **kwargs)
 
     dm.DownloadManager.__init__ = init
+    if os.environ.get('FAKE_STATMT_RETRIES'):  # urllib3's retries back off for minutes
+        from tensorflow_datasets.core.download import downloader
+        downloader.MAX_RETRIES = int(os.environ['FAKE_STATMT_RETRIES'])
     assert argv[0] == '-m', argv
     sys.argv = [argv[1]] + argv[2:]
     runpy.run_module(argv[1], run_name='__main__', alter_sys=True)
 
 
+def record_digests(version_dir: pathlib.Path) -> dict[str, str]:
+    """sha256 per split of a prepared dataset's records, in file order, each record
+    re-serialized canonically. TFDS's own output is not byte-stable: a tf.train.Example's
+    feature map is serialized in hash order, which varies from process to process (with or
+    without TensorFlow), so files from two identical preparations can differ in bytes while
+    holding the same records."""
+    from array_record.python import array_record_module
+    from tensorflow_datasets.proto import tf_example_pb2
+    digests = {}
+    for path in sorted(version_dir.glob('*.array_record-*')):
+        split = path.name.split('-')[1].split('.')[0]
+        reader = array_record_module.ArrayRecordReader(str(path))
+        h = hashlib.sha256()
+        for record in reader.read_all():
+            example = tf_example_pb2.Example.FromString(record)
+            h.update(example.SerializeToString(deterministic=True))
+        reader.close()
+        digests[split] = h.hexdigest()
+    return digests
+
+
+def _record() -> None:
+    """Prepares the fixture with the TensorFlow of this environment and prints its digests."""
+    import tempfile
+
+    import tensorflow  # noqa: F401 - the reference must be TFDS with TensorFlow
+    import tensorflow_datasets as tfds
+    from tensorflow_datasets.core.download import checksums
+    from tensorflow_datasets.core.download import download_manager as dm
+    with tempfile.TemporaryDirectory() as tmp:
+        root = pathlib.Path(tmp)
+        build_archives(root / 'archives')
+        write_checksums(root / 'archives', root / 'checksums.txt')
+        server = FakeStatmt(root / 'archives')
+        os.environ.update(http_proxy=server.proxy, HTTP_PROXY=server.proxy)
+        fakes = checksums.load_url_infos(root / 'checksums.txt')
+        original = dm.DownloadManager.__init__
+        dm.DownloadManager.__init__ = lambda self, *a, **k: original(
+            self, *a, **dict(k, url_infos=dict(k.get('url_infos') or {}, **fakes)))
+        builder = tfds.builder('wmt14_translate/de-en', data_dir=str(root / 'tfds'))
+        builder.download_and_prepare(file_format='array_record')
+        print(json.dumps({variant(): record_digests(pathlib.Path(builder.data_dir))}, indent=2))
+        server.close()
+
+
 if __name__ == '__main__':
-    _launch(sys.argv[1:])
+    if sys.argv[1:] == ['--record']:
+        _record()
+    else:
+        _launch(sys.argv[1:])
+

@@ -6,7 +6,6 @@ import pathlib
 
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 from conftest import load_config, shared_data
 
 from transformer import batching as batching_lib
@@ -227,62 +226,6 @@ def test_demo_config_end_to_end(tmp_path):
     assert it.stats['dropped_too_long'] == 0
     sources, _ = data.load_text(config, 'validation')
     assert len(sources) == config.data.synthetic_eval_size
-
-
-# --- TFDS (mocked: no download) ----------------------------------------------------------------
-
-
-def _fake_wmt(self, split, **kwargs):
-    """A stand-in for builder.as_data_source: 'en'/'de' records whose content tells them apart."""
-    del self, kwargs
-    n = {'train': 60, 'validation': 7, 'test': 9}[split]
-    return [{'de': f'deutsch {split} {i} Straße'.encode(), 'en': f'english {split} {i} street'}
-            for i in range(n)]
-
-
-def _tfds_config(**fields):
-    c = config_lib.base_config()
-    c.vocab_size = 100
-    c.data.update(source='tfds', tfds_name='wmt14_translate/de-en', max_length=32,
-                  batch_tokens=128, **fields)
-    return c
-
-
-def test_tfds_direction_from_config(tmp_path):
-    data.clear_tfds_cache()
-    with tfds.testing.mock_data(as_data_source_fn=_fake_wmt):
-        config = _tfds_config()
-        tok = vocabulary(config, tmp_path)
-        assert data.load_text(config, 'test')[0][2] == 'english test 2 street'
-        assert data.load_text(config, 'validation')[1][0] == 'deutsch validation 0 Straße'
-        it = iterator(config, tok)
-        pairs = _pairs_of(next(it), tok)
-        assert all(s.startswith('english train') and t.startswith('deutsch train')
-                   for s, t in pairs)
-        config.source_lang, config.target_lang = 'de', 'en'
-        assert data.load_text(config, 'test')[0][0] == 'deutsch test 0 Straße'
-        config.source_lang = 'fr'
-        with pytest.raises(ValueError, match="source_lang='fr' is not in wmt14_translate/de-en"):
-            data.load_text(config, 'test')
-    data.clear_tfds_cache()
-
-
-def test_tfds_random_mock(tmp_path, monkeypatch):
-    """The stock mock (random text per record) goes through the whole train path."""
-    # tfds 4.9.10's mock sets __getitems__ as a plain attribute of a MagicMock, so it is called
-    # without `self`; give it a function that does not expect one.
-    from tensorflow_datasets.testing import mocking
-    getitem = mocking._getitem
-    monkeypatch.setattr(mocking, '_getitems', lambda keys, generator, serialized=False: [
-        getitem(None, k, generator, serialized=serialized) for k in keys])
-    data.clear_tfds_cache()
-    with tfds.testing.mock_data(num_examples=40):
-        config = _tfds_config(batching='pack')
-        tok = vocabulary(config, tmp_path)
-        it = iterator(config, tok)
-        assert it.stats['pairs'] == 40
-        assert next(it)['inputs'].shape[1] == 32
-    data.clear_tfds_cache()
 
 
 # --- Bad input: one clear line each ------------------------------------------------------------

@@ -194,6 +194,31 @@ def _remove_stale(b) -> list[str]:
     return removed
 
 
+def _failed_download(chain: list[BaseException],
+                     files: list[Download]) -> tuple[Download | None, str | None]:
+    """(The download an exception chain is about, its archive when extraction failed): named
+    in a message (TFDS's HTTP and checksum errors), else found in the frames the error passed
+    through: a `url` (a connection cut mid-body) or the `from_path` of an extraction, whose
+    TFDS .INFO file names its URL."""
+    by_url = {f.url: f for f in files}
+    text = ' '.join(str(x) for x in chain)
+    for e in chain:
+        tb = e.__traceback__
+        while tb is not None:
+            local = tb.tb_frame.f_locals
+            url, archive = local.get('url'), local.get('from_path')
+            if isinstance(url, str) and url in by_url:
+                return by_url[url], None
+            if archive is not None and os.path.exists(f'{archive}.INFO'):
+                with contextlib.suppress(OSError, ValueError):
+                    with open(f'{archive}.INFO') as f:
+                        urls = json.load(f).get('urls', [])
+                    known = [by_url[u] for u in urls if u in by_url]
+                    return (known[0] if known else None), os.fspath(archive)
+            tb = tb.tb_next
+    return next((f for f in files if f.url in text), None), None
+
+
 def _explain(exc: BaseException, b, files: list[Download], manual: str) -> PrepareError:
     """One line for a failed preparation: what failed, which URL, and the manual route."""
     from tensorflow_datasets.core.download import download_manager, extractor
@@ -201,8 +226,7 @@ def _explain(exc: BaseException, b, files: list[Download], manual: str) -> Prepa
     while e is not None and e not in chain:
         chain.append(e)
         e = e.__cause__ or e.__context__
-    text = ' '.join(str(x) for x in chain)
-    failed = next((f for f in files if f.url in text), None)
+    failed, archive = _failed_download(chain, files)
     route = (f'or download {failed.url} yourself and put it in {manual} as {failed.filename}'
              if failed else f'or put the archives in {manual} under the names of their URLs')
     route += ' (--config.data.manual_dir chooses that directory)'
@@ -218,9 +242,9 @@ def _explain(exc: BaseException, b, files: list[Download], manual: str) -> Prepa
                             f'{route}')
     if any(isinstance(x, extractor.ExtractError) for x in chain):
         what = failed.url if failed else 'an archive'
+        where = archive or os.path.join(b.data_dir_root, 'downloads')
         return PrepareError(f'cannot extract {what} ({reason}): the archive is damaged; '
-                            f'delete it from {os.path.join(b.data_dir_root, "downloads")} and '
-                            f'run again, {route}')
+                            f'delete {where} and run again, {route}')
     if failed is not None:
         return PrepareError(f'could not download {failed.url} ({reason}); statmt.org is often '
                             f'slow or unavailable: run again later (finished downloads are '
