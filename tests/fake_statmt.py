@@ -79,14 +79,19 @@ def variant() -> str:
             and (SHARED / 'wmt14_newstest').is_dir() else 'generated')
 
 
-def _training_pairs() -> tuple[list[str], list[str]]:
-    total = sum(SIZES.values())
+def _training_pairs(total: int) -> tuple[list[str], list[str]]:
+    """`total` training pairs: the WMT sample's lines (past its end, again with a number), or
+    generated ones."""
     sample = SHARED / 'wmt_ende_sample'
-    if variant() == 'shared':
-        en = (sample / 'train.tok.en').read_text(encoding='utf-8').split('\n')[:total]
-        de = (sample / 'train.tok.de').read_text(encoding='utf-8').split('\n')[:total]
-        return en, de
-    return _generated(total, 0, _EN), _generated(total, 3, _DE)
+    if variant() != 'shared':
+        return _generated(total, 0, _EN), _generated(total, 3, _DE)
+    out = []
+    for lang in ('en', 'de'):
+        lines = (sample / f'train.tok.{lang}').read_text(encoding='utf-8').split('\n')
+        lines = [line for line in lines if line]
+        out.append([lines[i % len(lines)] + ('' if i < len(lines) else f' ({i})')
+                    for i in range(total)])
+    return tuple(out)
 
 
 def _sgm_documents(path: pathlib.Path, documents: int) -> str:
@@ -167,14 +172,16 @@ def _text(lines: list[str]) -> str:
     return '\n'.join(lines) + '\n'
 
 
-def build_archives(directory: pathlib.Path) -> dict:
-    """Writes the four archives of wmt14_translate/de-en; returns facts the tests check:
-    the training pairs, newstest2013 and newstest2014 (en, de) in their official order."""
+def build_archives(directory: pathlib.Path, scale: int = 1) -> dict:
+    """Writes the four archives of wmt14_translate/de-en (`scale` times SIZES training pairs);
+    returns facts the tests check: the training pairs, newstest2013 and newstest2014 (en, de)
+    in their official order."""
     directory.mkdir(parents=True, exist_ok=True)
-    en, de = _training_pairs()
+    sizes = {url: n * scale for url, n in SIZES.items()}
+    en, de = _training_pairs(sum(sizes.values()))
     start = 0
     corpora = {}
-    for url, n in SIZES.items():
+    for url, n in sizes.items():
         corpora[url] = (en[start:start + n], de[start:start + n])
         start += n
     other = {lang: _text(_generated(20, 1, _EN)) for lang in ('cs', 'es', 'fr', 'ru')}
@@ -207,7 +214,7 @@ def build_archives(directory: pathlib.Path) -> dict:
     for url, members in files.items():
         _tgz(directory / url.rsplit('/', 1)[1], members)
     test_en, test_de = segments(sgm['en']), segments(sgm['de'])
-    train = [p for url in SIZES for p in zip(*corpora[url]) if p[0] and p[1]]
+    train = [p for url in sizes for p in zip(*corpora[url]) if p[0] and p[1]]
     return dict(train=train, validation=(val_en, val_de), test=(test_en, test_de))
 
 
