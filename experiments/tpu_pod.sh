@@ -53,12 +53,16 @@ else git clone $(q "${REPO_URL}") ${REMOTE_REPO}; fi; \
 cd ${REMOTE_REPO} && ${REMOTE_PYTHON} -m pip install -q -e '.[tpu]'"
 fi
 
-# With a shared TFDS_DATA_DIR, worker 0 prepares the dataset once before the others read it
-# (without one, each worker prepares its own copy in ~/tensorflow_datasets on first use).
+# The dataset is prepared before train starts (a multi-process train refuses unprepared
+# data): with a shared TFDS_DATA_DIR by worker 0 once; without one, by every worker into its
+# own ~/tensorflow_datasets (each downloads it).
+prep=$(q --config="${CONFIG}")
 if [[ -n "${TFDS_DATA_DIR}" ]]; then
   gcloud compute tpus tpu-vm ssh "${TPU_NAME}" --zone="${ZONE}" --project="${PROJECT}" \
-    --worker=0 --command="cd ${REMOTE_REPO} && PYTHON=${REMOTE_PYTHON} \
-experiments/prepare_tfds.sh $(q "${CONFIG}" "${TFDS_DATA_DIR}")"
+    --worker=0 --command="cd ${REMOTE_REPO} && ${REMOTE_PYTHON} -m transformer.prepare \
+${prep} $(q --config.data.tfds_data_dir="${TFDS_DATA_DIR}")"
+else
+  ssh_all "cd ${REMOTE_REPO} && ${REMOTE_PYTHON} -m transformer.prepare ${prep}"
 fi
 
 # What each worker runs: its id and the coordinator from the metadata server, then train.

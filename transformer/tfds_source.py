@@ -73,11 +73,17 @@ class Download:
 def _builder(name: str, data_dir: str):
     tfds_compat.install()
     import tensorflow_datasets as tfds  # heavy import, only for data.source == 'tfds'
+    from absl import logging as absl_logging
+    verbosity = absl_logging.get_verbosity()
+    # TFDS warns that an unprepared dataset's directory "has no dataset_info.json".
+    absl_logging.set_verbosity(absl_logging.ERROR)
     try:
         return tfds.builder(name, data_dir=data_dir or None)
     except Exception as e:  # noqa: BLE001 - TFDS raises several kinds for an unknown name
         raise UsageError(f'data.tfds_name={name!r} is not a TFDS dataset this TFDS knows '
                          f'({errors.reason(e)})') from None
+    finally:
+        absl_logging.set_verbosity(verbosity)
 
 
 def builder(data_config):
@@ -107,7 +113,9 @@ def downloads(b) -> list[Download]:
     WMT builders download only the corpora of their language pair (their sub-datasets); for
     other builders, every URL TFDS registered for the dataset.
     """
-    infos = b.url_infos or {}
+    from tensorflow_datasets.core.download import checksums
+    # What TFDS validates downloads against: every registered URL, the builder's own first.
+    infos = dict(checksums.get_all_url_infos(), **(b.url_infos or {}))
 
     def of(url, manual_only=False):
         info = infos.get(url)
@@ -247,6 +255,10 @@ def _explain(exc: BaseException, b, files: list[Download], manual: str) -> Prepa
         where = archive or os.path.join(b.data_dir_root, 'downloads')
         return PrepareError(f'cannot extract {what} ({reason}): the archive is damaged; '
                             f'delete {where} and run again, {route}')
+    if any(isinstance(x, ImportError) and 'tensorflow' in str(x) for x in chain):
+        return PrepareError(f'TFDS needs TensorFlow to prepare {b.info.full_name} ({reason}), '
+                            'which transformer/tfds_compat.py does not stand in for: pip '
+                            'install tensorflow-cpu (for preparing only), then run again')
     if failed is not None:
         return PrepareError(f'could not download {failed.url} ({reason}); statmt.org is often '
                             f'slow or unavailable: run again later (finished downloads are '
