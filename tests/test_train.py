@@ -12,6 +12,7 @@ import pytest
 from conftest import free_port, program_env, run_train, train_command, two_process_env
 from flax import nnx
 
+from transformer import checkpoint
 from transformer import workdir as workdir_lib
 from transformer.schedule import learning_rate
 
@@ -171,3 +172,25 @@ def test_a_start_that_failed_on_bad_data_can_be_corrected(repo_root, tmp_path):
     # Nothing was trained, so the work directory takes the corrected command.
     run_train(workdir, '--config.train.steps=4')
     assert workdir_lib.checkpoint_steps(str(workdir)) == [4]
+
+
+def test_clocks_leave_evaluation_out_and_a_trace_is_written(repo_root, tmp_path):
+    """Evaluation made 2 s slower, six times: training time, step time and the time bound
+    count training steps only; evaluation, saving and compilation have clocks of their own.
+    The same run traces steps 3 to 5 with jax.profiler."""
+    workdir = tmp_path / 'run'
+    run_train(workdir, '--config.train.eval_every_steps=2', '--config.train.profile_steps=2:5',
+              env=program_env(TRANSFORMER_SLOW='eval:2'))
+    records = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+    last = [r for r in records if 'train/loss' in r][-1]
+    assert last['step'] == 12 and last['time/eval_seconds'] >= 12
+    assert last['time/train_seconds'] < last['time/eval_seconds'] / 2
+    assert last['time/compile_seconds'] > 0 and last['time/save_seconds'] > 0
+    # No window's step time holds an evaluation (each is 2 s; a tiny step takes milliseconds).
+    assert max(r['train/step_time'] for r in records if 'train/step_time' in r) < 1.0
+    # The checkpoint carries the clocks a time-bounded resume goes on from.
+    info = checkpoint.read_info(str(workdir / 'checkpoints'), 12)
+    assert info['train_seconds'] == pytest.approx(info['clocks']['train'])
+    assert info['clocks']['eval'] >= 10  # the last evaluation comes after the last save
+    traces = list((workdir / 'profile').rglob('*.xplane.pb'))
+    assert traces and traces[0].stat().st_size > 0

@@ -128,6 +128,9 @@ def base_config() -> ml_collections.ConfigDict:
     # this many steps, not every step: each agreement is a collective that stalls the device
     # queue. Also how often the loop checks that an asynchronous save has not failed.
     t.sync_every_steps = 10
+    # 'START:STOP' traces steps START+1..STOP with jax.profiler into the work directory's
+    # profile/ (TensorBoard's profile plugin, Perfetto); '' traces nothing.
+    t.profile_steps = ''
 
     c.decode = dc = ml_collections.ConfigDict()
     # Section 6.1: beam 4, length penalty 0.6, max length = input length + 50.
@@ -222,7 +225,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
          f'train.label_smoothing={t.label_smoothing} must be in [0, 1)')
     need(t.steps > 0, f'train.steps={t.steps} must be positive')
     need(t.max_minutes >= 0, f'train.max_minutes={t.max_minutes} must be >= 0 (0: no bound)')
-    need(t.sync_every_steps >= 1, f'train.sync_every_steps={t.sync_every_steps} must be >= 1')
+    for name in ('sync_every_steps', 'log_every_steps', 'eval_every_steps',
+                 'checkpoint_every_steps'):
+        need(isinstance(t[name], int) and t[name] >= 1, f'train.{name}={t[name]!r} must be an '
+             'integer >= 1')
+    profile_steps(t.profile_steps)
     need(t.warmup_steps > 0, f'train.warmup_steps={t.warmup_steps} must be positive')
     need(t.grad_accum_steps >= 1, f'train.grad_accum_steps={t.grad_accum_steps} must be >= 1')
     need(t.dropout_rng_impl in ('rbg', 'threefry2x32'),
@@ -233,6 +240,20 @@ def validate(c: ml_collections.ConfigDict) -> None:
     need(c.decode.beam_size >= 1, f'decode.beam_size={c.decode.beam_size} must be >= 1')
 
 
+def profile_steps(spec: str) -> tuple[int, int] | None:
+    """train.profile_steps 'START:STOP' -> (START, STOP), 0 <= START < STOP; '' -> None."""
+    if not spec:
+        return None
+    try:
+        start, stop = (int(x) for x in str(spec).split(':'))
+    except ValueError:
+        start = stop = -1
+    if not 0 <= start < stop:
+        raise UsageError(f'train.profile_steps={spec!r}: want START:STOP with 0 <= START < STOP '
+                         "(e.g. '10:15' traces steps 11 to 15), or '' for none")
+    return start, stop
+
+
 # -- loading, storing and comparing ------------------------------------------------------------
 
 # Fields that may change between a run and its resumption: the run length, how often it logs,
@@ -240,7 +261,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
 RESUMABLE_CHANGES = ('train.steps', 'train.max_minutes', 'train.log_every_steps',
                      'train.eval_every_steps', 'train.checkpoint_every_steps',
                      'train.checkpoint_every_minutes', 'train.eval_bleu_sentences',
-                     'train.sync_every_steps')
+                     'train.sync_every_steps', 'train.profile_steps')
 
 
 def load_file(spec: str) -> ml_collections.ConfigDict:

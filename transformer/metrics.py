@@ -1,19 +1,27 @@
-"""Training metrics: a JSONL file and TensorBoard event files in the work directory, and the
-window of steps whose throughput the loop reports.
+"""Training metrics: a JSONL file and TensorBoard event files in the work directory; the clocks
+that split the loop's wall time into training and what is not training; the one-step-late
+fetch of a step's metrics; the window of steps whose throughput the loop reports.
 
 tensorboardX writes event files without TensorFlow. Only process 0 writes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import time
+from collections.abc import Callable
 
+import jax
 from tensorboardX import SummaryWriter
 
 from transformer import workdir as workdir_lib
+
+# What the loop's wall time goes to besides training steps, each clocked apart (profile:
+# starting and ending a jax.profiler trace, about a second each).
+APART = ('compile', 'eval', 'save', 'profile')
 
 
 class MetricWriter:
@@ -61,18 +69,90 @@ def _step_of(line: bytes) -> int | None:
         return None
 
 
+class Clocks:
+    """The loop's wall time, split: training (steps, and waiting for their batches: the
+    paper's training time, which train.max_minutes bounds) and, apart from it, compilation,
+    evaluation, saving and profiling (`with clocks.apart('eval'):`), as big_vision pauses its
+    chronometer.
+
+    `before` carries the seconds of earlier runs of the same training (from the checkpoint),
+    so the totals count across restarts.
+    """
+
+    def __init__(self, before: dict | None = None, now: Callable[[], float] = time.perf_counter):
+        self._now = now
+        self._start = now()
+        self._before = {name: float((before or {}).get(name, 0.0)) for name in ('train',) + APART}
+        self._apart = dict.fromkeys(APART, 0.0)
+        self._open = None
+
+    @contextlib.contextmanager
+    def apart(self, name: str):
+        """Time spent in the block counts as `name`, not as training (nested blocks count
+        once, as the outermost)."""
+        if self._open is not None:
+            yield
+            return
+        self._open, start = name, self._now()
+        try:
+            yield
+        finally:
+            self._apart[name] += self._now() - start
+            self._open = None
+
+    def seconds(self, name: str = 'train') -> float:
+        """Total seconds of `name` ('train' or one of APART), earlier runs included."""
+        if name == 'train':
+            spent = self._now() - self._start - sum(self._apart.values())
+        else:
+            spent = self._apart[name]
+        return self._before[name] + spent
+
+    def totals(self) -> dict:
+        """Every clock's total, as stored in a checkpoint and logged under time/."""
+        return {name: self.seconds(name) for name in ('train',) + APART}
+
+
+class LateMetrics:
+    """A step's metrics, fetched from the device one step late: `push` hands over a step's
+    metrics (still on the device) and returns the previous step's on the host, after the next
+    step was dispatched, so fetching never makes the device wait; `fetch` takes the newest now
+    (before a log line or a save). `check(step, metrics)` sees every step's metrics once."""
+
+    def __init__(self, check: Callable[[int, dict], None]):
+        self._check, self._pending = check, None
+
+    def push(self, step: int, device_metrics) -> dict | None:
+        previous = self.fetch()
+        self._pending = (step, device_metrics)
+        return previous
+
+    def fetch(self) -> dict | None:
+        if self._pending is None:
+            return None
+        step, device_metrics = self._pending
+        self._pending = None
+        m = jax.device_get(device_metrics)
+        self._check(step, m)
+        return m
+
+
 class Window:
     """Sums over the steps since the last log line, turned into the logged scalars, and the
-    smoothed loss (an exponential moving average over every step)."""
+    smoothed loss (an exponential moving average over every step). Rates are per second of
+    training time (`clock`: Clocks.seconds), so evaluation, saving and compilation never
+    slow the step time, tokens/s, MFU or ETA that follow them."""
 
     SMOOTHING = 0.98
 
-    def __init__(self, smoothed_loss: float | None = None):
+    def __init__(self, smoothed_loss: float | None = None,
+                 clock: Callable[[], float] = time.perf_counter):
         self.smoothed_loss = smoothed_loss
+        self.clock = clock
         self.reset()
 
     def reset(self) -> None:
-        self.start = time.time()
+        self.start = self.clock()
         self.steps = 0
         self.flops = self.tokens = self.real = self.slots = self.loss = self.nll = 0.0
         self.input_wait = 0.0
@@ -86,8 +166,10 @@ class Window:
         self.real += real_tokens
         self.slots += slots
 
-    def add_metrics(self, m: dict) -> None:
-        """What the step reported (fetched from the device)."""
+    def add_metrics(self, m: dict | None) -> None:
+        """What the step reported (fetched from the device); None: nothing fetched."""
+        if m is None:
+            return
         loss = float(m['loss'])
         self.smoothed_loss = loss if self.smoothed_loss is None else (
             self.SMOOTHING * self.smoothed_loss + (1 - self.SMOOTHING) * loss)
@@ -97,7 +179,7 @@ class Window:
 
     def scalars(self, peak_flops: float | None) -> dict:
         """The window's means and rates; starts a new window."""
-        elapsed = time.time() - self.start
+        elapsed = max(self.clock() - self.start, 1e-9)
         n = max(self.steps, 1)
         out = {'loss': self.loss / n, 'nll': self.nll / n,
                'perplexity': math.exp(min(self.nll / n, 50)),

@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 import time
+from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -31,9 +32,11 @@ from transformer import (
     errors,
     metrics,
     model_stats,
+    profiler,
     sharding,
     tfds_source,
 )
+from transformer import config as config_lib
 from transformer import train_step as train_step_lib
 from transformer import workdir as workdir_lib
 from transformer.errors import RunError, UsageError
@@ -161,7 +164,7 @@ def validation_bleu(config, tokenizer, graphdef, params, sentences: int) -> floa
     return bleu.sacrebleu_score(ordered, references[:len(ordered)])[0]
 
 
-def evaluate(config, tokenizer, graphdef, params, eval_step, validation, mesh, step) -> dict:
+def validate(config, tokenizer, graphdef, params, eval_step, validation, mesh, step) -> dict:
     """The validation loss (and greedy BLEU when asked) at `step`, also said on the console."""
     result = validation_loss(eval_step, params, validation, mesh)
     sentences = config.train.eval_bleu_sentences
@@ -183,14 +186,102 @@ def batch_stats(config, batch: dict) -> dict:
     return dict(flops=flops, real_tokens=real, slots=batch['inputs'].size + batch['targets'].size)
 
 
-def checked(step: int, step_metrics, last_saved, workdir: str) -> dict:
-    """The step's metrics on the host; a non-finite loss stops the run (nothing is saved)."""
-    m = jax.device_get(step_metrics)
+def check_finite(step: int, m: dict, last_saved: int | None, workdir: str) -> None:
+    """A non-finite loss or gradient stops the run (nothing more is saved)."""
     if not (np.isfinite(m['loss']) and np.isfinite(m['grad_norm'])):
         kept = f'step {last_saved}' if last_saved is not None else 'none yet'
         raise RunError(f'non-finite loss ({m["loss"]}) at step {step}; last good '
                        f'checkpoint: {kept} in {workdir}')
-    return m
+
+
+# -- what the loop does when -------------------------------------------------------------------
+
+
+def itstime(step: int, every: int, last_step: int) -> bool:
+    """Every `every` steps, and at the last step."""
+    return step % every == 0 or step == last_step
+
+
+class Due(NamedTuple):
+    """What is due after a step."""
+    log: bool
+    save: bool
+    evaluate: bool
+    stop: bool
+
+
+class Votes(NamedTuple):
+    """The host-side conditions the processes agreed on (Agreement)."""
+    signalled: bool  # SIGTERM/SIGINT: save and stop quickly
+    save_time: bool  # train.checkpoint_every_minutes since the last save
+    out_of_time: bool  # train.max_minutes of training reached
+
+
+def what_is_due(step: int, t, votes: Votes) -> Due:
+    """The log, save, evaluation and stop decisions after `step`, in one place."""
+    stop = votes.signalled or votes.out_of_time
+    return Due(log=itstime(step, t.log_every_steps, t.steps) or stop,
+               save=itstime(step, t.checkpoint_every_steps, t.steps) or votes.save_time or stop,
+               # The last step is evaluated too, unless a signal asks to be quick.
+               evaluate=(itstime(step, t.eval_every_steps, t.steps)
+                         or (votes.out_of_time and not votes.signalled)),
+               stop=stop)
+
+
+class Agreement:
+    """Signals and time bounds, agreed by all processes every train.sync_every_steps steps
+    (every step in a single-process run): each agreement is a collective that stalls the
+    device queue."""
+
+    def __init__(self, t, stop_signal: StopSignal, clocks: metrics.Clocks):
+        self.t, self.stop_signal, self.clocks = t, stop_signal, clocks
+        self.signalled = False
+        self._last_save = time.time()
+
+    def finished(self) -> bool:
+        """A time-bounded run that has used its time already (run again when done)."""
+        return 0 < self.t.max_minutes <= self.clocks.seconds() / 60
+
+    def saved(self) -> None:
+        self._last_save = time.time()
+
+    def __call__(self, step: int) -> Votes:
+        t = self.t
+        if step % t.sync_every_steps and jax.process_count() > 1:
+            return Votes(False, False, False)
+        signalled, save_time, out_of_time = distributed.agree(
+            self.stop_signal.requested,
+            time.time() - self._last_save >= 60 * t.checkpoint_every_minutes,
+            0 < t.max_minutes <= self.clocks.seconds() / 60)
+        self.signalled = signalled
+        return Votes(signalled, save_time, out_of_time)
+
+
+def log_step(writer, progress, config, step: int, window: metrics.Window, m: dict,
+             clocks: metrics.Clocks, peak: float | None) -> None:
+    """The window's scalars and the clocks to the metrics file, the loss and speed to the
+    progress bar (whose total follows a time bound)."""
+    scalars = window.scalars(peak * jax.device_count() if peak else None)
+    scalars.update(learning_rate=float(m['learning_rate']), grad_norm=float(m['grad_norm']))
+    record = {f'train/{k}': v for k, v in scalars.items()}
+    record.update({f'time/{name}_seconds': v for name, v in clocks.totals().items()})
+    writer.write(step, record)
+    update_total(progress, config, step, clocks.seconds(), 1.0 / max(scalars['step_time'], 1e-9))
+    if progress is not None:
+        progress.set_postfix(loss=f'{scalars["loss"]:.3f}',
+                             tok_s=f'{scalars["tokens_per_second"]:.0f}', refresh=False)
+
+
+def _clock_summary(clocks: metrics.Clocks) -> str:
+    totals = clocks.totals()
+    return ', '.join(f'{name} {totals[name]:.1f} s' for name in ('train',) + metrics.APART)
+
+
+def _slow_for_tests(what: str) -> None:
+    """Test hook: TRANSFORMER_SLOW=eval:SECONDS makes every evaluation that much slower."""
+    slow = os.environ.get('TRANSFORMER_SLOW', '')
+    if slow.startswith(f'{what}:'):
+        time.sleep(float(slow.split(':', 1)[1]))
 
 
 def open_run(config, workdir: str):
@@ -265,14 +356,14 @@ def main():
     restored = checkpoint.restore_newest(
         manager, target, workdir_lib.path(workdir, workdir_lib.BROKEN_DIR) if is_main else None)
     if restored is not None:
-        last_saved, state, data_state, run_info = restored
+        saved_step, state, data_state, run_info = restored
         if run_info.get('vocab_sha256', fingerprint) != fingerprint:
             raise UsageError(f'{workdir_lib.path(workdir, workdir_lib.VOCAB_MODEL)} is not the '
-                             f'vocabulary checkpoint {last_saved} was trained with')
+                             f'vocabulary checkpoint {saved_step} was trained with')
         train_iter.set_state(data_state)
-        cli.say(f'Resumed from step {last_saved} of {workdir} (data position {data_state})')
+        cli.say(f'Resumed from step {saved_step} of {workdir} (data position {data_state})')
     else:
-        last_saved, run_info = None, {}
+        run_info = {}
         state = jax.jit(setup.init_state, out_shardings=setup.state_shardings)()
         cli.say(f'New run in {workdir}: {jax.device_count()} devices, mesh {dict(mesh.shape)}')
     if jax.default_backend() == 'cpu':
@@ -282,97 +373,91 @@ def main():
             'libtcmalloc-minimal4)')
         cli.say(f'Memory allocator: {malloc}{hint}')
     step = int(state['step'])
-    seconds_before = float(run_info.get('train_seconds', 0.0))  # training time of earlier runs
 
     # --- the loop ------------------------------------------------------------------------------
-    # Batches are made and put on the devices by a producer thread, a few steps ahead; the
-    # metrics of a step are fetched after the next step is dispatched, so the host never makes
-    # the device wait; processes agree on stopping and time-based saves every
-    # train.sync_every_steps steps. Every process saves, evaluates and stops at the same steps.
+    # Batches are made and put on the devices by a producer thread, a few steps ahead; a step's
+    # metrics are fetched one step late (metrics.LateMetrics), so the host never makes the
+    # device wait; processes agree on host-side decisions every train.sync_every_steps steps
+    # (Agreement), and every process saves, evaluates and stops at the same steps (`due`).
+    # Compilation, evaluation and saving are clocked apart from training (metrics.Clocks).
     def place(batch):
         arrays = {k: jax.make_array_from_process_local_data(setup.batch_sharding, v)
                   for k, v in batch.items()}
         return arrays, batch_stats(config, batch)
 
+    clocks = metrics.Clocks(before=run_info.get('clocks') or
+                            {'train': run_info.get('train_seconds', 0.0)})
+    step_fn = train_step_lib.CompiledSteps(train_step, clocks.apart)
     batches = batching.Prefetcher(train_iter, PREFETCH_BATCHES, place)
     writer = metrics.MetricWriter(workdir, start=step, enabled=is_main)
-    stop = StopSignal()
+    agreement = Agreement(t, StopSignal(), clocks)
     peak = model_stats.peak_flops()
-    window = metrics.Window(smoothed_loss=run_info.get('loss_smoothed'))
+    window = metrics.Window(smoothed_loss=run_info.get('loss_smoothed'), clock=clocks.seconds)
+    tracer = profiler.StepTracer(config_lib.profile_steps(t.profile_steps),
+                                 workdir_lib.path(workdir, workdir_lib.PROFILE_DIR), is_main,
+                                 clocks.apart)
     progress = progress_bar(config, step) if is_main else None
-    start_time = last_save_time = time.time()
-    pending = None  # (step, metrics) of the previous step, fetched one step late
-    signalled = False
-    stop_now = 0 < t.max_minutes <= seconds_before / 60  # a time-bounded run already done
+    last_saved = restored[0] if restored is not None else None
+    late = metrics.LateMetrics(lambda at, m: check_finite(at, m, last_saved, workdir))
+    stop = agreement.finished()  # a time-bounded run already done
     try:
-        while step < t.steps and not stop_now:
+        while step < t.steps and not stop:
             wait_start = time.perf_counter()
             (batch, stats), data_state = next(batches)
             window.add_batch(stats['flops'], stats['real_tokens'], stats['slots'],
                              time.perf_counter() - wait_start)
-            state, step_metrics = train_step(state, batch)
-            if pending is not None:
-                window.add_metrics(checked(*pending, last_saved, workdir))
+            with tracer.step(step + 1):
+                state, step_metrics = step_fn(state, batch)
             step += 1
+            tracer.after(step, state)
+            window.add_metrics(late.push(step, step_metrics))
             _fault_injection('after-step', step)
-            pending = (step, step_metrics)
             if progress is not None:
                 progress.update(1)
             saver.raise_if_failed()
-            seconds = seconds_before + time.time() - start_time
-            time_due = out_of_time = False
-            if step % t.sync_every_steps == 0 or jax.process_count() == 1:
-                signalled, time_due, out_of_time = distributed.agree(
-                    stop.requested,
-                    time.time() - last_save_time >= 60 * t.checkpoint_every_minutes,
-                    0 < t.max_minutes <= seconds / 60)
-            stop_now = signalled or out_of_time
-            save_due = (step % t.checkpoint_every_steps == 0 or time_due or stop_now
-                        or step == t.steps)
-            log_due = step % t.log_every_steps == 0 or step == t.steps or stop_now
-            if save_due or log_due:  # never save a state whose loss was not finite
-                m = checked(*pending, last_saved, workdir)
+            due = what_is_due(step, t, agreement(step))
+            stop = due.stop
+            if due.log or due.save:  # never save a state whose loss was not finite
+                m = late.fetch()
                 window.add_metrics(m)
-                pending = None
-                if log_due:
-                    scalars = window.scalars(peak * jax.device_count() if peak else None)
-                    scalars.update(learning_rate=float(m['learning_rate']),
-                                   grad_norm=float(m['grad_norm']))
-                    writer.write(step, scalars, prefix='train/')
-                    update_total(progress, config, step, seconds,
-                                 1.0 / max(scalars['step_time'], 1e-9))
-                    if progress is not None:
-                        progress.set_postfix(loss=f'{scalars["loss"]:.3f}',
-                                             tok_s=f'{scalars["tokens_per_second"]:.0f}',
-                                             refresh=False)
-            if save_due:
-                saver.save(step, state, data_state, info={
-                    'vocab_sha256': fingerprint, 'loss_smoothed': window.smoothed_loss,
-                    'train_seconds': seconds})
-                last_save_time, last_saved = time.time(), step
+                if due.log:
+                    log_step(writer, progress, config, step, window, m, clocks, peak)
+            if due.save:
+                jax.block_until_ready(state)  # the steps' own time is training, not saving
+                with clocks.apart('save'):
+                    totals = clocks.totals()
+                    saver.save(step, state, data_state, info={
+                        'vocab_sha256': fingerprint, 'loss_smoothed': window.smoothed_loss,
+                        'train_seconds': totals['train'], 'clocks': totals})
+                agreement.saved()
+                last_saved = step
                 _fault_injection('in-save', step)
-            # The last step is evaluated too, unless a signal asks to be quick.
-            last = step == t.steps or (stop_now and not signalled)
-            if validation is not None and (step % t.eval_every_steps == 0 or last):
-                writer.write(step, evaluate(config, tokenizer, setup.graphdef, state['params'],
-                                            eval_step, validation, mesh, step), prefix='eval/')
-        if pending is not None:
-            checked(*pending, last_saved, workdir)
-        saver.wait()
+            if due.evaluate and validation is not None:
+                jax.block_until_ready(state)
+                with clocks.apart('eval'):
+                    _slow_for_tests('eval')
+                    writer.write(step, validate(config, tokenizer, setup.graphdef,
+                                                state['params'], eval_step, validation, mesh,
+                                                step), prefix='eval/')
+        late.fetch()
+        with clocks.apart('save'):
+            saver.wait()
     finally:
         # --- shutdown --------------------------------------------------------------------------
+        tracer.stop()
         batches.close()
         writer.close()
         if progress is not None:
             progress.close()
     manager.close()
     del lock
-    if signalled:
+    if agreement.signalled:
         cli.say(f'Stopped at step {step} after a signal; checkpoint saved.')
     elif step < t.steps:
-        cli.say(f'Stopped at step {step}: train.max_minutes={t.max_minutes:g} reached; '
-                'checkpoint saved.')
-    cli.say(f'Done at step {step}; checkpoints {manager.all_steps()} in {workdir}')
+        cli.say(f'Stopped at step {step}: train.max_minutes={t.max_minutes:g} of training '
+                'reached; checkpoint saved.')
+    cli.say(f'Done at step {step}; checkpoints {manager.all_steps()} in {workdir} '
+            f'({_clock_summary(clocks)})')
 
 
 if __name__ == '__main__':

@@ -4,13 +4,14 @@ The training state is a plain dict of arrays (so Orbax saves it as is):
   params     the model's parameters (`nnx.to_pure_dict` of its state)
   opt_state  Adam's state
   step       the number of updates applied (int32)
-  rng        the base dropout key's data (train.dropout_rng_impl); step k uses fold_in(rng,
-             k), so a resumed run draws the
-             same dropout masks as an uninterrupted one
+  rng        the base dropout key's data (train.dropout_rng_impl); step k uses
+             fold_in(rng, k), so a resumed run draws the same dropout masks as an
+             uninterrupted one
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -180,6 +181,24 @@ def jit_sharded_step(s: Setup):
 
     return jax.jit(traced_under_mesh, in_shardings=(s.state_shardings, s.batch_sharding),
                    out_shardings=(s.state_shardings, s.replicated), donate_argnums=0)
+
+
+class CompiledSteps:
+    """A jitted step compiled ahead of time, once per batch shape, each compilation inside
+    `apart()` (e.g. `clocks.apart('compile')`), so that its time is told apart from the
+    steps' (bucketed batches bring new shapes after the first step)."""
+
+    def __init__(self, jitted, apart=None):
+        self._jitted, self._apart, self._compiled = jitted, apart, {}
+
+    def __call__(self, state, batch: Batch):
+        shapes = tuple((k, v.shape) for k, v in sorted(batch.items()))
+        compiled = self._compiled.get(shapes)
+        if compiled is None:
+            with self._apart('compile') if self._apart else contextlib.nullcontext():
+                compiled = self._jitted.lower(state, batch).compile()
+            self._compiled[shapes] = compiled
+        return compiled(state, batch)
 
 
 def abstract_batch(config, rows: int, length: int, batch_sharding) -> Batch:

@@ -12,6 +12,7 @@ Every file name of a work directory is defined here, once:
   metrics.jsonl, tensorboard/   the training metrics
   train.lock              held by the training process while it runs (names its PID and host)
   broken-checkpoints/     checkpoints train found unreadable, moved aside (never deleted)
+  profile/                traces of the steps train.profile_steps names (jax.profiler)
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ METRICS_FILE = 'metrics.jsonl'
 TENSORBOARD_DIR = 'tensorboard'
 LOCK_FILE = 'train.lock'
 BROKEN_DIR = 'broken-checkpoints'
+PROFILE_DIR = 'profile'
 
 # Fields of vocab.json that must agree with the config for a stored vocabulary to be reused.
 _VOCAB_FIELDS = ('vocab_size', 'source_lang', 'target_lang')
