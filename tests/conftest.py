@@ -43,9 +43,12 @@ def tiny_config(vocab_size=40, **model_overrides):
     return c
 
 
-def hand_count(vocab, n_enc, n_dec, d, d_ff, h, d_k, d_v):
-    """Parameters counted by hand: biases everywhere, no final LayerNorm (post-LN)."""
-    attention = d * h * d_k * 2 + d * h * d_v + 2 * h * d_k + h * d_v + h * d_v * d + d
+def hand_count(vocab, n_enc, n_dec, d, d_ff, h, d_k, d_v, attention_bias=False):
+    """Parameters counted by hand: the FFN's and LayerNorm's biases, the attention projections'
+    only with `attention_bias` (section 3.2.2 has none), no final LayerNorm (post-LN)."""
+    attention = d * h * d_k * 2 + d * h * d_v + h * d_v * d
+    if attention_bias:
+        attention += 2 * h * d_k + h * d_v + d
     ffn = d * d_ff + d_ff + d_ff * d + d
     norm = 2 * d
     return (vocab * d + n_enc * (attention + ffn + 2 * norm)

@@ -12,6 +12,7 @@ from conftest import hand_count, load_config
 
 from transformer import config as config_lib
 from transformer import model as model_lib
+from transformer import workdir as workdir_lib
 from transformer.model_stats import count_parameters, forward_flops
 
 TABLE3_ROWS = ['base', 'A1', 'A2', 'A3', 'A4', 'B1', 'B2', 'C1', 'C2', 'C3', 'C4', 'C5', 'C6',
@@ -86,9 +87,9 @@ def test_summary_json(repo_root):
     r = run_cli(repo_root, '--config=configs/wmt14_ende.py:big', '--json')
     assert r.returncode == 0, r.stderr
     s = json.loads(r.stdout)
-    assert s['parameters']['total'] == 214_245_376
+    assert s['parameters']['total'] == 214_171_648
     assert s['training_flops_per_token'] == 3 * s['forward_flops_per_token']
-    assert s['memory_bytes']['total'] == 214_245_376 * 4 * 3
+    assert s['memory_bytes']['total'] == 214_171_648 * 4 * 3
 
 
 def test_summary_memory_plan_compiles_the_step_for_n_devices(repo_root):
@@ -146,3 +147,14 @@ def test_miniature_table3_rows_change_what_the_papers_rows_change(row):
     # The same fields, each moved in the same direction (bigger, smaller, or to the same
     # choice), from the miniature base as from the paper's.
     assert _row_changes('table3_mini', row) == _row_changes('table3', row)
+
+
+def test_a_config_stored_before_a_field_existed_reads_as_it_was_trained(tmp_path):
+    """Runs stored before model.attention_bias existed had biases in every projection: read
+    back, they say so (and resuming them under the new default is refused by name)."""
+    old = config_lib.base_config().to_dict()
+    del old['model']['attention_bias'], old['train']['profile_steps']
+    (tmp_path / 'config.json').write_text(json.dumps(old))
+    stored = workdir_lib.load_config(str(tmp_path))
+    assert stored.model.attention_bias is True and stored.train.profile_steps == ''
+    assert config_lib.differences(stored, config_lib.base_config()) == ['model.attention_bias']

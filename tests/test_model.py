@@ -105,12 +105,15 @@ def test_one_embedding_matrix_is_shared_three_ways():
                                atol=1e-5)
 
 
-@pytest.mark.parametrize('preset,expected', [('base', 63_082_496), ('big', 214_245_376)])
-def test_parameter_counts_of_base_and_big(preset, expected):
+@pytest.mark.parametrize('preset,bias,expected', [
+    ('base', False, 63_045_632), ('big', False, 214_171_648),
+    ('base', True, 63_082_496), ('big', True, 214_245_376)])
+def test_parameter_counts_of_base_and_big(preset, bias, expected):
     c = config_lib.apply_model(config_lib.base_config(), preset)
+    c.model.attention_bias = bias
     m = c.model
     assert hand_count(37000, m.num_encoder_layers, m.num_decoder_layers, m.d_model, m.d_ff,
-                      m.num_heads, m.d_k, m.d_v) == expected
+                      m.num_heads, m.d_k, m.d_v, attention_bias=bias) == expected
     counts = count_parameters(c)
     assert counts['total'] == expected
     assert counts['embedding'] == 37000 * m.d_model
@@ -280,3 +283,21 @@ def test_remat_gives_the_same_gradients_in_less_memory():
     for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
         np.testing.assert_allclose(a, b, atol=1e-6)
     assert temps[1] < temps[0]
+
+
+def test_explicit_attention_accumulates_logits_in_float32_under_bfloat16():
+    """The explicit formula (attention weights returned, attention dropout, d_k != d_v) must
+    not round Q K^T to bfloat16 before the softmax: logits near 100 would lose everything
+    below 0.5. Its weights equal a float32 softmax of the same bfloat16 inputs, and its output
+    that of jax.nn.dot_product_attention."""
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.normal(size=(2, 5, 2, 16)) * 8, jnp.bfloat16)
+    k = jnp.asarray(rng.normal(size=(2, 7, 2, 16)) * 8, jnp.bfloat16)
+    v = jnp.asarray(rng.normal(size=(2, 7, 2, 16)), jnp.bfloat16)
+    mask = jnp.ones((2, 1, 5, 7), bool)
+    out, weights = mha.dot_product_attention(q, k, v, mask, return_weights=True)
+    logits = jnp.einsum('bqhd,bkhd->bhqk', q.astype(jnp.float32), k.astype(jnp.float32)) / 4.0
+    assert float(jnp.abs(logits).max()) > 50  # large enough for bfloat16 rounding to matter
+    np.testing.assert_allclose(weights, jax.nn.softmax(logits, axis=-1), atol=1e-5)
+    fused = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation='xla')
+    np.testing.assert_allclose(out.astype(jnp.float32), fused.astype(jnp.float32), atol=2e-2)

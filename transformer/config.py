@@ -56,6 +56,10 @@ def base_config() -> ml_collections.ConfigDict:
     m.max_position = 1024  # table size for positions (learned) and the sinusoid cache
     m.norm = 'post'  # section 3.1 post-LN; 'pre' is a modern departure (option)
     m.share_embeddings = True  # section 3.4: one matrix for both embeddings and the softmax
+    # Section 3.2.2: the projections W^Q, W^K, W^V, W^O have no biases (nor in tensor2tensor).
+    # True adds them, as many implementations do: the key bias then has a true gradient of
+    # zero (softmax ignores a constant per query), so Adam moves it on float noise alone.
+    m.attention_bias = False
     m.layer_norm_epsilon = 1e-6
     # Attention through jax.nn.dot_product_attention: 'auto' = cuDNN's fused kernel where the
     # backend (GPU), dtype (16-bit) and head width allow it, XLA's otherwise; 'xla' | 'cudnn'.
@@ -262,6 +266,32 @@ RESUMABLE_CHANGES = ('train.steps', 'train.max_minutes', 'train.log_every_steps'
                      'train.eval_every_steps', 'train.checkpoint_every_steps',
                      'train.checkpoint_every_minutes', 'train.eval_bleu_sentences',
                      'train.sync_every_steps', 'train.profile_steps')
+
+
+# Fields added after runs were stored, with the value that reproduces those runs (what the
+# code did before the field existed); other missing fields take base_config()'s default.
+STORED_BEFORE_THE_FIELD = {'model.attention_bias': True}
+
+
+def from_stored(stored: dict) -> ml_collections.ConfigDict:
+    """A config stored by an earlier version as the current schema: every field of
+    base_config(), the stored values over them (see STORED_BEFORE_THE_FIELD)."""
+    config = base_config()
+    flat = _flatten(stored)
+    for name, value in STORED_BEFORE_THE_FIELD.items():
+        flat.setdefault(name, value)
+    for name, value in flat.items():
+        *groups, field = name.split('.')
+        node = config
+        for group in groups:
+            if group not in node:
+                node[group] = ml_collections.ConfigDict()
+            node = node[group]
+        if field in node and isinstance(node[field], tuple) and isinstance(value, list):
+            value = tuple(value)
+        with node.ignore_type():
+            node[field] = value
+    return config
 
 
 def load_file(spec: str) -> ml_collections.ConfigDict:

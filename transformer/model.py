@@ -111,7 +111,8 @@ def _attention(cfg, dtype, param_dtype, rngs):
                               dropout_rate=cfg.attention_dropout_rate,
                               implementation=resolve_implementation(cfg.attention_impl, dtype,
                                                                     cfg.d_k, cfg.d_v),
-                              dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                              use_bias=cfg.attention_bias, dtype=dtype,
+                              param_dtype=param_dtype, rngs=rngs)
 
 
 class EncoderLayer(nnx.Module):

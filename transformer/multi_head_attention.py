@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 # Masked logits get this instead of -inf (section 3.2.3): identical weights wherever a row has
@@ -49,10 +50,12 @@ def resolve_implementation(name: str, dtype, d_k: int, d_v: int) -> str:
 
 def attention_weights(q, k, mask, dropout: nnx.Dropout | None = None, rngs=None):
     """softmax(Q K^T / sqrt(d_k)) (section 3.2.1) as weights [batch, heads, q_len, k_len],
-    in float32 whatever the compute dtype; q, k are [batch, len, heads, d_k]."""
+    in float32 whatever the compute dtype; q, k are [batch, len, heads, d_k]. Q K^T is
+    accumulated and scaled in float32, as jax.nn.dot_product_attention does, not rounded to a
+    16-bit compute dtype before the softmax."""
     depth = q.shape[-1]
-    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k) / jnp.sqrt(depth).astype(q.dtype)
-    logits = jnp.where(mask, logits.astype(jnp.float32), MASK_VALUE)
+    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32)
+    logits = jnp.where(mask, logits / np.sqrt(depth).astype(np.float32), MASK_VALUE)
     weights = jax.nn.softmax(logits, axis=-1)
     if dropout is not None and rngs is not None:
         weights = dropout(weights, rngs=rngs)
@@ -79,15 +82,16 @@ class MultiHeadAttention(nnx.Module):
     """Multi-head attention (section 3.2.2): h heads of width d_k (queries, keys), d_v (values)."""
 
     def __init__(self, d_model: int, num_heads: int, d_k: int, d_v: int, *, dropout_rate=0.0,
-                 implementation: str = 'xla', dtype=jnp.float32, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+                 implementation: str = 'xla', use_bias: bool = False, dtype=jnp.float32,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.num_heads, self.d_k, self.d_v = num_heads, d_k, d_v
         self.implementation = implementation
         init = nnx.initializers.xavier_uniform()
         zeros = nnx.initializers.zeros
 
-        def dense(n_in, n_out, names):
-            return nnx.Linear(n_in, n_out, dtype=dtype, param_dtype=param_dtype,
+        def dense(n_in, n_out, names):  # no biases by default: section 3.2.2
+            return nnx.Linear(n_in, n_out, use_bias=use_bias, dtype=dtype,
+                              param_dtype=param_dtype,
                               kernel_init=nnx.with_partitioning(init, names),
                               bias_init=nnx.with_partitioning(zeros, names[1:]), rngs=rngs)
 

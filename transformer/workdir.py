@@ -99,7 +99,7 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
         raise UsageError(f'{file} not found: is {workdir!r} a work directory made by '
                          'transformer.train?')
     with open(file) as f:
-        return ml_collections.ConfigDict(json.load(f))
+        return config_lib.from_stored(json.load(f))
 
 
 def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
