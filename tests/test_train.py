@@ -12,13 +12,13 @@ import pytest
 from conftest import free_port, program_env, run_train, train_command, two_process_env
 from flax import nnx
 
-from transformer import checkpoint
+from transformer import checkpoint, trained
 from transformer import workdir as workdir_lib
 from transformer.schedule import learning_rate
 
 
 def final_params(workdir):
-    model, _, _, steps = workdir_lib.load_model(str(workdir), average=1)
+    model, _, _, steps = trained.load_model(str(workdir), average=1)
     return steps[-1], [np.asarray(x) for x in jax.tree.leaves(nnx.state(model))]
 
 

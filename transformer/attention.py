@@ -23,8 +23,7 @@ import numpy as np
 from absl import flags
 from flax import nnx
 
-from transformer import batching, cli, decode, plots
-from transformer import workdir as workdir_lib
+from transformer import batching, cli, decode, plots, trained
 from transformer.errors import UsageError
 from transformer.tokenizer import EOS_ID, PAD_ID
 
@@ -49,7 +48,7 @@ def main():
         raise UsageError('--text is required: the source sentence to show')
     if not _OUT.value.lower().endswith('.png'):
         raise UsageError(f'--out={_OUT.value!r} must name a .png file')
-    model, config, tokenizer, steps = workdir_lib.load_model(
+    model, config, tokenizer, steps = trained.load_model(
         _WORKDIR.value, average=_DECODING.average.value, step=_DECODING.step.value)
     settings = decode.settings(config, _DECODING.beam_size.value, _DECODING.alpha.value,
                                _DECODING.max_extra_length.value)

@@ -12,7 +12,7 @@ import json
 
 from absl import flags
 
-from transformer import cli
+from transformer import cli, trained
 from transformer import workdir as workdir_lib
 from transformer.errors import UsageError
 
@@ -26,8 +26,8 @@ def main():
     last = _LAST.value if _LAST.value is not None else config.decode.average_last
     if last < 1:
         raise UsageError(f'--last={last} must be >= 1')
-    params, steps, _ = workdir_lib.average_last(_WORKDIR.value, last, config)
-    path = workdir_lib.save_averaged(_WORKDIR.value, params, steps)
+    params, steps, _ = trained.average_last(_WORKDIR.value, last, config)
+    path = trained.save_averaged(_WORKDIR.value, params, steps)
     print(json.dumps({'averaged': path, 'steps': steps}))
 
 

@@ -136,6 +136,14 @@ def _parse_flags(argv: list[str]) -> list[str]:
         fail(_explain_flag_error(argv, e))
 
 
+def _field_message(e: errors.FieldError) -> str:
+    """A bad setting named as the user gave it: the program's flag when it has one of that
+    name (--average), else the config field (config.decode.beam_size)."""
+    if e.field in flags.FLAGS:
+        return e.naming(f'--{e.field}')
+    return e.naming(e.field if '.' not in e.field else f'config.{e.field}')
+
+
 def _exit_now(status: int) -> None:
     """Ends the process at once, skipping the interpreter's shutdown: in a multi-process run
     it would wait for the other processes at JAX's shutdown barrier (about a minute, then an
@@ -185,7 +193,9 @@ def run(main: Callable[[], None], positional: list | None = None) -> None:
         except Exception as e:
             if os.environ.get('TRANSFORMER_TRACEBACK'):
                 raise
-            if isinstance(e, errors.Error):
+            if isinstance(e, errors.FieldError):
+                message, status = _field_message(e), e.exit_status
+            elif isinstance(e, errors.Error):
                 message, status = _first_line(e), e.exit_status
             elif isinstance(e, (ValueError, FileNotFoundError, UnicodeDecodeError)):
                 message, status = _first_line(e), errors.EXIT_BAD_INPUT

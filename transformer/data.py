@@ -19,6 +19,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from transformer import synthetic, tfds_source
+from transformer import workdir as workdir_lib
 from transformer.errors import DataError
 from transformer.tokenizer import Tokenizer
 
@@ -196,7 +197,7 @@ def _cache_key(config, split_pairs, vocab_fingerprint: str) -> str:
 
 
 def _load_cached(directory: str, name: str) -> TokenizedSplit:
-    with open(os.path.join(directory, 'meta.json')) as f:
+    with open(os.path.join(directory, workdir_lib.CACHE_META)) as f:
         meta = json.load(f)
     tokens, offsets, lengths = {}, {}, {}
     for s in _SIDES:
@@ -221,10 +222,11 @@ def tokenized_train(config, tokenizer: Tokenizer, *, cache_dir: str | None = Non
     train = pairs(config, 'train')
     if cache_dir is None or vocab_fingerprint is None:
         return _in_memory(tokenizer, train)
-    directory = os.path.join(cache_dir, f'train-{_cache_key(config, train, vocab_fingerprint)}')
+    directory = os.path.join(cache_dir,
+                             workdir_lib.cache_name(_cache_key(config, train, vocab_fingerprint)))
     if not os.path.isdir(directory):
         os.makedirs(cache_dir, exist_ok=True)
-        tmp = tempfile.mkdtemp(dir=cache_dir, prefix='.tmp-train-')
+        tmp = tempfile.mkdtemp(dir=cache_dir, prefix=workdir_lib.CACHE_TMP_PREFIX)
         try:
             files = {s: open(os.path.join(tmp, f'{s}_tokens.bin'), 'wb') for s in _SIDES}
             with files['source'], files['target']:
@@ -233,7 +235,7 @@ def tokenized_train(config, tokenizer: Tokenizer, *, cache_dir: str | None = Non
             for s in _SIDES:
                 np.save(os.path.join(tmp, f'{s}_offsets.npy'), offsets[s])
                 np.save(os.path.join(tmp, f'{s}_lengths.npy'), lengths[s])
-            with open(os.path.join(tmp, 'meta.json'), 'w') as f:
+            with open(os.path.join(tmp, workdir_lib.CACHE_META), 'w') as f:
                 json.dump({'dtype': np.dtype(token_dtype(tokenizer.vocab_size)).name,
                            'pairs': len(train), 'name': train.name}, f)
             os.chmod(tmp, 0o777 & ~_umask())

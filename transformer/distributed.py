@@ -12,6 +12,8 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from transformer import workdir as workdir_lib
+
 
 def initialize() -> None:
     """jax.distributed.initialize() when the environment names a multi-process job.
@@ -67,13 +69,13 @@ def merge(parts: dict[int, str], scratch_dir: str, label: str) -> dict[int, str]
     """Every process's `parts` merged, exchanged through files in a shared directory."""
     if jax.process_count() == 1:
         return parts
-    own = os.path.join(scratch_dir, f'.{label}.part{jax.process_index()}.json')
+    own = os.path.join(scratch_dir, workdir_lib.merge_part_name(label, jax.process_index()))
     with open(own, 'w') as f:
         json.dump(parts, f)
     sync(f'{label} parts written')
     merged = {}
     for p in range(jax.process_count()):
-        with open(os.path.join(scratch_dir, f'.{label}.part{p}.json')) as f:
+        with open(os.path.join(scratch_dir, workdir_lib.merge_part_name(label, p))) as f:
             merged.update({int(k): v for k, v in json.load(f).items()})
     sync(f'{label} parts read')
     os.remove(own)

@@ -35,6 +35,23 @@ class UsageError(Error, ValueError):
     exit_status = EXIT_BAD_INPUT
 
 
+class FieldError(UsageError):
+    """A bad value of one named setting: a program's argument (e.g. 'average') or a config
+    field (e.g. 'decode.beam_size'). The library names the setting; `cli` names it as the
+    user gave it: `--average=0 ...` when the program has that flag."""
+
+    def __init__(self, field: str, value, problem: str):
+        self.field, self.value, self.problem = field, value, problem
+        super().__init__(self.naming(field))
+
+    def naming(self, name: str) -> str:
+        """The message with the setting called `name` (the field, or a flag like --average)."""
+        if self.value is None or self.value == '':
+            return f'{name} {self.problem}'
+        value = self.value if isinstance(self.value, str) else repr(self.value)
+        return f'{name}={value} {self.problem}'
+
+
 class DataError(UsageError):
     """Bad input data; the message is one line naming the file, split or field."""
 

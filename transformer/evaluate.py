@@ -26,7 +26,7 @@ import os
 import jax
 from absl import flags, logging
 
-from transformer import batching, bleu, cli, data, decode, distributed
+from transformer import batching, bleu, cli, data, decode, distributed, trained
 from transformer import workdir as workdir_lib
 from transformer.errors import UsageError
 
@@ -37,18 +37,12 @@ _LIMIT = flags.DEFINE_integer('limit', None, 'Score only the first N sentences (
 _DECODING = cli.define_decoding_flags()
 
 
-def steps_label(steps: list[int]) -> str:
-    if len(steps) == 1:
-        return f'step{steps[0]}'
-    return f'step{steps[-1]}_avg{len(steps)}'
-
-
 def evaluate(workdir: str, *, split: str, average: int | None, step: int | None,
              decoding: dict, batch_sentences: int | None, limit: int | None) -> dict:
     """Decodes and scores a split; writes the .hyp and .json files; returns the JSON dict."""
     if split not in data.SPLITS:
         raise UsageError(f'--split={split!r}; valid: {", ".join(data.SPLITS)}')
-    model, config, tokenizer, steps = workdir_lib.load_model(workdir, average=average, step=step)
+    model, config, tokenizer, steps = trained.load_model(workdir, average=average, step=step)
     settings = decode.settings(config, **decoding)
     batch_sentences = cli.batch_sentences(batch_sentences, config)
     sources, references = data.load_text(config, split)
@@ -64,9 +58,7 @@ def evaluate(workdir: str, *, split: str, average: int | None, step: int | None,
     hypotheses, stats = decode.translate_split(decoder, config, tokenizer, split,
                                                batch_sentences, limit)
 
-    label = f'{split}_{steps_label(steps)}_beam{settings["beam_size"]}_alpha{settings["alpha"]:g}'
-    if limit is not None:
-        label += f'_first{limit}'
+    label = workdir_lib.eval_name(split, steps, settings['beam_size'], settings['alpha'], limit)
     out_dir = workdir_lib.path(workdir, workdir_lib.EVAL_DIR)
     os.makedirs(out_dir, exist_ok=True)
     hypotheses = distributed.merge(hypotheses, out_dir, label)
@@ -76,6 +68,7 @@ def evaluate(workdir: str, *, split: str, average: int | None, step: int | None,
     result = {
         'workdir': workdir,
         'split': split,
+        'limit': limit,
         'sentences': len(sources),
         'truncated_sources': truncated,
         'steps': steps,

@@ -406,3 +406,9 @@ def create_model(config: ml_collections.ConfigDict, seed: int = 0) -> Transforme
     """
     nnx.use_eager_sharding(False)  # also inside the layer stacks' vmap
     return Transformer(config.model, config.vocab_size, rngs=nnx.Rngs(params=seed))
+
+
+def abstract_model(config: ml_collections.ConfigDict, seed: int = 0):
+    """(graphdef, abstract state) of the config's model, from `nnx.eval_shape`: shapes and
+    dtypes only, nothing allocated (the big models plan on a laptop)."""
+    return nnx.split(nnx.eval_shape(lambda: create_model(config, seed)))

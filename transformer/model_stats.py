@@ -12,7 +12,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from transformer.model import create_model, resolve_dtype
+from transformer.model import abstract_model, resolve_dtype
 
 # Dense bfloat16 peak FLOP/s per chip, for model FLOPs utilisation (vendors' data sheets).
 PEAK_BF16_FLOPS = {
@@ -35,8 +35,8 @@ def peak_flops(device=None) -> float | None:
 
 def count_parameters(config) -> dict:
     """Total, embedding (token and learned position tables) and non-embedding parameters."""
-    model = nnx.eval_shape(lambda: create_model(config))
-    params = nnx.state(model, nnx.Param)
+    _, state = abstract_model(config)
+    params = nnx.filter_state(state, nnx.Param)
     total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
     embedding = 0
     for path, leaf in jax.tree_util.tree_leaves_with_path(params):

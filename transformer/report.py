@@ -79,8 +79,9 @@ def _read_metrics(workdir: str) -> list[dict]:
     return records
 
 
-def _newest_eval(workdir: str, split: str, averaged_once: bool) -> dict | None:
-    """The eval JSON of `split` with the newest checkpoint (no averaging if asked)."""
+def _newest_eval(workdir: str, split: str, single_checkpoint: bool) -> dict | None:
+    """The eval JSON of `split` with the newest checkpoint, of a whole split (no --limit);
+    with `single_checkpoint`, only evaluations of one checkpoint (none averaged)."""
     directory = workdir_lib.path(workdir, workdir_lib.EVAL_DIR)
     if not os.path.isdir(directory):
         return None
@@ -90,9 +91,9 @@ def _newest_eval(workdir: str, split: str, averaged_once: bool) -> dict | None:
             continue
         with open(os.path.join(directory, name)) as f:
             result = json.load(f)
-        if averaged_once and result.get('checkpoints_averaged', 1) != 1:
+        if single_checkpoint and result.get('checkpoints_averaged', 1) != 1:
             continue
-        if 'limit' in name or '_first' in name:  # a partial split is not the split's score
+        if result.get('limit') is not None or '_first' in name:  # not the split's score
             continue
         found.append(result)
     return max(found, key=lambda r: r['steps'][-1]) if found else None
@@ -122,8 +123,8 @@ def read_run(workdir: str) -> Run:
                planned_steps=t.steps, max_minutes=t.get('max_minutes', 0.0),
                train_seconds=seconds, finished=done >= t.steps or out_of_time,
                perplexity_curve=curve,
-               validation=_newest_eval(workdir, 'validation', averaged_once=True),
-               test=_newest_eval(workdir, 'test', averaged_once=False))
+               validation=_newest_eval(workdir, 'validation', single_checkpoint=True),
+               test=_newest_eval(workdir, 'test', single_checkpoint=False))
 
 
 def read_runs(runs_dir: str) -> tuple[list[Run], list[tuple[str, str]]]:

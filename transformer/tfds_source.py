@@ -239,7 +239,7 @@ def _explain(exc: BaseException, b, files: list[Download], manual: str) -> Prepa
     failed, archive = _failed_download(chain, files)
     route = (f'or download {failed.url} yourself and put it in {manual} as {failed.filename}'
              if failed else f'or put the archives in {manual} under the names of their URLs')
-    route += ' (--config.data.manual_dir chooses that directory)'
+    route += ' (data.manual_dir chooses that directory)'
     reason = errors.reason(exc)
     if any(isinstance(x, OSError) and x.errno == errno.ENOSPC for x in chain):
         return PrepareError(f'no space left on device while preparing {b.info.full_name} in '
@@ -291,7 +291,7 @@ def prepare(data_config, say: Callable[[str], None] = print):
             if need > free:
                 raise PrepareError(f'{b.data_dir_root} has {_gib(free)} free but preparing '
                                    f'{name} needs about {_gib(need)}; free some space or set '
-                                   '--config.data.tfds_data_dir to a larger disk')
+                                   'data.tfds_data_dir to a larger disk')
             start = time.time()
             try:
                 b.download_and_prepare(

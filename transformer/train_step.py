@@ -21,7 +21,7 @@ import optax
 from flax import nnx
 
 from transformer import schedule, sharding
-from transformer.model import create_model, segments_and_positions
+from transformer.model import abstract_model, create_model, segments_and_positions
 
 Batch = dict[str, jax.Array]
 
@@ -143,7 +143,7 @@ def setup(config, mesh) -> Setup:
     t = config.train
     optimizer = schedule.make_optimizer(config)
     model_fn = lambda: create_model(config, seed=t.seed)
-    graphdef, abstract_model_state = nnx.split(nnx.eval_shape(model_fn))
+    graphdef, abstract_model_state = abstract_model(config, seed=t.seed)
     param_shardings = nnx.to_pure_dict(sharding.state_shardings(abstract_model_state, mesh))
     replicated = sharding.replicated(mesh)
 

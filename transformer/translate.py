@@ -14,8 +14,7 @@ import sys
 from collections.abc import Iterator
 from typing import BinaryIO
 
-from transformer import cli, decode
-from transformer import workdir as workdir_lib
+from transformer import cli, decode, trained
 from transformer.errors import UsageError
 
 _WORKDIR = cli.define_workdir_flag()
@@ -43,7 +42,7 @@ def read_lines(stream: BinaryIO, chunk: int) -> Iterator[list[tuple[int, str]]]:
 
 def main():
     d = _DECODING
-    model, config, tokenizer, steps = workdir_lib.load_model(
+    model, config, tokenizer, steps = trained.load_model(
         _WORKDIR.value, average=d.average.value, step=d.step.value)
     settings = decode.settings(config, d.beam_size.value, d.alpha.value,
                                d.max_extra_length.value)

@@ -5,10 +5,12 @@ Every file name of a work directory is defined here, once:
   config.json             the resolved config (train writes it; the other programs read it)
   vocab.model, vocab.json the shared BPE vocabulary and what it was made for
   cache/                  the training set tokenized once (token arrays per text and
-                          vocabulary, memory-mapped); rebuilt when deleted
+                          vocabulary, memory-mapped; cache_name, CACHE_META); rebuilt when
+                          deleted
   checkpoints/<step>/     Orbax steps of the training state and data position
   averaged/               the output of `python -m transformer.average`
-  eval/                   evaluate's hypotheses and scores
+  eval/                   evaluate's hypotheses, sources, references and scores (eval_name;
+                          merge_part_name: scratch files of a multi-process evaluation)
   metrics.jsonl, tensorboard/   the training metrics
   train.lock              held by the training process while it runs (names its PID and host)
   broken-checkpoints/     checkpoints train found unreadable, moved aside (never deleted)
@@ -27,16 +29,13 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable
 
-import jax
 import ml_collections
 from absl import logging
-from flax import nnx
 
 from transformer import checkpoint, errors
 from transformer import config as config_lib
 from transformer import tokenizer as tokenizer_lib
-from transformer.errors import UsageError
-from transformer.model import create_model
+from transformer.errors import FieldError, UsageError
 
 CONFIG_FILE = 'config.json'
 VOCAB_MODEL = 'vocab.model'
@@ -47,6 +46,9 @@ AVERAGED_DIR = 'averaged'
 EVAL_DIR = 'eval'
 METRICS_FILE = 'metrics.jsonl'
 TENSORBOARD_DIR = 'tensorboard'
+# Inside CACHE_DIR: one directory per text and vocabulary, written under a temporary name.
+CACHE_META = 'meta.json'
+CACHE_TMP_PREFIX = '.tmp-train-'
 LOCK_FILE = 'train.lock'
 BROKEN_DIR = 'broken-checkpoints'
 PROFILE_DIR = 'profile'
@@ -58,6 +60,27 @@ _VOCAB_FIELDS = ('vocab_size', 'source_lang', 'target_lang')
 def path(workdir: str, name: str) -> str:
     """The path of `name` (one of the names above) in `workdir`."""
     return os.path.join(workdir, name)
+
+
+def cache_name(key: str) -> str:
+    """The directory in CACHE_DIR of the training set tokenized for cache key `key`."""
+    return f'train-{key}'
+
+
+def merge_part_name(label: str, process: int) -> str:
+    """The scratch file through which process `process` hands its share of a decoded split
+    (evaluate's `label`) to the others, in EVAL_DIR."""
+    return f'.{label}.part{process}.json'
+
+
+def eval_name(split: str, steps: list[int], beam_size: int, alpha: float,
+              limit: int | None = None) -> str:
+    """The name of evaluate's files (EVAL_DIR/<name>.hyp, .src, .ref, .json) for `split`
+    decoded from checkpoint `steps` (averaged when several) with these settings:
+    '<split>_step<S>[_avg<K>]_beam<B>_alpha<A>[_first<N>]'."""
+    which = f'step{steps[0]}' if len(steps) == 1 else f'step{steps[-1]}_avg{len(steps)}'
+    name = f'{split}_{which}_beam{beam_size}_alpha{alpha:g}'
+    return name + (f'_first{limit}' if limit is not None else '')
 
 
 def atomic_write(file: str, data: bytes) -> None:
@@ -91,9 +114,11 @@ def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
 def load_config(workdir: str) -> ml_collections.ConfigDict:
     """The config that `train` stored in `workdir`; UsageError if there is none."""
     if not workdir:
-        raise UsageError('--workdir is required')
+        raise FieldError('workdir', workdir, 'is required (a work directory of transformer.train)')
+    if not os.path.exists(workdir):
+        raise FieldError('workdir', workdir, 'does not exist')
     if not os.path.isdir(workdir):
-        raise UsageError(f'work directory {workdir!r} does not exist')
+        raise FieldError('workdir', workdir, 'is a file, not a work directory')
     file = path(workdir, CONFIG_FILE)
     if not os.path.exists(file):
         raise UsageError(f'{file} not found: is {workdir!r} a work directory made by '
@@ -253,87 +278,8 @@ def lock(workdir: str):
     return handle
 
 
-# -- checkpoints and trained models -------------------------------------------------------------
+# -- checkpoints ----------------------------------------------------------------------------------
 
 def checkpoint_steps(workdir: str) -> list[int]:
     """Complete checkpoint steps in the work directory, oldest first."""
     return checkpoint.available_steps(path(workdir, CHECKPOINTS_DIR))
-
-
-def abstract_params(config):
-    """(graphdef, abstract parameters on the first device) of the config's model."""
-    model = nnx.eval_shape(lambda: create_model(config))
-    graphdef, state = nnx.split(model)
-    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                            nnx.to_pure_dict(state))
-    return graphdef, abstract
-
-
-def _existing_steps(workdir: str) -> list[int]:
-    steps = checkpoint_steps(workdir)
-    if not steps:
-        raise UsageError(f'no checkpoint in {path(workdir, CHECKPOINTS_DIR)}: train first '
-                         '(python -m transformer.train)')
-    return steps
-
-
-def _restore(workdir: str, steps: list[int], count: int, abstract, minimum=None):
-    """[(step, params, info)] of the newest `count` readable checkpoints among `steps`."""
-    return checkpoint.restore_params(path(workdir, CHECKPOINTS_DIR), steps, count, abstract,
-                                     minimum)
-
-
-def average_last(workdir: str, last: int, config=None, abstract=None, minimum=None):
-    """The mean parameters of the last `last` readable checkpoints (section 6.1; at least
-    `minimum` of them, default all): (params, steps, infos)."""
-    if abstract is None:
-        _, abstract = abstract_params(config or load_config(workdir))
-    steps = _existing_steps(workdir)
-    if last > len(steps):
-        raise UsageError(f'asked to average the last {last} checkpoints, but '
-                         f'{workdir} holds {len(steps)}: {steps}')
-    found = _restore(workdir, steps, last, abstract, minimum)
-    params = checkpoint.average_params([p for _, p, _ in found])
-    return params, [s for s, _, _ in found], [i for _, _, i in found]
-
-
-def save_averaged(workdir: str, params, steps: list[int]) -> str:
-    """Writes averaged parameters to workdir/averaged (replacing an older one)."""
-    directory = os.path.abspath(path(workdir, AVERAGED_DIR))
-    checkpoint.save_params(os.path.join(directory, 'params'), params)
-    atomic_write(os.path.join(directory, 'steps.json'), json.dumps({'steps': steps}).encode())
-    return directory
-
-
-def load_model(workdir: str, *, average: int | None = None, step: int | None = None):
-    """The trained model of a work directory: (model, config, tokenizer, steps used).
-
-    Parameters come from checkpoint `step`, or are averaged over the last `average`
-    readable checkpoints; `average=None` takes the config's decode.average_last, or all there
-    are when fewer. An explicit `average` must be available. The vocabulary must be the one
-    the checkpoints were trained with.
-    """
-    config = load_config(workdir)
-    if step is not None and average not in (None, 1):
-        raise UsageError('--step and --average > 1 exclude each other')
-    if average is not None and average < 1:
-        raise UsageError(f'--average={average} must be >= 1')
-    if not os.path.exists(path(workdir, VOCAB_MODEL)):
-        raise UsageError(f'no vocabulary at {path(workdir, VOCAB_MODEL)}; the run cannot be '
-                         'read without the vocabulary it was trained with')
-    available = _existing_steps(workdir)
-    graphdef, abstract = abstract_params(config)
-    if step is not None:
-        if step not in available:
-            raise UsageError(f'no checkpoint of step {step} in {workdir}; have {available}')
-        found = _restore(workdir, [step], 1, abstract)
-        params, steps, infos = found[0][1], [step], [found[0][2]]
-    else:
-        minimum = average  # an explicit --average must be met; the default takes what reads
-        if average is None:
-            average, minimum = max(1, min(config.decode.average_last, len(available))), 1
-        params, steps, infos = average_last(workdir, average, abstract=abstract,
-                                            minimum=minimum)
-    tokenizer = load_vocabulary(workdir, recorded_fingerprint(workdir, infos))
-    return nnx.merge(graphdef, params), config, tokenizer, steps

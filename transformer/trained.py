@@ -1,0 +1,98 @@
+"""A trained model from a work directory: its checkpoints' parameters, one step's or averaged
+over the last K (section 6.1), with the config and vocabulary it was trained with.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+from flax import nnx
+
+from transformer import checkpoint
+from transformer import workdir as workdir_lib
+from transformer.errors import FieldError, UsageError
+from transformer.model import abstract_model
+from transformer.workdir import CHECKPOINTS_DIR, path
+
+
+def abstract_params(config):
+    """(graphdef, abstract parameters on the first device) of the config's model."""
+    graphdef, state = abstract_model(config)
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                            nnx.to_pure_dict(state))
+    return graphdef, abstract
+
+
+def _existing_steps(workdir: str) -> list[int]:
+    steps = workdir_lib.checkpoint_steps(workdir)
+    if not steps:
+        raise UsageError(f'no checkpoint in {path(workdir, CHECKPOINTS_DIR)}: train first '
+                         '(python -m transformer.train)')
+    return steps
+
+
+def _restore(workdir: str, steps: list[int], count: int, abstract, minimum=None):
+    """[(step, params, info)] of the newest `count` readable checkpoints among `steps`."""
+    return checkpoint.restore_params(path(workdir, CHECKPOINTS_DIR), steps, count, abstract,
+                                     minimum)
+
+
+def average_last(workdir: str, last: int, config=None, abstract=None, minimum=None):
+    """The mean parameters of the last `last` readable checkpoints (section 6.1; at least
+    `minimum` of them, default all): (params, steps, infos)."""
+    if abstract is None:
+        _, abstract = abstract_params(config or workdir_lib.load_config(workdir))
+    steps = _existing_steps(workdir)
+    if last > len(steps):
+        raise UsageError(f'asked to average the last {last} checkpoints, but '
+                         f'{workdir} holds {len(steps)}: {steps}')
+    found = _restore(workdir, steps, last, abstract, minimum)
+    params = checkpoint.average_params([p for _, p, _ in found])
+    return params, [s for s, _, _ in found], [i for _, _, i in found]
+
+
+def save_averaged(workdir: str, params, steps: list[int]) -> str:
+    """Writes averaged parameters to workdir/averaged (replacing an older one)."""
+    directory = os.path.abspath(path(workdir, workdir_lib.AVERAGED_DIR))
+    checkpoint.save_params(os.path.join(directory, 'params'), params)
+    workdir_lib.atomic_write(os.path.join(directory, 'steps.json'),
+                             json.dumps({'steps': steps}).encode())
+    return directory
+
+
+def load_model(workdir: str, *, average: int | None = None, step: int | None = None):
+    """The trained model of a work directory: (model, config, tokenizer, steps used).
+
+    Parameters come from checkpoint `step`, or are averaged over the last `average`
+    readable checkpoints; `average=None` takes the config's decode.average_last, or all there
+    are when fewer. An explicit `average` must be available. The vocabulary must be the one
+    the checkpoints were trained with.
+    """
+    config = workdir_lib.load_config(workdir)
+    if step is not None and average not in (None, 1):
+        raise FieldError('step', step, f'(one checkpoint) excludes averaging {average}')
+    if average is not None and average < 1:
+        raise FieldError('average', average, 'must be >= 1')
+    vocab = path(workdir, workdir_lib.VOCAB_MODEL)
+    if not os.path.exists(vocab):
+        raise UsageError(f'no vocabulary at {vocab}; the run cannot be read without the '
+                         'vocabulary it was trained with')
+    available = _existing_steps(workdir)
+    graphdef, abstract = abstract_params(config)
+    if step is not None:
+        if step not in available:
+            raise UsageError(f'no checkpoint of step {step} in {workdir}; have {available}')
+        found = _restore(workdir, [step], 1, abstract)
+        params, steps, infos = found[0][1], [step], [found[0][2]]
+    else:
+        minimum = average  # an explicit --average must be met; the default takes what reads
+        if average is None:
+            average, minimum = max(1, min(config.decode.average_last, len(available))), 1
+        params, steps, infos = average_last(workdir, average, abstract=abstract,
+                                            minimum=minimum)
+    tokenizer = workdir_lib.load_vocabulary(workdir,
+                                           workdir_lib.recorded_fingerprint(workdir, infos))
+    return nnx.merge(graphdef, params), config, tokenizer, steps
