@@ -17,5 +17,5 @@ def get_config(arg=None):
     name, runlocal = config_lib.parse_arg(arg, ('base', 'big'), 'base')
     c = config_lib.base_config()
     c.data.source = 'local'
-    config_lib.apply_model(c, name)
+    config_lib.apply_preset(c, name)
     return config_lib.shrink(c) if runlocal else c

@@ -27,41 +27,38 @@ Append ',runlocal' to the argument for a tiny model and a few steps.
 
 import pathlib
 
+import ml_collections
+
 from transformer import config as config_lib
+from transformer import paper
 
-MULTI30K = pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'data' / 'multi30k'
+# Multi30k task 1, raw (train, val, test2016 .en/.de): on the project's machines beside the
+# checkout; elsewhere from https://github.com/multi30k/dataset (data/task1/raw, gunzipped), with
+# --config.data.multi30k_dir=DIR.
+SHARED_MULTI30K = pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'data' / 'multi30k'
 
-# The miniature base and, per row, what changes (model fields; label smoothing below).
+# The miniature base; each row changes what paper.TABLE3_CHANGES says, sizes scaled by the
+# same ratio to this base (rounded, at least 1), and a row that sets the number of heads keeps
+# h x d_k = h x d_v = d_model, as row A does.
 BASE = dict(num_encoder_layers=3, num_decoder_layers=3, d_model=256, d_ff=1024, num_heads=4,
             d_k=64, d_v=64, dropout_rate=0.1)
-ROWS = {
-    'base': {},
-    # (A) number of heads with constant computation: h * d_k = d_model.
-    'A1': dict(num_heads=1, d_k=256, d_v=256),
-    'A2': dict(num_heads=2, d_k=128, d_v=128),
-    'A3': dict(num_heads=8, d_k=32, d_v=32),
-    'A4': dict(num_heads=16, d_k=16, d_v=16),
-    # (B) smaller attention key size only.
-    'B1': dict(d_k=16),
-    'B2': dict(d_k=32),
-    # (C) bigger and smaller models.
-    'C1': dict(num_encoder_layers=1, num_decoder_layers=1),
-    'C2': dict(num_encoder_layers=2, num_decoder_layers=2),
-    'C3': dict(num_encoder_layers=4, num_decoder_layers=4),
-    'C4': dict(d_model=128, d_k=32, d_v=32),
-    'C5': dict(d_model=512, d_k=128, d_v=128),
-    'C6': dict(d_ff=512),
-    'C7': dict(d_ff=2048),
-    # (D) dropout and label smoothing.
-    'D1': dict(dropout_rate=0.0),
-    'D2': dict(dropout_rate=0.2),
-    'D3': {},
-    'D4': {},
-    # (E) learned positional embedding instead of sinusoids.
-    'E': dict(positional='learned'),
-    'big': dict(d_model=512, d_ff=2048, num_heads=8, d_k=64, d_v=64, dropout_rate=0.3),
-}
-LABEL_SMOOTHING = {'D3': 0.0, 'D4': 0.2}
+PAPER_BASE = paper.BASE_MODEL
+
+
+def scaled(changes: dict) -> dict:
+    """A paper row's changes, scaled to the miniature base."""
+    out = {}
+    for field, value in changes.items():
+        if isinstance(value, int) and field in PAPER_BASE:
+            out[field] = max(1, round(BASE[field] * value / PAPER_BASE[field]))
+        else:  # dropout rates, positional encodings: as the paper's row
+            out[field] = value
+    if 'num_heads' in changes:
+        out['d_k'] = out['d_v'] = out.get('d_model', BASE['d_model']) // out['num_heads']
+    return out
+
+
+ROWS = {row: scaled(changes) for row, changes in paper.TABLE3_CHANGES.items()}
 
 
 def get_config(arg=None):
@@ -70,12 +67,15 @@ def get_config(arg=None):
     c.row = name
     c.source_lang, c.target_lang = 'en', 'de'
     c.vocab_size = 8000
-    c.data.update(source='local', train=str(MULTI30K / 'train'),
-                  validation=str(MULTI30K / 'val'), test=str(MULTI30K / 'test2016'),
-                  batch_tokens=2048, batching='pack', max_length=128)
+    # The split prefixes follow data.multi30k_dir, also when it is set on the command line.
+    c.data.multi30k_dir = ml_collections.FieldReference(
+        str(SHARED_MULTI30K) if SHARED_MULTI30K.is_dir() else '')
+    where = c.data.get_ref('multi30k_dir')
+    c.data.update(source='local', train=where + '/train', validation=where + '/val',
+                  test=where + '/test2016', batch_tokens=2048, batching='pack', max_length=128)
     c.model.update(BASE)
     c.model.update(ROWS[name])
-    c.train.label_smoothing = LABEL_SMOOTHING.get(name, 0.1)
+    c.train.label_smoothing = paper.TABLE3_LABEL_SMOOTHING.get(name, 0.1)
     # Bounded by time: steps is only a ceiling. The warm-up is scaled to a few hundred steps.
     c.train.update(steps=100_000, max_minutes=8.0, warmup_steps=200, learning_rate_scale=0.5,
                    log_every_steps=20, eval_every_steps=100, checkpoint_every_steps=100_000,

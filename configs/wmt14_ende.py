@@ -16,6 +16,6 @@ def get_config(arg=None):
     c.vocab_size = 37000  # section 5.1: shared BPE of about 37000 tokens
     c.data.source = 'tfds'
     c.data.tfds_name = 'wmt14_translate/de-en'
-    config_lib.apply_model(c, name)
+    config_lib.apply_preset(c, name)
     c.row = name
     return config_lib.shrink(c) if runlocal else c

@@ -16,7 +16,7 @@ def get_config(arg=None):
     c.vocab_size = 32000  # section 5.1: 32000 word-piece vocabulary
     c.data.source = 'tfds'
     c.data.tfds_name = 'wmt14_translate/fr-en'
-    config_lib.apply_model(c, name)
+    config_lib.apply_preset(c, name)
     c.row = name
     if name == 'big':
         c.model.dropout_rate = 0.1  # section 6.1: big EN-FR used P_drop = 0.1, not 0.3

@@ -109,7 +109,7 @@ def test_one_embedding_matrix_is_shared_three_ways():
     ('base', False, 63_045_632), ('big', False, 214_171_648),
     ('base', True, 63_082_496), ('big', True, 214_245_376)])
 def test_parameter_counts_of_base_and_big(preset, bias, expected):
-    c = config_lib.apply_model(config_lib.base_config(), preset)
+    c = config_lib.apply_preset(config_lib.base_config(), preset)
     c.model.attention_bias = bias
     m = c.model
     assert hand_count(37000, m.num_encoder_layers, m.num_decoder_layers, m.d_model, m.d_ff,

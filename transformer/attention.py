@@ -15,7 +15,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +22,7 @@ import numpy as np
 from absl import flags
 from flax import nnx
 
-from transformer import batching, cli, decode, plots, trained
+from transformer import batching, cli, decode, errors, plots, trained
 from transformer.errors import UsageError
 from transformer.tokenizer import EOS_ID, PAD_ID
 
@@ -55,7 +54,7 @@ def main():
     limit = batching.max_tokens(config.model)
     source = tokenizer.encode(_TEXT.value)
     if len(source) > limit:
-        print(f'warning: --text has {len(source)} tokens; truncated to {limit}', file=sys.stderr)
+        errors.warn(f'--text has {len(source)} tokens; truncated to {limit}')
         source = source[:limit]
     source = source + [EOS_ID]
     inputs = jnp.asarray([source], jnp.int32)

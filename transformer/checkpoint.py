@@ -24,22 +24,9 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from transformer import errors
+from transformer.errors import CheckpointError, SaveError
 
 DATA_STATE_BYTES = 1 << 16  # room for one process's JSON iterator state
-
-
-class CheckpointError(errors.UsageError):
-    """No checkpoint that can be read (one line naming the steps and why): exit status 2."""
-
-
-class SaveError(errors.RunError):
-    """A save that failed (disk full, permissions): exit status 1; earlier steps are intact.
-
-    Orbax's background threads of the failed save wait forever for signals that will not
-    come, so the process ends at once after the error line.
-    """
-
-    exit_at_once = True
 
 
 def make_manager(directory: str, keep: int, *, asynchronous: bool = True,

@@ -80,15 +80,9 @@ def checked_config(holder) -> ml_collections.ConfigDict:
     return config
 
 
-def _root_cause(exc: BaseException) -> BaseException:
-    while exc.__cause__ is not None or exc.__context__ is not None:
-        exc = exc.__cause__ or exc.__context__
-    return exc
-
-
 def _explain_flag_error(argv: list[str], exc: BaseException) -> str:
     """Turns a config_flags failure into one line that names the flag or field."""
-    cause = _root_cause(exc)
+    cause = errors.chain(exc)[-1]
     spec = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
     if spec is not None:
         try:
@@ -96,7 +90,7 @@ def _explain_flag_error(argv: list[str], exc: BaseException) -> str:
         except errors.UsageError as e:  # the file does not exist
             return str(e)
         except Exception as e:  # the config's own message (unknown row etc.)
-            return f'--config={spec}: {_root_cause(e)}'
+            return f'--config={spec}: {errors.chain(e)[-1]}'
         for a in argv:
             if not a.startswith('--config.'):
                 continue

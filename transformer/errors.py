@@ -62,27 +62,47 @@ class RunError(Error, RuntimeError):
     exit_status = EXIT_RUNTIME
 
 
+class CheckpointError(UsageError):
+    """No checkpoint that can be read (one line naming the steps and why): exit status 2."""
+
+
+class SaveError(RunError):
+    """A save that failed (disk full, permissions): exit status 1; earlier steps are intact.
+
+    Orbax's background threads of the failed save wait forever for signals that will not
+    come, so the process ends at once after the error line.
+    """
+
+    exit_at_once = True
+
+
 def warn(message: str) -> None:
     """One line `warning: message` on stderr, above any progress bar (process 0 only)."""
     if jax.process_index() == 0:
         tqdm.write(f'warning: {message}', file=sys.stderr)
 
 
+def chain(exc: BaseException) -> list[BaseException]:
+    """`exc` and what caused it, outermost first (its __cause__, else its __context__)."""
+    out = []
+    while exc is not None and exc not in out:
+        out.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return out
+
+
 def reason(exc: BaseException, limit: int = 200) -> str:
     """The most telling one-line reason of an exception chain: an OS error's text if there is
     one, else the first line of the innermost cause, cut to `limit` characters."""
-    chain = []
-    while exc is not None and exc not in chain:
-        chain.append(exc)
-        exc = exc.__cause__ or exc.__context__
-    for e in chain:
+    causes = chain(exc)
+    for e in causes:
         if isinstance(e, OSError) and e.strerror:
             return e.strerror
-    for e in chain:
+    for e in causes:
         for marker in ('No space left on device', 'Permission denied', 'Operation not permitted',
                        'File too large', 'Read-only file system'):
             if marker in str(e):
                 return marker
-    text = str(chain[-1]).strip()
-    line = text.splitlines()[0] if text else type(chain[-1]).__name__
+    text = str(causes[-1]).strip()
+    line = text.splitlines()[0] if text else type(causes[-1]).__name__
     return line if len(line) <= limit else line[:limit - 3] + '...'

@@ -1,4 +1,5 @@
-"""The paper's own figures, for reports beside ours (Vaswani et al. 2017, Tables 2 and 3).
+"""The paper's models and its own figures (Vaswani et al. 2017, Tables 2 and 3): the base and
+big models, what each Table 3 row changes, and the results reports print beside ours.
 
 Table 3 is EN-DE newstest2013 (the development set), no checkpoint averaging, perplexity per
 word-piece; its params column is rounded, in millions, for the rows that state it. Table 2 is
@@ -6,6 +7,42 @@ newstest2014 BLEU of the base and big models (the paper's tokenized, compound-sp
 """
 
 from __future__ import annotations
+
+# Table 3 "base" and "big" rows (section 6.2); section 3 gives the base sizes.
+BASE_MODEL = dict(num_encoder_layers=6, num_decoder_layers=6, d_model=512, d_ff=2048,
+                  num_heads=8, d_k=64, d_v=64, dropout_rate=0.1)
+BIG_MODEL = dict(num_encoder_layers=6, num_decoder_layers=6, d_model=1024, d_ff=4096,
+                 num_heads=16, d_k=64, d_v=64, dropout_rate=0.3)
+
+# Row -> the model fields it changes from the base model (label smoothing: below).
+TABLE3_CHANGES = {
+    'base': {},
+    # (A) number of heads with constant computation: h * d_k = d_model.
+    'A1': dict(num_heads=1, d_k=512, d_v=512),
+    'A2': dict(num_heads=4, d_k=128, d_v=128),
+    'A3': dict(num_heads=16, d_k=32, d_v=32),
+    'A4': dict(num_heads=32, d_k=16, d_v=16),
+    # (B) smaller attention key size only.
+    'B1': dict(d_k=16),
+    'B2': dict(d_k=32),
+    # (C) bigger and smaller models.
+    'C1': dict(num_encoder_layers=2, num_decoder_layers=2),
+    'C2': dict(num_encoder_layers=4, num_decoder_layers=4),
+    'C3': dict(num_encoder_layers=8, num_decoder_layers=8),
+    'C4': dict(d_model=256, d_k=32, d_v=32),
+    'C5': dict(d_model=1024, d_k=128, d_v=128),
+    'C6': dict(d_ff=1024),
+    'C7': dict(d_ff=4096),
+    # (D) dropout and label smoothing.
+    'D1': dict(dropout_rate=0.0),
+    'D2': dict(dropout_rate=0.2),
+    'D3': {},
+    'D4': {},
+    # (E) learned positional embedding instead of sinusoids.
+    'E': dict(positional='learned'),
+    'big': BIG_MODEL,
+}
+TABLE3_LABEL_SMOOTHING = {'D3': 0.0, 'D4': 0.2}  # eps_ls; 0.1 in every other row
 
 # Row -> (perplexity, BLEU, parameters in millions or None).
 TABLE3 = {

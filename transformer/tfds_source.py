@@ -232,10 +232,7 @@ def _failed_download(chain: list[BaseException],
 def _explain(exc: BaseException, b, files: list[Download], manual: str) -> PrepareError:
     """One line for a failed preparation: what failed, which URL, and the manual route."""
     from tensorflow_datasets.core.download import download_manager, extractor
-    chain, e = [], exc
-    while e is not None and e not in chain:
-        chain.append(e)
-        e = e.__cause__ or e.__context__
+    chain = errors.chain(exc)
     failed, archive = _failed_download(chain, files)
     route = (f'or download {failed.url} yourself and put it in {manual} as {failed.filename}'
              if failed else f'or put the archives in {manual} under the names of their URLs')

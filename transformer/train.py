@@ -16,7 +16,6 @@ from typing import NamedTuple
 
 import jax
 import numpy as np
-from absl import logging
 from flax import nnx
 from tqdm import tqdm
 
@@ -69,7 +68,7 @@ class StopSignal:
 
     def _handle(self, signum, frame):
         del frame
-        logging.warning('Received signal %d: saving after this step and exiting.', signum)
+        errors.warn(f'received signal {signum}: saving after this step and exiting')
         self.requested = True
 
 
