@@ -1,0 +1,172 @@
+"""The layers of section 3: the position-wise feed-forward network (3.3), the residual
+wrapper with layer normalisation (3.1, 5.4), encoder and decoder layers built of
+multi-head attention (3.2), and stacks of identical layers run in a scan.
+"""
+
+from __future__ import annotations
+
+import jax
+from flax import nnx
+
+from transformer.multi_head_attention import MultiHeadAttention, resolve_implementation
+
+
+class FeedForward(nnx.Module):
+    """FFN(x) = max(0, x W1 + b1) W2 + b2 (section 3.3)."""
+
+    def __init__(self, d_model, d_ff, relu_dropout_rate, dtype, param_dtype, rngs):
+        init = nnx.initializers.xavier_uniform()
+        zeros = nnx.initializers.zeros
+        self.w1 = nnx.Linear(d_model, d_ff, dtype=dtype, param_dtype=param_dtype,
+                             kernel_init=nnx.with_partitioning(init, ('embed', 'mlp')),
+                             bias_init=nnx.with_partitioning(zeros, ('mlp',)), rngs=rngs)
+        self.w2 = nnx.Linear(d_ff, d_model, dtype=dtype, param_dtype=param_dtype,
+                             kernel_init=nnx.with_partitioning(init, ('mlp', 'embed')),
+                             bias_init=nnx.with_partitioning(zeros, ('embed',)), rngs=rngs)
+        self.dropout = nnx.Dropout(relu_dropout_rate) if relu_dropout_rate > 0 else None
+
+    def __call__(self, x, rngs=None):
+        h = jax.nn.relu(self.w1(x))
+        if self.dropout is not None and rngs is not None:
+            h = self.dropout(h, rngs=rngs)
+        return self.w2(h)
+
+
+def layer_norm(cfg, dtype, param_dtype, rngs):
+    return nnx.LayerNorm(
+        cfg.d_model, epsilon=cfg.layer_norm_epsilon, dtype=dtype, param_dtype=param_dtype,
+        scale_init=nnx.with_partitioning(nnx.initializers.ones, ('embed',)),
+        bias_init=nnx.with_partitioning(nnx.initializers.zeros, ('embed',)), rngs=rngs)
+
+
+class Residual(nnx.Module):
+    """The residual wrapper around each sub-layer (sections 3.1 and 5.4).
+
+    post-LN (the paper): LayerNorm(x + Dropout(Sublayer(x))).
+    pre-LN (option):     x + Dropout(Sublayer(LayerNorm(x))).
+    """
+
+    def __init__(self, cfg, dtype, param_dtype, rngs):
+        self.pre = cfg.norm == 'pre'
+        self.norm = layer_norm(cfg, dtype, param_dtype, rngs)
+        self.dropout = nnx.Dropout(cfg.dropout_rate)
+
+    def __call__(self, x, sublayer, rngs=None):
+        y = sublayer(self.norm(x) if self.pre else x)
+        if rngs is not None:
+            y = self.dropout(y, rngs=rngs)
+        return x + y if self.pre else self.norm(x + y)
+
+
+def _attention(cfg, dtype, param_dtype, rngs):
+    return MultiHeadAttention(cfg.d_model, cfg.num_heads, cfg.d_k, cfg.d_v,
+                              dropout_rate=cfg.attention_dropout_rate,
+                              implementation=resolve_implementation(cfg.attention_impl, dtype,
+                                                                    cfg.d_k, cfg.d_v),
+                              use_bias=cfg.attention_bias, dtype=dtype,
+                              param_dtype=param_dtype, rngs=rngs)
+
+
+class EncoderLayer(nnx.Module):
+    def __init__(self, cfg, dtype, param_dtype, rngs):
+        self.self_attention = _attention(cfg, dtype, param_dtype, rngs)
+        self.attention_residual = Residual(cfg, dtype, param_dtype, rngs)
+        self.ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.relu_dropout_rate, dtype, param_dtype,
+                               rngs)
+        self.ffn_residual = Residual(cfg, dtype, param_dtype, rngs)
+
+    def __call__(self, x, mask, rngs=None, return_attention=False):
+        """The layer's output and, with `return_attention`, {'encoder': weights}."""
+        weights = {}
+
+        def attend(h):
+            out = self.self_attention(h, h, mask, rngs=rngs, return_weights=return_attention)
+            if not return_attention:
+                return out
+            weights['encoder'] = out[1]
+            return out[0]
+
+        x = self.attention_residual(x, attend, rngs)
+        return self.ffn_residual(x, lambda h: self.ffn(h, rngs), rngs), weights
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg, dtype, param_dtype, rngs):
+        self.self_attention = _attention(cfg, dtype, param_dtype, rngs)
+        self.self_residual = Residual(cfg, dtype, param_dtype, rngs)
+        self.cross_attention = _attention(cfg, dtype, param_dtype, rngs)
+        self.cross_residual = Residual(cfg, dtype, param_dtype, rngs)
+        self.ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.relu_dropout_rate, dtype, param_dtype,
+                               rngs)
+        self.ffn_residual = Residual(cfg, dtype, param_dtype, rngs)
+
+    def __call__(self, x, encoded, self_mask, cross_mask, rngs=None, return_attention=False):
+        """The layer's output and, with `return_attention`, {'decoder': .., 'cross': ..}."""
+        weights = {}
+
+        def attend(kind, attention, kv_input, mask):
+            def sublayer(h):
+                out = attention(h, h if kv_input is None else kv_input, mask, rngs=rngs,
+                                return_weights=return_attention)
+                if not return_attention:
+                    return out
+                weights[kind] = out[1]
+                return out[0]
+            return sublayer
+
+        x = self.self_residual(x, attend('decoder', self.self_attention, None, self_mask), rngs)
+        x = self.cross_residual(
+            x, attend('cross', self.cross_attention, encoded, cross_mask), rngs)
+        return self.ffn_residual(x, lambda h: self.ffn(h, rngs), rngs), weights
+
+    def step(self, x, self_cache, cross_kv, cross_mask, index):
+        """One cached decoding step (no dropout): x is [batch, 1, d_model]."""
+        new_cache = []
+
+        def self_attn(h):
+            out, cache = self.self_attention.cached_self_attention(h, self_cache, index)
+            new_cache.append(cache)
+            return out
+
+        x = self.self_residual(x, self_attn)
+        x = self.cross_residual(
+            x, lambda h: self.cross_attention(h, None, cross_mask, kv=cross_kv, decoding=True))
+        return self.ffn_residual(x, self.ffn), new_cache[0]
+
+
+# -- stacks of identical layers -------------------------------------------------------------------
+# A stack's parameters are stacked on a leading 'layers' axis and the layers run in a
+# lax.scan: the step traces and compiles one layer per stack instead of N (trace time of the
+# base step: see benchmarks/step_cost.py), and rematerialisation is one jax.checkpoint around
+# the scanned layer.
+
+
+def layer_stack(layer_class, count: int, cfg, dtype, param_dtype, rngs: nnx.Rngs):
+    """`count` layers built as one module whose parameters have a leading axis of `count`."""
+    @nnx.split_rngs(splits=count)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: 'layers'})
+    def create(rngs):
+        return layer_class(cfg, dtype, param_dtype, rngs)
+
+    return create(rngs)
+
+
+def scan_layers(stack, x, body, xs=None, *, rngs=None, remat: bool = False,
+                 unroll: bool = False):
+    """Runs `body(layer, x, layer_xs, layer_rngs) -> (x, layer_ys)` over the layers of `stack`.
+
+    `xs` (a pytree with a leading layer axis, or None) gives each layer its slice; `rngs`
+    gives each layer its own dropout key. Returns (x, ys stacked on a leading layer axis).
+    """
+    graphdef, state = nnx.split(stack)
+    count = jax.tree.leaves(state)[0].shape[0]
+    keys = jax.random.split(rngs.dropout(), count) if rngs is not None else None
+
+    def step(carry, layer_inputs):
+        layer_state, layer_xs, key = layer_inputs
+        layer_rngs = nnx.Rngs(dropout=key) if key is not None else None
+        return body(nnx.merge(graphdef, layer_state), carry, layer_xs, layer_rngs)
+
+    if remat:  # keep only each layer's input for the backward pass; recompute the rest
+        step = jax.checkpoint(step, prevent_cse=False)
+    return jax.lax.scan(step, x, (state, xs, keys), unroll=count if unroll else 1)
