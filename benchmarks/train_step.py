@@ -3,6 +3,7 @@
   python benchmarks/train_step.py [--configs=demo,base,big] [--batch_tokens=base=256,big=128]
                                   [--seq_len=32] [--runs=7] [--steps=1]
   python benchmarks/train_step.py --batch_tokens=25000 --seq_len=64   # on a GPU/TPU
+  python benchmarks/train_step.py --configs=big --profile_dir=/tmp/trace   # then a trace
 
 Prints one JSON object on stdout (progress and JAX warnings go to stderr). For each model
 config (demo = configs/demo.py, base/big = configs/wmt14_ende.py:base/big) on a synthetic batch
@@ -51,7 +52,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from transformer import config as config_lib  # noqa: E402
-from transformer import model_stats, sharding  # noqa: E402
+from transformer import model_stats, profiler, sharding  # noqa: E402
 from transformer import train_step as train_step_lib  # noqa: E402
 from transformer.model import resolve_dtype  # noqa: E402
 
@@ -139,8 +140,11 @@ def peak_memory() -> tuple[int, str]:
 
 
 def measure(name: str, batch_tokens: int, seq_len: int, runs: int, steps: int,
-            variants=VARIANTS, log=lambda s: print(s, file=sys.stderr, flush=True)) -> dict:
-    """Times `variants` of the train step of config `name`; see the module docstring."""
+            variants=VARIANTS, log=lambda s: print(s, file=sys.stderr, flush=True),
+            profile_dir: str | None = None, profile_steps: int = 3) -> dict:
+    """Times `variants` of the train step of config `name`; see the module docstring. With
+    `profile_dir`, then traces `profile_steps` steps of the first variant into
+    PROFILE_DIR/NAME (profiler.StepTracer, as train.profile_steps does)."""
     config = load_config(name)
     n_dev = jax.device_count()
     rows = max(1, batch_tokens // seq_len)
@@ -185,6 +189,17 @@ def measure(name: str, batch_tokens: int, seq_len: int, runs: int, steps: int,
         log(f'[{name}] run {r + 1}/{runs}: ' +
             ', '.join(f'{v} {times[v][-1]:.4f} s' for v in variants))
 
+    if profile_dir:
+        v = variants[0]
+        tracer = profiler.StepTracer((0, profile_steps), os.path.join(profile_dir, name))
+        state = states[v]
+        for i in range(1, profile_steps + 1):
+            with tracer.step(i):
+                state, _ = fns[v](state, batches[v])
+            tracer.after(i, state)
+        states[v] = state
+        log(f'[{name}] traced {profile_steps} {v} steps into {tracer.directory}')
+
     m = config.model
     flops_per_step = model_stats.training_flops(m, config.vocab_size, rows, seq_len, seq_len)
     tokens_per_step = 2 * rows * seq_len  # source + target, as train.py logs tokens_per_second
@@ -225,6 +240,8 @@ def measure(name: str, batch_tokens: int, seq_len: int, runs: int, steps: int,
         out['sharded_nodonate_over_plain'] = (out['sharded_nodonate']['step_time_s'] /
                                               out['plain']['step_time_s'])
     out['peak_memory_bytes'], out['peak_memory_source'] = peak_memory()
+    if profile_dir:
+        out['profile'] = os.path.join(profile_dir, name)
     return out
 
 
@@ -297,6 +314,10 @@ def main():
                         '(0: skip)')
     parser.add_argument('--in_process', action='store_true',
                         help='run every config in this process (peak memory is then cumulative)')
+    parser.add_argument('--profile_dir', default=None,
+                        help='after timing, trace --profile_steps steps of the first variant '
+                        'of each config into DIR/CONFIG (TensorBoard profile plugin, Perfetto)')
+    parser.add_argument('--profile_steps', type=int, default=3)
     parser.add_argument('--_child', default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     names = args.configs.split(',')
@@ -324,18 +345,23 @@ def main():
     if args._child:  # one config in this process: its JSON on stdout
         n = args._child
         print(json.dumps({'environment': environment(), 'result': measure(
-            n, batch_tokens[n], seq_lens[n], args.runs, args.steps, variants)}))
+            n, batch_tokens[n], seq_lens[n], args.runs, args.steps, variants,
+            profile_dir=args.profile_dir, profile_steps=args.profile_steps)}))
         return
 
     env, results = None, {}
     for n in names:
         if args.in_process:
-            results[n] = measure(n, batch_tokens[n], seq_lens[n], args.runs, args.steps, variants)
+            results[n] = measure(n, batch_tokens[n], seq_lens[n], args.runs, args.steps, variants,
+                                 profile_dir=args.profile_dir, profile_steps=args.profile_steps)
             env = environment()
             continue
         cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), f'--_child={n}',
                f'--configs={n}', f'--seq_len={args.seq_len}', f'--runs={args.runs}',
-               f'--steps={args.steps}', f'--variants={args.variants}']
+               f'--steps={args.steps}', f'--variants={args.variants}',
+               f'--profile_steps={args.profile_steps}']
+        if args.profile_dir:
+            cmd.append(f'--profile_dir={os.path.abspath(args.profile_dir)}')
         if args.batch_tokens is not None:
             cmd.append(f'--batch_tokens={args.batch_tokens}')
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
