@@ -4,7 +4,8 @@ import ast
 import pathlib
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / 'transformer'
-PROGRAMS = {'train', 'evaluate', 'translate', 'average', 'summary', 'attention', 'report'}
+PROGRAMS = {'train', 'evaluate', 'translate', 'average', 'summary', 'attention', 'report',
+            'score'}
 
 
 def imports() -> dict[str, set[str]]:

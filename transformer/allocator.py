@@ -20,7 +20,8 @@ import sys
 from collections.abc import Callable, Mapping
 
 OFF = 'TRANSFORMER_TCMALLOC'
-PROGRAMS = ('train', 'evaluate', 'translate', 'average', 'summary', 'attention', 'report')
+PROGRAMS = ('train', 'evaluate', 'translate', 'average', 'summary', 'attention', 'report',
+            'score')
 _NAMES = ('tcmalloc_minimal', 'tcmalloc')
 
 

@@ -10,6 +10,10 @@ input length + 50 tokens) and scores it against the references:
 The split is never length-filtered; sources longer than model.max_position tokens (EOS
 included) are truncated, and their count is reported. Parameters are averaged over the last
 `--average` checkpoints (default: the config's decode.average_last, or as many as there are).
+`--ensemble=DIR[:STEP],...` decodes with several models at once (see `ensemble.py`); its files
+are named `<split>_ensembleN-<hash of the members>_...` and its JSON lists the members.
+`--limit=N` reads, tokenizes and decodes only the first N sentences (a quick look, not the
+split's score).
 
 Writes DIR/eval/<split>_<what>.hyp (one hypothesis per source line, in order) and
 DIR/eval/<split>_<what>.json (the scores, settings and speed), and prints the JSON.
@@ -17,13 +21,15 @@ DIR/eval/<split>_<what>.json (the scores, settings and speed), and prints the JS
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
 import jax
-from absl import flags, logging
+from absl import flags
 
 from transformer import batching, bleu, cli, data, decode, distributed
+from transformer import ensemble as ensemble_lib
 from transformer import workdir as workdir_lib
 from transformer.errors import UsageError
 
@@ -32,6 +38,7 @@ _SPLIT = flags.DEFINE_string('split', 'test', 'Split to translate: test, validat
 _LIMIT = flags.DEFINE_integer('limit', None, 'Score only the first N sentences (for quick '
                               'looks; the result is then not a test-set score).')
 _DECODING = cli.define_decoding_flags()
+_ENSEMBLE = cli.define_ensemble_flag()
 
 
 def steps_label(steps: list[int]) -> str:
@@ -40,28 +47,41 @@ def steps_label(steps: list[int]) -> str:
     return f'step{steps[-1]}_avg{len(steps)}'
 
 
-def evaluate(workdir: str, *, split: str, average: int | None, step: int | None,
-             decoding: dict, batch_sentences: int | None, limit: int | None) -> dict:
+def models_label(members: list[dict]) -> str:
+    """What decoded: the checkpoint steps of one model, or an ensemble named by its size and
+    a hash of its members (so that two ensembles never overwrite each other's files)."""
+    if len(members) == 1:
+        return steps_label(members[0]['steps'])
+    spec = json.dumps([[os.path.realpath(m['workdir']), m['steps']] for m in members])
+    return f'ensemble{len(members)}-{hashlib.sha256(spec.encode()).hexdigest()[:8]}'
+
+
+def evaluate(workdir: str | None, *, split: str, average: int | None, step: int | None,
+             decoding: dict, batch_sentences: int | None, limit: int | None,
+             ensemble: str | None = None) -> dict:
     """Decodes and scores a split; writes the .hyp and .json files; returns the JSON dict."""
     if split not in data.SPLITS:
         raise UsageError(f'--split={split!r}; valid: {", ".join(data.SPLITS)}')
-    model, config, tokenizer, steps = workdir_lib.load_model(workdir, average=average, step=step)
-    settings = decode.settings(config, **decoding)
+    if limit is not None and limit < 1:
+        raise UsageError(f'--limit={limit} must be >= 1')
+    members, workdir = cli.models_to_load(workdir, ensemble, step)
+    config = workdir_lib.load_config(workdir)  # flags are checked before any model is read
+    settings = cli.decoding_settings(config, **decoding)
     batch_sentences = cli.batch_sentences(batch_sentences, config)
-    sources, references = data.load_text(config, split)
-    if limit is not None:
-        sources, references = sources[:limit], references[:limit]
-    limit_tokens = batching.max_tokens(config.model)
-    truncated = sum(len(ids) > limit_tokens for ids in tokenizer.encode_batch(sources))
-    if truncated:
-        logging.warning('%s: %d source sentences longer than model.max_position=%d tokens are '
-                        'truncated', split, truncated, config.model.max_position)
+    loaded = ensemble_lib.load(members, average=average, home=workdir)
+    config, tokenizer = loaded.config, loaded.tokenizer
+    # Read and tokenized once (only the first `limit` sentences with --limit); the truncated
+    # sources are counted in the same pass.
+    encoded = batching.encode_split(config, tokenizer, split, limit)
+    sources, references = encoded.sources, encoded.references
+    truncated = int(encoded.source_truncated.sum())
 
-    decoder = decode.make_decoder(model, config, settings, batch_sentences)
-    hypotheses, stats = decode.translate_split(decoder, config, tokenizer, split,
-                                               batch_sentences, limit)
+    decoder = decode.make_decoder(loaded.models, config, settings, batch_sentences)
+    hypotheses, stats = decode.translate_split(decoder, config, tokenizer, encoded,
+                                               batch_sentences)
 
-    label = f'{split}_{steps_label(steps)}_beam{settings["beam_size"]}_alpha{settings["alpha"]:g}'
+    label = (f'{split}_{models_label(loaded.members)}_beam{settings.beam_size}'
+             f'_alpha{settings.alpha:g}')
     if limit is not None:
         label += f'_first{limit}'
     out_dir = workdir_lib.path(workdir, workdir_lib.EVAL_DIR)
@@ -75,9 +95,10 @@ def evaluate(workdir: str, *, split: str, average: int | None, step: int | None,
         'split': split,
         'sentences': len(sources),
         'truncated_sources': truncated,
-        'steps': steps,
-        'checkpoints_averaged': len(steps),
-        **settings,
+        **({'steps': loaded.steps, 'checkpoints_averaged': len(loaded.steps)}
+           if len(loaded.members) == 1 else {'ensemble': loaded.members}),
+        'beam_size': settings.beam_size, 'alpha': settings.alpha,
+        'max_extra_length': settings.max_extra_length,
         'direction': f'{config.source_lang}->{config.target_lang}',
         **bleu.all_scores(ordered, references, config.target_lang),
         'decode_seconds': stats['decode_seconds'],
@@ -104,7 +125,7 @@ def main():
     d = _DECODING
     result = evaluate(_WORKDIR.value, split=_SPLIT.value, average=d.average.value,
                       step=d.step.value, batch_sentences=d.batch_sentences.value,
-                      limit=_LIMIT.value,
+                      limit=_LIMIT.value, ensemble=_ENSEMBLE.value,
                       decoding=dict(beam_size=d.beam_size.value, alpha=d.alpha.value,
                                     max_extra_length=d.max_extra_length.value))
     if distributed.is_main():

@@ -90,6 +90,8 @@ def _newest_eval(workdir: str, split: str, averaged_once: bool) -> dict | None:
             continue
         with open(os.path.join(directory, name)) as f:
             result = json.load(f)
+        if 'ensemble' in result:  # several models: not this run's own score
+            continue
         if averaged_once and result.get('checkpoints_averaged', 1) != 1:
             continue
         if 'limit' in name or '_first' in name:  # a partial split is not the split's score
