@@ -398,9 +398,10 @@ def test_settings_name_the_field_out_of_range():
             (dict(sampling=True, top_p=1.5), 'top_p=1.5 must be in (0, 1]'),
             (dict(sampling=True, top_p=0.0), 'top_p=0.0 must be in (0, 1]'),
             (dict(top_k=3), 'top_k=3 applies to sampling only'),
-            (dict(sampling=True, nbest=2), 'nbest=2 is for beam search')]:
+            (dict(sampling=True, nbest=2), 'nbest=2 is for beam search'),
+            (dict(sampling=True, top_k=999), 'top_k=999 must be at most the vocabulary size')]:
         with pytest.raises(decode.SettingError, match=message.replace('(', r'\(').replace(
                 ')', r'\)')):
             decode.settings(config, **given)
     with pytest.raises(decode.SettingError, match=r'top_k=20 must be at most the vocabulary'):
-        decode.Decoder(tiny_model(vocab=11), decode.settings(config, sampling=True, top_k=20))
+        decode.Decoder(tiny_model(vocab=11), decode.Settings(sampling=True, top_k=20))

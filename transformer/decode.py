@@ -96,11 +96,12 @@ def settings(config, **given) -> Settings:
                   max_extra_length=d.max_extra_length)
     values.update({k: v for k, v in given.items() if v is not None})
     s = Settings(**values)
-    check(s, given_fields={k for k, v in given.items() if v is not None})
+    check(s, given_fields={k for k, v in given.items() if v is not None},
+          vocab_size=config.vocab_size)
     return s
 
 
-def check(s: Settings, given_fields=()) -> None:
+def check(s: Settings, given_fields=(), vocab_size: int | None = None) -> None:
     """SettingError for the first setting out of range; `given_fields` are those set on
     purpose (a sampling-only one without sampling is refused, not ignored)."""
 
@@ -113,15 +114,17 @@ def check(s: Settings, given_fields=()) -> None:
     need(np.isfinite(s.alpha), 'alpha', 'must be a finite number')
     need(s.nbest >= 1, 'nbest', 'must be >= 1')
     if s.sampling:
-        need(s.nbest == 1 and 'beam_size' not in given_fields,
-             'nbest' if s.nbest != 1 else 'beam_size',
-             'is for beam search; sampling draws num_samples hypotheses instead')
+        rule = 'is for beam search; sampling draws num_samples hypotheses instead'
+        need(s.nbest == 1 and 'nbest' not in given_fields, 'nbest', rule)
+        need('beam_size' not in given_fields, 'beam_size', rule)
     else:
         need(s.nbest <= s.beam_size, 'nbest', f'must be at most the beam size ({s.beam_size})')
         for name in _SAMPLING_ONLY:
             need(name not in given_fields, name, 'applies to sampling only')
     need(0 < s.temperature < float('inf'), 'temperature', 'must be > 0')
     need(s.top_k >= 0, 'top_k', 'must be >= 0 (0: no cut)')
+    need(vocab_size is None or s.top_k <= vocab_size, 'top_k',
+         f'must be at most the vocabulary size ({vocab_size})')
     need(0 < s.top_p <= 1, 'top_p', 'must be in (0, 1] (1: no cut)')
     need(s.num_samples >= 1, 'num_samples', 'must be >= 1')
     need(0 <= s.seed < 2 ** 32, 'seed', 'must be in [0, 2**32)')
@@ -147,9 +150,7 @@ class Decoder:
         if any(m.vocab_size != vocab for m in models):
             raise ValueError(f'ensemble members have different vocabulary sizes: '
                              f'{[m.vocab_size for m in models]}')
-        if settings.sampling and settings.top_k > vocab:
-            raise SettingError('top_k', settings.top_k,
-                               f'must be at most the vocabulary size ({vocab})')
+        check(settings, vocab_size=vocab)
         self.settings = settings
         self.max_position = min(m.cfg.max_position for m in models)
         devices = mesh.size if mesh is not None else 1

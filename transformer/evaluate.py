@@ -106,6 +106,7 @@ def evaluate(workdir: str | None, *, split: str, average: int | None, step: int 
         'tokens_per_second': stats['generated_tokens'] / stats['decode_seconds'],
         'generated_tokens': stats['generated_tokens'],
         'decode_steps': stats['decode_steps'],
+        'decoded_batches': stats['decoded_batches'],
         'compiled_shapes': stats['compiled_shapes'],
         'devices': f'{jax.process_count()} process(es) x {jax.local_device_count()} '
                    f'{jax.devices()[0].platform} device(s)',

