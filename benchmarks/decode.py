@@ -97,27 +97,45 @@ SEARCHES = {'greedy': (1, _beam(1)), 'beam4': (1, _beam(4)), 'beam4_nbest4': (1,
             'sample_top_p0.9': (1, _sample), 'ensemble2_beam4': (2, _beam(4))}
 
 
+def interleaved(calls: dict, repeats: int, warm_up: bool = True) -> dict:
+    """Median seconds of each of `calls` (name -> function) after a warm-up (compiling) call
+    of each, the repeats interleaved (a, b, c, a, b, c, ...) so that a change in the machine's
+    load hits every call alike."""
+    for fn in calls.values() if warm_up else ():
+        _block(fn())
+    times = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, fn in calls.items():
+            start = time.perf_counter()
+            _block(fn())
+            times[name].append(time.perf_counter() - start)
+    return {name: float(np.median(t)) for name, t in times.items()}
+
+
 def throughput(models, batch_sizes, source_length, max_extra, repeats):
-    """One row per search and batch size; `models` holds two models (the ensemble's)."""
+    """One row per search and batch size; `models` holds two models (the ensemble's). The
+    searches of one batch size are timed interleaved."""
     rows = []
-    for name, (members, run_search) in SEARCHES.items():
-        for batch in batch_sizes:
-            x = jnp.asarray(random_sources(batch, source_length, models[0].vocab_size,
-                                           seed=batch))
-            result = {}
+    for batch in batch_sizes:
+        x = jnp.asarray(random_sources(batch, source_length, models[0].vocab_size, seed=batch))
+        found = {}
 
-            def run(x=x, result=result, run_search=run_search, members=members):
-                result['out'] = run_search(models[:members], x, max_extra)
-                return result['out']
+        def call(name, members, run_search, x=x, found=found):
+            def run():
+                found[name] = run_search(models[:members], x, max_extra)
+                return found[name]
+            return run
 
-            seconds = time_call(run, repeats)
-            found = result['out']
+        seconds = interleaved({name: call(name, members, run_search)
+                               for name, (members, run_search) in SEARCHES.items()}, repeats)
+        for name in SEARCHES:
             # Tokens of the best (first) hypothesis of each sentence, so that searches compare.
-            generated = int(np.sum(search.hypothesis_lengths(found.tokens[:, 0])))
-            rows.append({'search': name, 'batch': batch, 'seconds': seconds,
-                         'steps': int(found.steps), 'sentences_per_second': batch / seconds,
-                         'tokens_per_second': generated / seconds,
-                         'ms_per_step': 1000 * seconds / max(int(found.steps), 1)})
+            generated = int(np.sum(search.hypothesis_lengths(found[name].tokens[:, 0])))
+            steps = int(found[name].steps)
+            rows.append({'search': name, 'batch': batch, 'seconds': seconds[name],
+                         'steps': steps, 'sentences_per_second': batch / seconds[name],
+                         'tokens_per_second': generated / seconds[name],
+                         'ms_per_step': 1000 * seconds[name] / max(steps, 1)})
     return rows
 
 
@@ -158,41 +176,38 @@ def _old_limited_decode(decoder, config, split, batch_sentences, limit):
 
 def limited_decode(model, config, sentences, batch_sentences, limits, max_extra, repeats):
     """Greedy decoding of a whole split against decoding its first N sentences (chosen, then
-    batched), and against the old way of limiting; medians of `repeats` after a warm-up pass
-    of each (which compiles its shapes)."""
+    batched), and against the old way of limiting; medians of `repeats`, interleaved, after a
+    warm-up call of each (which compiles its shapes)."""
     split = synthetic_split(sentences, model.vocab_size)
     settings = decode.Settings(beam_size=1, max_extra_length=max_extra)
     decoder = decode.make_decoder(model, config, settings, batch_sentences,
                                   devices=jax.devices()[:1])
 
-    def timed(fn):
-        fn()  # compiles the shapes this way of decoding needs
-        times, batches = [], []
-        for _ in range(repeats):
-            before = decoder.batches
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-            batches.append(decoder.batches - before)
-        return float(np.median(times)), batches[0]
-
     def full():
         decode.translate_split(decoder, config, _Ids, split, batch_sentences)
 
-    full_seconds, full_batches = timed(full)
-    out = {'sentences': sentences, 'batch_sentences': batch_sentences, 'search': 'greedy',
-           'full': {'seconds': full_seconds, 'batches': full_batches}, 'limited': []}
+    calls = {'full': full}
     for limit in limits:
-        new_seconds, new_batches = timed(lambda limit=limit: decode.translate_split(
-            decoder, config, _Ids, split, batch_sentences, limit=limit))
-        old_seconds, old_batches = timed(lambda limit=limit: _old_limited_decode(
-            decoder, config, split, batch_sentences, limit))
+        calls[f'limit{limit}'] = functools.partial(
+            decode.translate_split, decoder, config, _Ids, split, batch_sentences, limit=limit)
+        calls[f'before{limit}'] = functools.partial(
+            _old_limited_decode, decoder, config, split, batch_sentences, limit)
+    batches = {}
+    for name, fn in calls.items():  # the warm-up: batches decoded by one call of each
+        before = decoder.batches
+        fn()
+        batches[name] = decoder.batches - before
+    seconds = interleaved(calls, repeats, warm_up=False)
+    out = {'sentences': sentences, 'batch_sentences': batch_sentences, 'search': 'greedy',
+           'full': {'seconds': seconds['full'], 'batches': batches['full']}, 'limited': []}
+    for limit in limits:
+        new, old = f'limit{limit}', f'before{limit}'
         out['limited'].append({
-            'limit': limit, 'seconds': new_seconds, 'batches': new_batches,
-            'fraction_of_full_time': new_seconds / full_seconds,
+            'limit': limit, 'seconds': seconds[new], 'batches': batches[new],
+            'fraction_of_full_time': seconds[new] / seconds['full'],
             'fraction_of_sentences': limit / sentences,
-            'before': {'seconds': old_seconds, 'batches': old_batches,
-                       'fraction_of_full_time': old_seconds / full_seconds}})
+            'before': {'seconds': seconds[old], 'batches': batches[old],
+                       'fraction_of_full_time': seconds[old] / seconds['full']}})
     return out
 
 
