@@ -126,16 +126,15 @@ def models_to_load(workdir: str | None, ensemble_spec: str | None,
     return members, workdir or members[0].workdir
 
 
-def read_lines(stream: BinaryIO, chunk: int, name: str = 'stdin'
-               ) -> Iterator[list[tuple[int, str]]]:
-    """Chunks of (1-based line number, text without the line break) of a program's input;
+def read_lines(stream: BinaryIO, chunk: int) -> Iterator[list[tuple[int, str]]]:
+    """Chunks of (1-based line number, text without the line break) of a program's stdin;
     UsageError naming the line when it is not UTF-8."""
     lines = []
     for number, raw in enumerate(stream, start=1):
         try:
             text = raw.decode('utf-8')
         except UnicodeDecodeError as e:
-            raise errors.UsageError(f'{name} line {number} is not valid UTF-8 ({e.reason} at '
+            raise errors.UsageError(f'stdin line {number} is not valid UTF-8 ({e.reason} at '
                                     f'byte {e.start}); UTF-8 text is expected') from None
         lines.append((number, text.rstrip('\r\n')))
         if len(lines) >= chunk:
