@@ -13,6 +13,7 @@ import pytest
 from conftest import error_line, run_program
 
 from transformer import batching, cli, data, decode, ensemble, errors
+from transformer import tokenizer as tokenizer_lib
 from transformer import workdir as workdir_lib
 from transformer.model import create_model
 
@@ -237,17 +238,26 @@ def test_evaluate_an_ensemble_of_checkpoints_on_a_limited_split(workdir):
     assert len(pathlib.Path(result['hypotheses_file']).read_text().splitlines()) == 5
 
 
-@pytest.fixture(scope='module')
-def other_vocabulary(tmp_path_factory):
-    """A second, tiny run of the demo with another vocabulary."""
-    path = tmp_path_factory.mktemp('other')
-    run_program('train', '--config=configs/demo.py:runlocal', f'--workdir={path}',
-                '--config.vocab_size=200', '--config.train.steps=2',
-                '--config.train.checkpoint_every_steps=2', '--config.train.eval_every_steps=100')
-    return path
+def another_vocabulary(workdir, into):
+    """A copy of the run in `into` that was trained, as far as every check can tell, with another
+    vocabulary: a new vocab.model, its sha256 in vocab.json and in every checkpoint."""
+    shutil.copytree(workdir, into, ignore=shutil.ignore_patterns('eval'))
+    config = workdir_lib.load_config(str(into))
+    sources, targets = data.load_text(config, 'train')
+    proto = tokenizer_lib.train(sources[:500] + targets[:500], 120)
+    (into / 'vocab.model').write_bytes(proto)
+    fingerprint = workdir_lib.vocabulary_fingerprint(str(into))
+    meta = json.loads((into / 'vocab.json').read_text())
+    (into / 'vocab.json').write_text(json.dumps(dict(meta, sha256=fingerprint)))
+    for file in into.glob('checkpoints/*/_CHECKPOINT_METADATA'):
+        stored = json.loads(file.read_text())
+        stored['custom_metadata']['vocab_sha256'] = fingerprint
+        file.write_text(json.dumps(stored))
+    return into
 
 
-def test_bad_decoding_input_is_refused_in_one_line(workdir, other_vocabulary, tmp_path):
+def test_bad_decoding_input_is_refused_in_one_line(workdir, tmp_path):
+    other_vocabulary = another_vocabulary(workdir, tmp_path / 'other')
     turned = tmp_path / 'turned'
     shutil.copytree(workdir, turned, ignore=shutil.ignore_patterns('eval'))
     config = json.loads((turned / 'config.json').read_text())
