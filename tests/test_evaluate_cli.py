@@ -159,7 +159,7 @@ def test_evaluate_translates_every_sentence_in_order(workdir):
     tokens = decoder(np.asarray([split.source_ids[longest]])).tokens
     assert hypotheses[longest] == tokenizer.decode(tokens[0, 0].tolist())
     assert len(decoder.shapes_compiled) == 1
-    # A limited decode chooses its sentences first: 5 sentences, one batch of 5 rows.
+    # A limited decode chooses its sentences first: the first 5, in one batch of them.
     decoder = decode.make_decoder(model, config, settings, n, devices=jax.devices()[:1])
     first, _ = decode.translate_split(decoder, config, tokenizer, split, n, limit=5)
     assert first == {i: hypotheses[i] for i in range(5)}
@@ -189,7 +189,9 @@ def test_nbest_ensemble_of_one_model_twice_and_scores_of_the_beam(workdir, tmp_p
                         stdin=stdin)
     assert 'ensemble of' in twice.stderr.decode()
     entries = parse_nbest(alone.stdout.decode())
-    assert [e[:2] for e in parse_nbest(twice.stdout.decode())] == [e[:2] for e in entries]
+    doubled = parse_nbest(twice.stdout.decode())
+    assert [e[:2] for e in doubled] == [e[:2] for e in entries]
+    np.testing.assert_allclose([e[2] for e in doubled], [e[2] for e in entries], atol=1e-5)
     assert [e[0] for e in entries] == [0, 0, 0, 1, 2, 2, 2, 3, 3, 3]
     assert entries[3] == (1, '', 0.0, 0, 0.0)  # a blank line: one empty entry
     for i in (0, 2, 3):
