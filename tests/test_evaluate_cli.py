@@ -180,18 +180,15 @@ def parse_nbest(text: str) -> list[tuple[int, str, float, int, float]]:
     return entries
 
 
-def test_nbest_ensemble_of_one_model_twice_and_scores_of_the_beam(workdir, tmp_path):
+def test_nbest_of_an_ensemble_of_one_model_twice_and_scores_of_the_beam(workdir, tmp_path):
+    """translate --nbest through an ensemble of checkpoint 10 twice (which is checkpoint 10:
+    test_decode), then score of its hypotheses with checkpoint 10 alone."""
     lines = ['zofu kabemi', '', 'tolarin zepa kabemi', 'kabemi']
-    stdin = ('\n'.join(lines) + '\n').encode()
-    args = ['--beam_size=3', '--nbest=3', '--max_extra_length=5']
-    alone = run_program('translate', f'--workdir={workdir}', '--step=10', *args, stdin=stdin)
-    twice = run_program('translate', f'--ensemble={workdir}:10,{workdir}:10', *args,
-                        stdin=stdin)
+    twice = run_program('translate', f'--ensemble={workdir}:10,{workdir}:10', '--beam_size=3',
+                        '--nbest=3', '--max_extra_length=5',
+                        stdin=('\n'.join(lines) + '\n').encode())
     assert 'ensemble of' in twice.stderr.decode()
-    entries = parse_nbest(alone.stdout.decode())
-    doubled = parse_nbest(twice.stdout.decode())
-    assert [e[:2] for e in doubled] == [e[:2] for e in entries]
-    np.testing.assert_allclose([e[2] for e in doubled], [e[2] for e in entries], atol=1e-5)
+    entries = parse_nbest(twice.stdout.decode())
     assert [e[0] for e in entries] == [0, 0, 0, 1, 2, 2, 2, 3, 3, 3]
     assert entries[3] == (1, '', 0.0, 0, 0.0)  # a blank line: one empty entry
     for i in (0, 2, 3):
