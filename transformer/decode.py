@@ -300,9 +300,9 @@ class Translator:
         self._encode = _encoder(tokenizer, self.decoder.max_position - 1, warn or _default_warn)
 
     def __call__(self, lines: list[tuple[int, str]]) -> list[list[Hypothesis]]:
-        """The hypotheses of (line number, text) pairs, in the given order, best first (up to
-        settings.outputs of them; fewer when fewer exist). A blank line gets none. Sampling
-        keys derive from the line numbers."""
+        """The hypotheses of (line number, text) pairs, in the given order: settings.outputs
+        of each (fewer when fewer exist), best first for beam search, in the order drawn for
+        samples, whose keys derive from the line numbers. A blank line gets none."""
         out: list[list[Hypothesis]] = [[] for _ in lines]
         work = [(position, number, self._encode(text, f'line {number}'))
                 for position, (number, text) in enumerate(lines) if text.strip()]
