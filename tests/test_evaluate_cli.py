@@ -197,7 +197,9 @@ def test_nbest_of_an_ensemble_of_one_model_twice_and_scores_of_the_beam(workdir,
     for _, _, log_prob, tokens, score in entries:
         if tokens:
             assert abs(score - log_prob / ((5 + tokens) / 6) ** 0.6) < 1e-5
-    # Forced decoding of the beam's own hypotheses gives the log-probabilities it reported.
+    # Forced decoding of the beam's own hypotheses gives the log-probabilities it reported,
+    # wherever the text reads back as the same pieces: `score` re-tokenizes text, and a barely
+    # trained model may emit a word-inner piece first ('ex' where the tokenizer reads '▁ex').
     scored = [e for e in entries if e[3]]
     source, target = tmp_path / 'src.txt', tmp_path / 'tgt.txt'
     source.write_text(''.join(lines[e[0]] + '\n' for e in scored), encoding='utf-8')
@@ -206,12 +208,17 @@ def test_nbest_of_an_ensemble_of_one_model_twice_and_scores_of_the_beam(workdir,
                        f'--target={target}')
     rows = [line.split('\t') for line in proc.stdout.decode().splitlines()]
     assert len(rows) == len(scored)
-    for (log_prob, tokens, perplexity), entry in zip(rows, scored):
+    tokenizer = workdir_lib.load_vocabulary(str(workdir))
+    same_pieces = [(row, e) for row, e in zip(rows, scored)
+                   if len(tokenizer.encode(e[1])) + 1 == e[3]]  # + EOS
+    assert len(same_pieces) >= len(scored) // 2
+    for (log_prob, tokens, _), entry in same_pieces:
         assert abs(float(log_prob) - entry[2]) < 1e-3 and int(tokens) == entry[3]
+    for log_prob, tokens, perplexity in rows:
         assert abs(float(perplexity) - np.exp(-float(log_prob) / int(tokens))) < 1e-3
     summary = json.loads(proc.stderr.decode().strip().splitlines()[-1])
     assert summary['sentences'] == len(scored)
-    assert summary['tokens'] == sum(e[3] for e in scored)
+    assert summary['tokens'] == sum(int(r[1]) for r in rows)
     assert abs(summary['perplexity'] - np.exp(-sum(float(r[0]) for r in rows)
                                               / summary['tokens'])) < 1e-3
 
