@@ -22,9 +22,9 @@ import numpy as np
 from absl import flags
 from flax import nnx
 
-from transformer import batching, cli, errors, plots, search, trained
+from transformer import batching, cli, plots, search, trained
 from transformer.errors import UsageError
-from transformer.tokenizer import EOS_ID, PAD_ID
+from transformer.tokenizer import PAD_ID
 
 _WORKDIR = cli.define_workdir_flag()
 _TEXT = flags.DEFINE_string('text', None, 'The source sentence.')
@@ -52,15 +52,12 @@ def main():
     settings = cli.decoding_settings(config, beam_size=_DECODING.beam_size.value,
                                      alpha=_DECODING.alpha.value,
                                      max_extra_length=_DECODING.max_extra_length.value)
-    limit = batching.max_tokens(config.model)
-    source = tokenizer.encode(_TEXT.value)
-    if len(source) > limit:
-        errors.warn(f'--text has {len(source)} tokens; truncated to {limit}')
-        source = source[:limit]
-    source = source + [EOS_ID]
+    (source,), _ = batching.fit_sentences([tokenizer.encode(_TEXT.value)],
+                                          config.model.max_position, '--text')
     inputs = jnp.asarray([source], jnp.int32)
     if _TARGET.value is not None:
-        target = tokenizer.encode(_TARGET.value)[:limit] + [EOS_ID]
+        (target,), _ = batching.fit_sentences([tokenizer.encode(_TARGET.value)],
+                                              config.model.max_position, '--target')
     else:
         found = search.beam_search(model, inputs, beam_size=settings.beam_size,
                                    alpha=settings.alpha,

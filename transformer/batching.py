@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 from absl import logging
 
-from transformer import data
+from transformer import data, errors
 from transformer.data import DataError, TokenizedSplit
 from transformer.tokenizer import EOS_ID, PAD_ID, Tokenizer
 
@@ -45,9 +45,25 @@ BATCH_KEYS = ('inputs', 'targets', 'inputs_segmentation', 'targets_segmentation'
 _PACK_OPEN_ROWS = 16
 
 
-def max_tokens(model_config) -> int:
-    """The most tokens of a sentence the model reads, before its EOS (positions count from 0)."""
+def sentence_limit(model_config) -> int:
+    """The most tokens of one sentence the model reads, before its EOS (positions count from 0
+    to max_position - 1)."""
     return model_config.max_position - 1
+
+
+def fit_sentences(ids: list[list[int]], max_position: int, where: str):
+    """Each sentence's ids cut to the max_position - 1 tokens a model of `max_position` reads
+    (sentence_limit) and ended with EOS, and a mask of the ones cut; one warning naming `where`
+    when any was. Evaluation splits are never filtered, so this is how every program reports
+    truncation (splits, lines, the attention plot)."""
+    limit = max_position - 1
+    cut = np.fromiter((len(x) > limit for x in ids), bool, len(ids))
+    if cut.any():
+        longest = max(len(x) for x in ids)
+        what = f'{int(cut.sum())} of {len(ids)} sentences' if len(ids) > 1 else 'the sentence'
+        errors.warn(f'{where}: {what} longer than {limit} tokens (up to {longest}) truncated to '
+                    f'the first {limit} (model.max_position={max_position} with EOS)')
+    return [x[:limit] + [EOS_ID] for x in ids], cut
 
 
 def round_up(n: int, multiple: int) -> int:
@@ -308,7 +324,7 @@ class TrainIterator:
 @dataclasses.dataclass(frozen=True)
 class EncodedSplit:
     """A split for evaluation, read and tokenized once: the raw sentences and references in file
-    order (never filtered) and their token ids, each side truncated to max_tokens() and ended
+    order (never filtered) and their token ids, each side truncated to sentence_limit() and ended
     with EOS; `*_truncated` mark the sides that were cut."""
 
     name: str
@@ -331,15 +347,10 @@ def encode_split(config, tokenizer: Tokenizer, split: str,
     if limit is not None:
         sources, references = sources[:limit], references[:limit]
     src_ids, tgt_ids = data.encode_pairs(tokenizer, sources, references)
-    cap = max_tokens(config.model)
-    src_cut = np.array([len(x) > cap for x in src_ids], bool)
-    tgt_cut = np.array([len(x) > cap for x in tgt_ids], bool)
-    if src_cut.any() or tgt_cut.any():
-        logging.warning('%s: %d source and %d target sentences longer than %d tokens are '
-                        'truncated (model.max_position=%d with EOS)', split, src_cut.sum(),
-                        tgt_cut.sum(), cap, config.model.max_position)
-    return EncodedSplit(split, sources, references, [x[:cap] + [EOS_ID] for x in src_ids],
-                        [x[:cap] + [EOS_ID] for x in tgt_ids], src_cut, tgt_cut)
+    max_position = config.model.max_position
+    src_ids, src_cut = fit_sentences(src_ids, max_position, f'{split} sources')
+    tgt_ids, tgt_cut = fit_sentences(tgt_ids, max_position, f'{split} references')
+    return EncodedSplit(split, sources, references, src_ids, tgt_ids, src_cut, tgt_cut)
 
 
 def eval_batches(split: EncodedSplit, data_config, batch_sentences: int, *,

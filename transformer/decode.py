@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import jax
@@ -26,7 +26,7 @@ from absl import logging
 
 from transformer import batching, search, sharding
 from transformer.errors import UsageError
-from transformer.tokenizer import EOS_ID, PAD_ID
+from transformer.tokenizer import PAD_ID
 
 # -- settings ---------------------------------------------------------------------------------
 
@@ -268,15 +268,11 @@ class Hypothesis(NamedTuple):
     tokens: int  # EOS counted
 
 
-def _encoder(tokenizer, limit: int, warn: Callable[[str], None]):
-    """text, where -> ids + [EOS], truncated to `limit` tokens with a warning naming `where`."""
+def _encoder(tokenizer, max_position: int):
+    """text, where -> ids + [EOS], truncated to what a model of `max_position` reads, with a
+    warning naming `where` (batching.fit_sentences)."""
     def encode(text: str, where: str) -> list[int]:
-        ids = tokenizer.encode(text)
-        if len(ids) > limit:
-            warn(f'{where}: {len(ids)} tokens; truncated to the first {limit} '
-                 f'(model.max_position={limit + 1} with EOS)')
-            ids = ids[:limit]
-        return ids + [EOS_ID]
+        return batching.fit_sentences([tokenizer.encode(text)], max_position, where)[0][0]
     return encode
 
 
@@ -285,19 +281,15 @@ def _pad_rows(rows: list[list[int]]) -> np.ndarray:
     return np.asarray([r + [PAD_ID] * (width - len(r)) for r in rows], np.int32)
 
 
-def _default_warn(message: str) -> None:
-    logging.warning('%s', message)
-
-
 class Translator:
     """Lines of text in, hypotheses out, in order; batched, the decoder kept compiled."""
 
     def __init__(self, models, config, tokenizer, decode_settings: Settings,
-                 batch_sentences: int, warn=None, devices=None):
+                 batch_sentences: int, devices=None):
         self.tokenizer = tokenizer
         self.batch_sentences = batch_sentences
         self.decoder = make_decoder(models, config, decode_settings, batch_sentences, devices)
-        self._encode = _encoder(tokenizer, self.decoder.max_position - 1, warn or _default_warn)
+        self._encode = _encoder(tokenizer, self.decoder.max_position)
 
     def __call__(self, lines: list[tuple[int, str]]) -> list[list[Hypothesis]]:
         """The hypotheses of (line number, text) pairs, in the given order: settings.outputs
@@ -328,11 +320,10 @@ class Scorer:
     """(line number, source, target) in, (log-probability, target tokens) out, in order:
     forced decoding of given translations, batched, the decoder kept compiled."""
 
-    def __init__(self, models, config, tokenizer, batch_sentences: int, warn=None,
-                 devices=None):
+    def __init__(self, models, config, tokenizer, batch_sentences: int, devices=None):
         self.batch_sentences = batch_sentences
         self.decoder = make_decoder(models, config, Settings(), batch_sentences, devices)
-        self._encode = _encoder(tokenizer, self.decoder.max_position - 1, warn or _default_warn)
+        self._encode = _encoder(tokenizer, self.decoder.max_position)
 
     def __call__(self, pairs: list[tuple[int, str, str]]) -> list[tuple[float, int]]:
         out: list[tuple[float, int]] = [(0.0, 0)] * len(pairs)

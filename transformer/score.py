@@ -81,8 +81,7 @@ def main():
     else:
         chunks = stdin_pairs(1 if sys.stdin.isatty() else batch_sentences * CHUNK_BATCHES)
     loaded = ensemble.load(members, average=d.average.value, home=home)
-    scorer = decode.Scorer(loaded.models, config, loaded.tokenizer, batch_sentences,
-                           warn=lambda message: print(f'warning: {message}', file=sys.stderr))
+    scorer = decode.Scorer(loaded.models, config, loaded.tokenizer, batch_sentences)
     total_log_prob, total_tokens, sentences = 0.0, 0, 0
     out = sys.stdout
     for chunk in chunks:

@@ -67,8 +67,7 @@ def main():
     print(f'translate: {config.source_lang}->{config.target_lang}, {settings.describe()}; '
           f'{"ensemble of " if len(loaded.models) > 1 else ""}{models}', file=sys.stderr)
     translator = decode.Translator(
-        loaded.models, config, loaded.tokenizer, settings, batch_sentences,
-        warn=lambda message: print(f'warning: {message}', file=sys.stderr))
+        loaded.models, config, loaded.tokenizer, settings, batch_sentences)
     scored = s.nbest.value is not None or settings.outputs > 1
     chunk = 1 if sys.stdin.isatty() else batch_sentences * CHUNK_BATCHES
     out = sys.stdout.buffer
