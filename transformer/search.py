@@ -124,7 +124,8 @@ def _max_position(models) -> int:
 
 def _start(models, inputs, bound: int, repeat: int):
     """Runs each member's encoder once and builds its cache, repeated `repeat` times per row
-    (the hypotheses of one sentence are adjacent rows b * repeat + k, cache axis 1).
+    (the hypotheses of one sentence are adjacent rows b * repeat + k, axis 0 of every cache
+    array).
 
     Returns (cross caches, self-attention caches, segmentation of the repeated rows).
     """
@@ -133,7 +134,7 @@ def _start(models, inputs, bound: int, repeat: int):
     for model in models:
         cache = model.init_cache(model.encode(inputs, segmentation), bound)
         if repeat > 1:
-            cache = jax.tree.map(lambda x: jnp.repeat(x, repeat, axis=1), cache)
+            cache = jax.tree.map(lambda x: jnp.repeat(x, repeat, axis=0), cache)
         crosses.append(cache['cross'])
         selves.append(cache['self'])
     if repeat > 1:
@@ -289,11 +290,11 @@ def _gather_beams(x, beam_index):
 
 
 def _gather_cache(cache, beam_index, beam_size):
-    """Reorders cache rows [layers, B * K, ...]: row b * K + k becomes row
-    b * K + beam_index[b, k], in every layer (a gather of whole rows)."""
+    """Reorders the rows [B * K, ...] of every cache array: row b * K + k becomes row
+    b * K + beam_index[b, k] (a gather of whole rows)."""
     batch = beam_index.shape[0]
     rows = (jnp.arange(batch)[:, None] * beam_size + beam_index).reshape(-1)
-    return jax.tree.map(lambda x: jnp.take(x, rows, axis=1, mode='clip'), cache)
+    return jax.tree.map(lambda x: jnp.take(x, rows, axis=0, mode='clip'), cache)
 
 
 def _beam_search(graphdefs, params, inputs, beam_size: int, alpha: float,
