@@ -17,7 +17,7 @@ from flax import nnx
 # Masked logits get this instead of -inf (section 3.2.3): identical weights wherever a row has
 # at least one visible key, and no NaN in the all-masked rows of padding queries.
 MASK_VALUE = -1e9
-IMPLEMENTATIONS = ('auto', 'xla', 'cudnn')
+IMPLEMENTATIONS = ('auto', 'xla', 'cudnn', 'explicit')
 
 
 def attention_mask(q_segmentation: jax.Array, k_segmentation: jax.Array,
@@ -36,7 +36,8 @@ def attention_mask(q_segmentation: jax.Array, k_segmentation: jax.Array,
 
 
 def resolve_implementation(name: str, dtype, d_k: int, d_v: int) -> str:
-    """'xla' or 'cudnn' for model.attention_impl `name` ('auto' decides)."""
+    """'xla', 'cudnn' or 'explicit' for model.attention_impl `name` ('auto' decides between
+    the first two)."""
     if name not in IMPLEMENTATIONS:
         raise ValueError(f'model.attention_impl={name!r}; valid: {", ".join(IMPLEMENTATIONS)}')
     if name != 'auto':
@@ -69,7 +70,8 @@ def dot_product_attention(q, k, v, mask, *, implementation: str = 'xla',
 
     With `return_weights`, (output, weights [batch, heads, q_len, k_len]).
     """
-    explicit = (return_weights or (dropout is not None and rngs is not None)
+    explicit = (implementation == 'explicit' or return_weights
+                or (dropout is not None and rngs is not None)
                 or q.shape[-1] != v.shape[-1])  # jax's function wants one head width
     if not explicit:
         return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
