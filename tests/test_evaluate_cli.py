@@ -200,6 +200,7 @@ def test_nbest_of_an_ensemble_of_one_model_twice_and_scores_of_the_beam(workdir,
     # Forced decoding of the beam's own hypotheses gives the log-probabilities it reported,
     # wherever the text reads back as the same pieces: `score` re-tokenizes text, and a barely
     # trained model may emit a word-inner piece first ('ex' where the tokenizer reads '▁ex').
+    # (test_decode checks the same on token ids, for every hypothesis.)
     scored = [e for e in entries if e[3]]
     source, target = tmp_path / 'src.txt', tmp_path / 'tgt.txt'
     source.write_text(''.join(lines[e[0]] + '\n' for e in scored), encoding='utf-8')
@@ -209,9 +210,10 @@ def test_nbest_of_an_ensemble_of_one_model_twice_and_scores_of_the_beam(workdir,
     rows = [line.split('\t') for line in proc.stdout.decode().splitlines()]
     assert len(rows) == len(scored)
     tokenizer = workdir_lib.load_vocabulary(str(workdir))
-    same_pieces = [(row, e) for row, e in zip(rows, scored)
-                   if len(tokenizer.encode(e[1])) + 1 == e[3]]  # + EOS
-    assert len(same_pieces) >= len(scored) // 2
+    pieces = [len(tokenizer.encode(e[1])) + 1 for e in scored]  # + EOS
+    assert [int(row[1]) for row in rows] == pieces
+    same_pieces = [(row, e) for row, e, n in zip(rows, scored, pieces) if n == e[3]]
+    assert same_pieces
     for (log_prob, tokens, _), entry in same_pieces:
         assert abs(float(log_prob) - entry[2]) < 1e-3 and int(tokens) == entry[3]
     for log_prob, tokens, perplexity in rows:

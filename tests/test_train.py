@@ -183,7 +183,8 @@ def test_clocks_leave_evaluation_out_and_a_trace_is_written(repo_root, tmp_path)
               env=program_env(TRANSFORMER_SLOW='eval:2'))
     records = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
     last = [r for r in records if 'train/loss' in r][-1]
-    assert last['step'] == 12 and last['time/eval_seconds'] >= 12
+    # Five of the six come before the last row (the sixth follows step 12's).
+    assert last['step'] == 12 and last['time/eval_seconds'] >= 10
     assert last['time/train_seconds'] < last['time/eval_seconds'] / 2
     assert last['time/compile_seconds'] > 0 and last['time/save_seconds'] > 0
     # No window's step time holds an evaluation (each is 2 s; a tiny step takes milliseconds).
