@@ -1,7 +1,9 @@
 """The Transformer of "Attention Is All You Need" (Vaswani et al., 2017) in JAX/Flax NNX."""
 
-from transformer import allocator
+from transformer import allocator, supervisor
 
 # `python -m transformer.PROGRAM` restarts itself with tcmalloc when it is installed (see
-# allocator.py); importing the library does nothing of the kind.
+# allocator.py), and a multi-process train runs as the child of a supervisor that turns JAX's
+# aborts into one line (supervisor.py); importing the library does nothing of the kind.
 allocator.use_tcmalloc()
+supervisor.supervise()

@@ -47,11 +47,14 @@ _WORKDIR = cli.define_workdir_flag('Work directory: config, vocabulary, checkpoi
 PREFETCH_BATCHES = 2  # global batches the producer thread keeps ready on the devices
 
 
-def _fault_injection(point: str, step: int) -> None:
+def _fault_injection(point: str, step: int = 0) -> None:
     """Test hook: TRANSFORMER_FAULT=POINT:STEP kills this process with SIGKILL there.
 
     POINT is 'after-step' (state in flight, nothing saved) or 'in-save' (an asynchronous save
-    started but not finished). The tests use it to prove that a killed run resumes exactly.
+    started but not finished), or, with STEP 0, a point of the start-up: 'initialized' (just
+    connected to the other processes) or 'data-ready' (vocabulary and training data made).
+    The tests use it to prove that a killed run resumes exactly, and that the other processes
+    of a multi-process run stop with one line.
     """
     fault = os.environ.get('TRANSFORMER_FAULT')
     if fault and fault == f'{point}:{step}':
@@ -321,13 +324,14 @@ def update_total(progress, config, step: int, seconds: float, steps_per_second: 
 def main():
     # --- set-up --------------------------------------------------------------------------------
     config = cli.checked_config(_CONFIG)
+    t = config.train
     workdir = _WORKDIR.value
     if not workdir:
         raise UsageError('--workdir is required')
-    distributed.initialize()
+    distributed.initialize(t.peer_timeout_seconds)
+    _fault_injection('initialized')
     is_main = distributed.is_main()
     steps, lock = open_run(config, workdir)  # the lock is released when the process ends
-    t = config.train
     checkpoints = workdir_lib.path(workdir, workdir_lib.CHECKPOINTS_DIR)
 
     # --- vocabulary and data -------------------------------------------------------------------
@@ -339,6 +343,7 @@ def main():
     train_iter = training_batches(config, workdir, tokenizer, fingerprint)
     cli.say(f'Training data: {train_iter.stats}')
     validation = validation_batches(config, tokenizer)
+    _fault_injection('data-ready')
 
     # --- state, created already sharded --------------------------------------------------------
     mesh = sharding.make_mesh(t.mesh_data, t.mesh_fsdp)
