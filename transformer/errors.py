@@ -75,7 +75,10 @@ class CheckpointError(UsageError):
 
 class WriteError(RunError):
     """A file of the run that could not be written (disk full, permissions): exit status 1.
-    The message names what and where, and the free space when the disk is full."""
+    The message names what and where, and the free space when the disk is full. The process
+    ends right after the line: an asynchronous save on the same full disk may never finish."""
+
+    exit_at_once = True
 
 
 class SaveError(RunError):

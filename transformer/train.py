@@ -7,6 +7,7 @@ slice; it resumes by itself from the latest complete checkpoint in the work dire
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -61,18 +62,52 @@ def _fault_injection(point: str, step: int = 0) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+class EvaluationStopped(BaseException):
+    """A stop signal arrived during an evaluation: it ends there, and the loop saves and stops.
+    (A BaseException, like KeyboardInterrupt, so that no `except Exception` on the way
+    swallows it.)"""
+
+
 class StopSignal:
-    """SIGTERM/SIGINT ask the loop to finish the step, save and exit 0 (preemption)."""
+    """SIGTERM/SIGINT ask the loop to finish the step, save and exit 0 (preemption).
+
+    During an evaluation a signal ends it at once (`evaluation()`; a preemption's grace period
+    may be shorter than an evaluation): in a single-process run the handler raises
+    EvaluationStopped wherever the evaluation is; the processes of a multi-process run must
+    stop together, so they agree before each evaluation batch (`agreed`).
+    """
 
     def __init__(self):
         self.requested = False
+        self._evaluating = False
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
         del frame
-        errors.warn(f'received signal {signum}: saving after this step and exiting')
+        first = not self.requested
         self.requested = True
+        if first:
+            errors.warn(f'received signal {signum}: saving after this step and exiting')
+        if self._evaluating:
+            self._evaluating = False
+            raise EvaluationStopped()
+
+    @contextlib.contextmanager
+    def evaluation(self):
+        """The block is an evaluation: a stop signal raises EvaluationStopped (at once with
+        one process, at the next batch with several)."""
+        if distributed.agree(self.requested)[0]:
+            raise EvaluationStopped()
+        self._evaluating = jax.process_count() == 1
+        try:
+            yield
+        finally:
+            self._evaluating = False
+
+    def agreed(self) -> bool:
+        """Whether any process got a stop signal (a collective in a multi-process run)."""
+        return distributed.agree(self.requested)[0]
 
 
 def prepared_data(config) -> None:
@@ -108,9 +143,11 @@ def vocabulary(config, workdir: str, fingerprint: str | None, steps: list[int]):
     return tokenizer
 
 
-def training_batches(config, workdir: str, tokenizer, fingerprint: str) -> batching.TrainIterator:
+def training_batches(config, workdir: str, tokenizer,
+                     fingerprint: str) -> tuple[batching.TrainIterator, str | None]:
     """This process's training batches, from the tokenized training set (cached by process 0
-    in the work directory, then memory-mapped by every process)."""
+    in the work directory, checked by it, then memory-mapped by every process), and the
+    cache's content fingerprint (what a checkpoint's data position refers to)."""
     t = config.train
     cache = dict(cache_dir=workdir_lib.path(workdir, workdir_lib.CACHE_DIR),
                  vocab_fingerprint=fingerprint)
@@ -118,11 +155,12 @@ def training_batches(config, workdir: str, tokenizer, fingerprint: str) -> batch
         split = data.tokenized_train(config, tokenizer, **cache)
     distributed.sync('training data tokenized')
     if not distributed.is_main():
-        split = data.tokenized_train(config, tokenizer, **cache)
+        split = data.tokenized_train(config, tokenizer, **cache, rebuild=False)
     return batching.TrainIterator(
         split, config.data, process_index=jax.process_index(),
         process_count=jax.process_count(),
-        rows_multiple=jax.device_count() * t.grad_accum_steps // jax.process_count())
+        rows_multiple=jax.device_count() * t.grad_accum_steps // jax.process_count()
+    ), split.fingerprint
 
 
 def validation_batches(config, tokenizer) -> list | None:
@@ -287,9 +325,9 @@ def _slow_for_tests(what: str) -> None:
 
 
 def open_run(config, workdir: str):
-    """Takes the work directory (process 0 holds its lock, returned, for the whole run), checks
-    that the config may resume what is there, stores the config. Returns (checkpoint steps,
-    the lock)."""
+    """Takes the work directory (process 0 holds its lock, returned, for the whole run, and
+    removes what a killed run left half-written), checks that the config may resume what is
+    there, stores the config. Returns (checkpoint steps, the lock)."""
     lock, failed = None, None
     if distributed.is_main():
         try:
@@ -298,6 +336,9 @@ def open_run(config, workdir: str):
             failed = e
     if distributed.agree(failed is not None)[0]:
         raise failed or UsageError(f'process 0 could not take the work directory {workdir}')
+    if distributed.is_main():
+        for stale in workdir_lib.remove_stale_files(workdir):
+            errors.warn(f'removed {stale}, left half-written by a run that was killed')
     steps = workdir_lib.checkpoint_steps(workdir)
     workdir_lib.check_resumable(config, workdir)
     if distributed.is_main():
@@ -321,6 +362,36 @@ def update_total(progress, config, step: int, seconds: float, steps_per_second: 
     progress.total = max(step, min(t.steps, by_time))
 
 
+def close_all(closers, failing: bool) -> None:
+    """Runs every closer. While a failure is on its way out (`failing`), their own errors
+    (a full disk fails the metrics' close too) are dropped: the first error is the one the
+    user sees. Otherwise the first of them is raised."""
+    first = None
+    for close in closers:
+        try:
+            close()
+        except Exception as e:  # noqa: BLE001 - raised below unless a failure comes first
+            first = first or e
+    if first is not None and not failing:
+        raise first
+
+
+def checked_resume(restored, workdir: str, vocab_sha256: str, data_sha256: str | None) -> None:
+    """Refuses to resume checkpoints trained with another vocabulary, or on other training data
+    (e.g. the local training text was changed since: the data position would point elsewhere)."""
+    saved_step, _, _, run_info = restored
+    if run_info.get('vocab_sha256', vocab_sha256) != vocab_sha256:
+        raise UsageError(f'{workdir_lib.path(workdir, workdir_lib.VOCAB_MODEL)} is not the '
+                         f'vocabulary checkpoint {saved_step} was trained with')
+    recorded = run_info.get('data_sha256')
+    if recorded and data_sha256 and recorded != data_sha256:
+        raise UsageError(f'the training data tokenized in '
+                         f'{workdir_lib.path(workdir, workdir_lib.CACHE_DIR)} (sha256 '
+                         f'{data_sha256[:12]}...) is not what checkpoint {saved_step} was trained '
+                         f'on (sha256 {recorded[:12]}...): the training text changed since; '
+                         'restore it, or use a new --workdir')
+
+
 def main():
     # --- set-up --------------------------------------------------------------------------------
     config = cli.checked_config(_CONFIG)
@@ -331,6 +402,7 @@ def main():
     distributed.initialize(t.peer_timeout_seconds)
     _fault_injection('initialized')
     is_main = distributed.is_main()
+    mesh = sharding.make_mesh(t.mesh_data, t.mesh_fsdp)  # a bad mesh is refused before any work
     steps, lock = open_run(config, workdir)  # the lock is released when the process ends
     checkpoints = workdir_lib.path(workdir, workdir_lib.CHECKPOINTS_DIR)
 
@@ -340,13 +412,12 @@ def main():
         workdir, [checkpoint.read_info(checkpoints, steps[-1])] if steps else [])
     tokenizer = vocabulary(config, workdir, recorded, steps)
     fingerprint = workdir_lib.vocabulary_fingerprint(workdir)
-    train_iter = training_batches(config, workdir, tokenizer, fingerprint)
+    train_iter, data_sha256 = training_batches(config, workdir, tokenizer, fingerprint)
     cli.say(f'Training data: {train_iter.stats}')
     validation = validation_batches(config, tokenizer)
     _fault_injection('data-ready')
 
     # --- state, created already sharded --------------------------------------------------------
-    mesh = sharding.make_mesh(t.mesh_data, t.mesh_fsdp)
     setup = train_step_lib.setup(config, mesh)
     train_step = train_step_lib.jit_sharded_step(setup)
     eval_step = jax.jit(train_step_lib.make_eval_step(setup.graphdef),
@@ -360,12 +431,14 @@ def main():
     restored = checkpoint.restore_newest(
         manager, target, workdir_lib.path(workdir, workdir_lib.BROKEN_DIR) if is_main else None)
     if restored is not None:
+        checked_resume(restored, workdir, fingerprint, data_sha256)
         saved_step, state, data_state, run_info = restored
-        if run_info.get('vocab_sha256', fingerprint) != fingerprint:
-            raise UsageError(f'{workdir_lib.path(workdir, workdir_lib.VOCAB_MODEL)} is not the '
-                             f'vocabulary checkpoint {saved_step} was trained with')
         train_iter.set_state(data_state)
         cli.say(f'Resumed from step {saved_step} of {workdir} (data position {data_state})')
+        # A run killed between a save's commit and Orbax's clean-up after it keeps one more.
+        pruned = checkpoint.keep_newest(manager, t.keep_checkpoints)
+        if pruned:
+            cli.say(f'Deleted checkpoints {pruned}: train.keep_checkpoints={t.keep_checkpoints}')
     else:
         run_info = {}
         state = jax.jit(setup.init_state, out_shardings=setup.state_shardings)()
@@ -394,7 +467,8 @@ def main():
     step_fn = train_step_lib.CompiledSteps(train_step, clocks.apart)
     batches = batching.Prefetcher(train_iter, PREFETCH_BATCHES, place)
     writer = metrics.MetricWriter(workdir, start=step, enabled=is_main)
-    agreement = Agreement(t, StopSignal(), clocks)
+    stop_signal = StopSignal()
+    agreement = Agreement(t, stop_signal, clocks)
     peak = model_stats.peak_flops()
     window = metrics.Window(smoothed_loss=run_info.get('loss_smoothed'), clock=clocks.seconds)
     tracer = profiler.StepTracer(config_lib.profile_steps(t.profile_steps),
@@ -403,8 +477,52 @@ def main():
     progress = progress_bar(config, step) if is_main else None
     last_saved = restored[0] if restored is not None else None
     late = metrics.LateMetrics(lambda at, m: check_finite(at, m, last_saved, workdir))
+
+    def save(at: int, data_position: dict) -> None:
+        nonlocal last_saved
+        jax.block_until_ready(state)  # the steps' own time is training, not saving
+        with clocks.apart('save'):
+            totals = clocks.totals()
+            saver.save(at, state, data_position, info={
+                'vocab_sha256': fingerprint, 'data_sha256': data_sha256,
+                'config': workdir_lib.config_record(config),
+                'loss_smoothed': window.smoothed_loss, 'train_seconds': totals['train'],
+                'clocks': totals})
+        agreement.saved()
+        last_saved = at
+        _fault_injection('in-save', at)
+
+    def evaluated(at: int) -> bool:
+        """Evaluates at step `at` and writes the row; False when a stop signal cut it short."""
+        jax.block_until_ready(state)
+
+        def checked_eval_step(params, batch):
+            if stop_signal.agreed():
+                raise EvaluationStopped()
+            return eval_step(params, batch)
+
+        with clocks.apart('eval'):
+            try:
+                with stop_signal.evaluation():
+                    _slow_for_tests('eval')
+                    result = validate(config, tokenizer, setup.graphdef, state['params'],
+                                      checked_eval_step, validation, mesh, at)
+            except EvaluationStopped:
+                cli.say(f'Evaluation of step {at} stopped by the signal')
+                return False
+        writer.write(at, result, prefix='eval/')
+        return True
+
     stop = agreement.finished()  # a time-bounded run already done
+    failing = True
     try:
+        # A run killed while evaluating a step it had saved left no row for it: evaluate now.
+        if (restored is not None and validation is not None
+                and itstime(step, t.eval_every_steps, t.steps)
+                and distributed.agree(is_main and not writer.has_row(step, 'eval/'))[0]):
+            cli.say(f'Evaluating step {step}, whose evaluation the last run did not finish')
+            if not evaluated(step):
+                agreement.signalled = stop = True
         while step < t.steps and not stop:
             wait_start = time.perf_counter()
             (batch, stats), data_state = next(batches)
@@ -427,32 +545,19 @@ def main():
                 if due.log:
                     log_step(writer, progress, config, step, window, m, clocks, peak)
             if due.save:
-                jax.block_until_ready(state)  # the steps' own time is training, not saving
-                with clocks.apart('save'):
-                    totals = clocks.totals()
-                    saver.save(step, state, data_state, info={
-                        'vocab_sha256': fingerprint, 'loss_smoothed': window.smoothed_loss,
-                        'train_seconds': totals['train'], 'clocks': totals})
-                agreement.saved()
-                last_saved = step
-                _fault_injection('in-save', step)
-            if due.evaluate and validation is not None:
-                jax.block_until_ready(state)
-                with clocks.apart('eval'):
-                    _slow_for_tests('eval')
-                    writer.write(step, validate(config, tokenizer, setup.graphdef,
-                                                state['params'], eval_step, validation, mesh,
-                                                step), prefix='eval/')
+                save(step, data_state)
+            if due.evaluate and validation is not None and not evaluated(step):
+                agreement.signalled = stop = True
+                if not due.save:
+                    save(step, data_state)
         late.fetch()
         with clocks.apart('save'):
             saver.wait()
+        failing = False
     finally:
         # --- shutdown --------------------------------------------------------------------------
-        tracer.stop()
-        batches.close()
-        writer.close()
-        if progress is not None:
-            progress.close()
+        close_all([tracer.stop, batches.close, writer.close] +
+                  ([progress.close] if progress is not None else []), failing)
     manager.close()
     del lock
     if agreement.signalled:
