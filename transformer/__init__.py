@@ -3,7 +3,9 @@
 from transformer import allocator, supervisor
 
 # `python -m transformer.PROGRAM` restarts itself with tcmalloc when it is installed (see
-# allocator.py), and a multi-process train runs as the child of a supervisor that turns JAX's
-# aborts into one line (supervisor.py); importing the library does nothing of the kind.
+# allocator.py), a multi-process train runs as the child of a supervisor that turns JAX's
+# aborts into one line, and a signal while a program starts is one line too (supervisor.py);
+# importing the library does nothing of the kind.
 allocator.use_tcmalloc()
 supervisor.supervise()
+supervisor.exit_on_signals()

@@ -209,8 +209,8 @@ def mismatch(manager: ocp.CheckpointManager, step: int, abstract, item: str = 's
     nothing of it is read, moved or skipped for it. Raises when the metadata cannot be read.
     """
     stored = _metadata(manager, step).item_metadata[item]
-    if stored is None:
-        raise CheckpointError(f'checkpoint {step} has no metadata for {item!r}')
+    if stored is None:  # damage, as any failure to read it (not a UsageError)
+        raise ValueError(f'checkpoint {step} has no metadata for {item!r}')
     have, want = _arrays(stored, prefix), _arrays(abstract, prefix)
     differing = sorted(set(have) ^ set(want) | {k for k in set(have) & set(want)
                                                   if have[k] != want[k]})

@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable
 from types import SimpleNamespace
 
@@ -168,6 +169,15 @@ class _NoOrbaxErrors(logging.Filter):
                     and not os.environ.get('TRANSFORMER_TRACEBACK'))
 
 
+def slow_for_tests(what: str) -> None:
+    """Test hook: TRANSFORMER_SLOW=WHAT:SECONDS makes `what` ('start': every program's main,
+    'eval': train's evaluations) that much slower, saying so on stderr."""
+    slow = os.environ.get('TRANSFORMER_SLOW', '')
+    if slow.startswith(f'{what}:'):
+        tqdm.write(f'slow for tests: {slow}', file=sys.stderr)
+        time.sleep(float(slow.split(':', 1)[1]))
+
+
 def _interrupt(signum, frame) -> None:
     """SIGINT/SIGTERM outside train's loop: unwinds the program (cleanup code runs), once."""
     del frame
@@ -196,6 +206,7 @@ def run(main: Callable[[], None], positional: list | None = None) -> None:
                 positional.extend(argv[1:])
             elif len(argv) > 1:
                 raise errors.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+            slow_for_tests('start')
             main()
         except errors.Interrupted as e:
             if os.environ.get('TRANSFORMER_TRACEBACK'):

@@ -152,6 +152,20 @@ def writing(what: str, path: str):
         raise WriteError(write_failure(what, path, e)) from e
 
 
+def close_all(closers, failing: bool) -> None:
+    """Runs every closer. While a failure is on its way out (`failing`), their own errors
+    (a full disk fails a writer's close too) are dropped: the first error is the one the user
+    sees. Otherwise the first of them is raised."""
+    first = None
+    for close in closers:
+        try:
+            close()
+        except Exception as e:  # noqa: BLE001 - raised below unless a failure comes first
+            first = first or e
+    if first is not None and not failing:
+        raise first
+
+
 def warn(message: str) -> None:
     """One line `warning: message` on stderr, above any progress bar (process 0 only)."""
     if jax.process_index() == 0:

@@ -65,12 +65,35 @@ def on_cloud_tpu_vm() -> bool:
     return False
 
 
+def is_program(argv: list[str], programs=None) -> bool:
+    """Whether `argv` (sys.orig_argv) runs one of the package's programs with -m."""
+    return '-m' in argv[:-1] and (argv[argv.index('-m') + 1] in programs if programs
+                                  else argv[argv.index('-m') + 1].startswith('transformer.'))
+
+
+def exit_on_signals() -> None:
+    """In a program, until `cli.run` takes signals over: SIGINT or SIGTERM while it starts
+    (importing its libraries) ends it at once with one line and 128 + the signal's number;
+    nothing has been written yet. (Python would print a KeyboardInterrupt traceback, or die
+    of SIGTERM without a word.)"""
+    if not is_program(sys.orig_argv):
+        return
+
+    def stop(signum, frame):
+        del frame
+        os.write(2, f'error: stopped by {signal.Signals(signum).name} while starting; nothing '
+                    'was written\n'.encode())
+        os._exit(EXIT_SIGNAL + signum)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, stop)
+
+
 def needed(argv: list[str], environ: Mapping[str, str]) -> bool:
     """Whether `argv` (sys.orig_argv) is to run under a supervisor: a multi-process program
     of PROGRAMS run with -m, not yet supervised, not turned off."""
-    is_program = '-m' in argv[:-1] and argv[argv.index('-m') + 1] in PROGRAMS
-    return (is_program and CHILD not in environ and environ.get(OFF, '1') != '0'
-            and multi_process_job(environ))
+    return (is_program(argv, PROGRAMS) and CHILD not in environ
+            and environ.get(OFF, '1') != '0' and multi_process_job(environ))
 
 
 def supervise() -> None:

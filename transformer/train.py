@@ -51,9 +51,10 @@ PREFETCH_BATCHES = 2  # global batches the producer thread keeps ready on the de
 def _fault_injection(point: str, step: int = 0) -> None:
     """Test hook: TRANSFORMER_FAULT=POINT:STEP kills this process with SIGKILL there.
 
-    POINT is 'after-step' (state in flight, nothing saved) or 'in-save' (an asynchronous save
-    started but not finished), or, with STEP 0, a point of the start-up: 'initialized' (just
-    connected to the other processes) or 'data-ready' (vocabulary and training data made).
+    POINT is 'after-step' (state in flight, nothing saved), 'in-save' (an asynchronous save
+    started but not finished) or 'in-eval' (during the evaluation of STEP), or, with STEP 0, a
+    point of the start-up: 'initialized' (just connected to the other processes) or
+    'data-ready' (vocabulary and training data made).
     The tests use it to prove that a killed run resumes exactly, and that the other processes
     of a multi-process run stop with one line.
     """
@@ -317,13 +318,6 @@ def _clock_summary(clocks: metrics.Clocks) -> str:
     return ', '.join(f'{name} {totals[name]:.1f} s' for name in ('train',) + metrics.APART)
 
 
-def _slow_for_tests(what: str) -> None:
-    """Test hook: TRANSFORMER_SLOW=eval:SECONDS makes every evaluation that much slower."""
-    slow = os.environ.get('TRANSFORMER_SLOW', '')
-    if slow.startswith(f'{what}:'):
-        time.sleep(float(slow.split(':', 1)[1]))
-
-
 def open_run(config, workdir: str):
     """Takes the work directory (process 0 holds its lock, returned, for the whole run, and
     removes what a killed run left half-written), checks that the config may resume what is
@@ -360,20 +354,6 @@ def update_total(progress, config, step: int, seconds: float, steps_per_second: 
         return
     by_time = step + int(max(0.0, 60 * t.max_minutes - seconds) * steps_per_second)
     progress.total = max(step, min(t.steps, by_time))
-
-
-def close_all(closers, failing: bool) -> None:
-    """Runs every closer. While a failure is on its way out (`failing`), their own errors
-    (a full disk fails the metrics' close too) are dropped: the first error is the one the
-    user sees. Otherwise the first of them is raised."""
-    first = None
-    for close in closers:
-        try:
-            close()
-        except Exception as e:  # noqa: BLE001 - raised below unless a failure comes first
-            first = first or e
-    if first is not None and not failing:
-        raise first
 
 
 def checked_resume(restored, workdir: str, vocab_sha256: str, data_sha256: str | None) -> None:
@@ -504,7 +484,8 @@ def main():
         with clocks.apart('eval'):
             try:
                 with stop_signal.evaluation():
-                    _slow_for_tests('eval')
+                    cli.slow_for_tests('eval')
+                    _fault_injection('in-eval', at)
                     result = validate(config, tokenizer, setup.graphdef, state['params'],
                                       checked_eval_step, validation, mesh, at)
             except EvaluationStopped:
@@ -556,7 +537,7 @@ def main():
         failing = False
     finally:
         # --- shutdown --------------------------------------------------------------------------
-        close_all([tracer.stop, batches.close, writer.close] +
+        errors.close_all([tracer.stop, batches.close, writer.close] +
                   ([progress.close] if progress is not None else []), failing)
     manager.close()
     del lock
