@@ -426,8 +426,8 @@ def test_changed_training_text_under_checkpoints_is_refused(tmp_path):
     local = [f'--config.data.train={tmp_path / "train"}', '--config.vocab_size=64',
              '--config.train.steps=4']
     run_train(workdir, *local, config='configs/local.py:base,runlocal')
-    with open(tmp_path / 'train.de', 'a') as f:
-        f.write('ein neuer Satz\n')
+    text = (tmp_path / 'train.de').read_text()
+    (tmp_path / 'train.de').write_text(text.replace('Hund', 'Hase', 1))  # one word
     r = run_train(workdir, *local, '--config.train.steps=8',
                   config='configs/local.py:base,runlocal', check=False)
     assert r.returncode == errors.EXIT_BAD_INPUT
@@ -573,7 +573,8 @@ def test_a_process_lost_at_start_up_is_one_line_for_the_others(tmp_path, victim,
     assert seconds < 60
 
 
-def test_the_supervisor_puts_one_line_for_an_abort_and_passes_the_rest_on(tmp_path):
+def test_the_supervisor_puts_one_line_for_an_abort_and_passes_the_rest_on(tmp_path,
+                                                                          capsys):
     """A child that prints, then dies as JAX's client makes it die; and one that ends well."""
     dump = ('print("progress", flush=True, file=sys.stderr); '
             'sys.stderr.write("W1201 19:26:22.746037   17460 preemption_sync_manager.cc:147] '
@@ -582,19 +583,22 @@ def test_the_supervisor_puts_one_line_for_an_abort_and_passes_the_rest_on(tmp_pa
             'absl::Status: UNAVAILABLE: The following tasks are unhealthy (stopped sending '
             'heartbeats):\\n/job:jax_worker/replica:0/task:1\\n*** Check failure stack trace'
             '\\n"); sys.stderr.flush(); os.abort()')
-    out = tmp_path / 'out'
-    for code, status in ((dump, errors.EXIT_RUNTIME), ('sys.exit(3)', 3)):
+    env = {'JAX_PROCESS_ID': '0', 'JAX_NUM_PROCESSES': '2'}
+    for code, status, relayed in ((dump, errors.EXIT_RUNTIME, b'progress\n'),
+                                  ('print("done", file=sys.stderr); sys.exit(3)', 3, b'done\n')):
         child = subprocess.Popen([sys.executable, '-c', f'import os, sys; {code}'],
                                  stderr=subprocess.PIPE)
-        with open(out, 'wb') as relayed:
-            fatal, said_error = supervisor.relay(child, relayed)
-        env = {'JAX_PROCESS_ID': '0', 'JAX_NUM_PROCESSES': '2'}
+        with open(tmp_path / 'out', 'wb') as out:
+            fatal, said_error = supervisor.relay(child, out)
         assert supervisor.exit_status(child.wait(), fatal, said_error, env) == status
-        if status == 3:
-            assert fatal is None and out.read_bytes() == b''
-    assert out.read_bytes() == b'progress\n'  # what came before the dump, nothing of it
-    assert supervisor.reason(fatal) == 'process 1 stopped sending heartbeats for ' \
-                                       'train.peer_timeout_seconds'
+        assert (tmp_path / 'out').read_bytes() == relayed  # before the dump, nothing of it
+        assert (fatal is None) == (status == 3)
+        if fatal is not None:
+            assert supervisor.reason(fatal) == ('process 1 stopped sending heartbeats for '
+                                                'train.peer_timeout_seconds')
+    assert capsys.readouterr().err == (
+        'error: process 0 of 2 stopped: process 1 stopped sending heartbeats for '
+        'train.peer_timeout_seconds (a lost peer process, or see its own error)\n')
 
 
 # 16. Signals outside the loop: one line, 128 + the signal's number, nothing half-written.
@@ -648,7 +652,7 @@ def test_sigterm_during_an_evaluation_stops_it_and_saves(run):
     once, the run saves step 14 and exits 0; the evaluation is done on resume."""
     command = train_command(run, '--config.train.steps=16', '--config.train.eval_every_steps=14',
                             '--config.train.eval_bleu_sentences=0')
-    status, stderr, seconds = signal_when(command, 'Memory allocator', signal.SIGTERM,
+    status, stderr, seconds = signal_when(command, 'slow for tests: eval', signal.SIGTERM,
                                           env=program_env(TRANSFORMER_SLOW='eval:60'))
     assert status == 0, stderr[-3000:]
     assert seconds < 15

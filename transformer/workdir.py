@@ -161,7 +161,9 @@ def _stored_config(workdir: str) -> ml_collections.ConfigDict | None:
             held = _checkpointed_config(workdir)
             remedy = (f'delete it to use the copy in checkpoint {held[0]}' if held
                       else 'restore it')
-            raise UsageError(f'{file} cannot be read ({errors.reason(e)}): {remedy}') from None
+            # (json's own error is the message; what it chains to is an internal StopIteration)
+            why = errors.reason(e) if isinstance(e, OSError) else str(e).splitlines()[0]
+            raise UsageError(f'{file} cannot be read ({why}): {remedy}') from None
     held = _checkpointed_config(workdir)
     if held is None:
         return None
