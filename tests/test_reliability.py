@@ -443,6 +443,7 @@ def test_changed_training_text_under_checkpoints_is_refused(tmp_path):
 # 13. A full disk, whatever is being written: one line naming what could not be written and
 # the free space, exit 1; nothing already written is lost.
 @pytest.mark.parametrize('what,pattern', [
+    ('the lock file', 'train.lock'), ('the config', 'config.json'),
     ('the token cache', 'tokens.bin'), ('the vocabulary', 'vocab.json'),
     ('the metrics', 'metrics.jsonl'), ('the TensorBoard events', 'tfevents'),
     ('checkpoint', 'checkpoints')])
@@ -551,6 +552,7 @@ def start_two(workdir, port, victim, fault=None, *extra):
 
 @pytest.mark.parametrize('victim,fault,reason', [
     (0, 'data-ready', 'the coordination service on process 0 cannot be reached (UNAVAILABLE)'),
+    (1, 'data-ready', 'UNKNOWN: Gloo '),  # at the next barrier; JAX raises it as a ValueError
     (1, None, 'not every process connected within train.peer_timeout_seconds (a process did '
               'not start, or died)')])
 def test_a_process_lost_at_start_up_is_one_line_for_the_others(tmp_path, victim, fault, reason):
@@ -566,8 +568,8 @@ def test_a_process_lost_at_start_up_is_one_line_for_the_others(tmp_path, victim,
             p.communicate()
     assert survivor.returncode == errors.EXIT_RUNTIME, stderr[-3000:]
     lines = [line for line in stderr.replace('\r', '\n').splitlines() if line.strip()]
-    assert lines[-1] == (f'error: process {1 - victim} of 2 stopped: {reason} (a lost peer '
-                         'process, or see its own error)'), stderr[-3000:]
+    assert lines[-1].startswith(f'error: process {1 - victim} of 2 stopped: {reason}')
+    assert lines[-1].endswith(' (a lost peer process, or see its own error)'), stderr[-3000:]
     assert sum(line.startswith('error:') for line in lines) == 1
     assert 'Traceback' not in stderr and 'Fatal' not in stderr and 'F1' not in stderr
     assert seconds < 60

@@ -537,8 +537,8 @@ def main():
         failing = False
     finally:
         # --- shutdown --------------------------------------------------------------------------
-        errors.close_all([tracer.stop, batches.close, writer.close] +
-                  ([progress.close] if progress is not None else []), failing)
+        closers = [tracer.stop, batches.close, writer.close]
+        errors.close_all(closers + ([progress.close] if progress is not None else []), failing)
     manager.close()
     del lock
     if agreement.signalled:
