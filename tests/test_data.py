@@ -178,10 +178,12 @@ def test_eval_batches(corpus, processes):
     config.model.max_position = 12  # forces truncation of the longer sentences
     sources, targets = data.load_text(config, 'test')
     assert (sources, targets) == (src, tgt)  # unfiltered, in file order
+    split = batching_lib.encode_split(config, tok, 'test')  # read and tokenized once
+    assert split.references == tgt and split.source_truncated.any()
     seen = []
     for p in range(processes):
-        for batch in batching_lib.eval_batches(config, tok, 'test', 16, process_index=p,
-                                       process_count=processes):
+        for batch in batching_lib.eval_batches(split, config.data, 16, process_index=p,
+                                               process_count=processes):
             assert batch['inputs'].shape[0] == batch['targets'].shape[0] == 16
             assert batch['inputs'].shape[1] % config.data.bucket_step == 0
             for row, i in enumerate(batch['index']):
@@ -193,6 +195,18 @@ def test_eval_batches(corpus, processes):
                 assert batch['inputs'][row, :len(want)].tolist() == want
                 assert not batch['inputs'][row, len(want):].any()
     assert sorted(seen) == list(range(len(src)))
+    # A quick look batches only the sentences it chose: here 5 of them, in one batch.
+    chosen = [3, 0, 7, 1, 4]
+    batches = list(batching_lib.eval_batches(split, config.data, 16, indices=chosen))
+    assert len(batches) == 1
+    assert sorted(i for i in batches[0]['index'] if i >= 0) == sorted(chosen)
+
+
+def test_padded_length_follows_the_ladder_then_rounds_up():
+    bounds = batching_lib.ladder(4, 1.15, 64).tolist()
+    assert [int(batching_lib.padded_length(n, 4, 1.15, 64)) for n in (1, 4, 5, 64)] == [
+        bounds[0], 4, 8, 64]
+    assert int(batching_lib.padded_length(70, 4, 1.15, 64)) == 72  # past the ladder
 
 
 def test_synthetic_task():

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from conftest import error_line, run_program
 
-from transformer import data, decode, errors
+from transformer import batching, cli, data, decode, ensemble, errors
+from transformer import tokenizer as tokenizer_lib
 from transformer import workdir as workdir_lib
 from transformer.model import create_model
 
@@ -105,32 +106,206 @@ def random_model(workdir):
 
 def test_translator_keeps_order_and_matches_one_by_one(workdir):
     model, config, tokenizer = random_model(workdir)
-    settings = dict(beam_size=2, alpha=0.6, max_extra_length=4)
+    settings = decode.Settings(beam_size=2, alpha=0.6, max_extra_length=4)
     translator = decode.Translator(model, config, tokenizer, settings, batch_sentences=4,
                                    devices=jax.devices()[:1])
     sources, _ = data.load_text(config, 'test')
     lines = [(i + 1, s) for i, s in enumerate(sources[:6])]
     lines.insert(2, (99, ''))
-    batched = translator(lines)  # sorted by length, decoded in two batches, put back in order
+
+    def texts(hypotheses):
+        return [h[0].text if h else '' for h in hypotheses]
+
+    batched = texts(translator(lines))  # sorted by length, two batches, put back in order
     # The same sentences in another order and other batches give the same translations.
-    reverse = translator(lines[::-1])[::-1]
+    reverse = texts(translator(lines[::-1]))[::-1]
     assert batched == reverse
     assert batched[2] == ''
     assert len(set(batched)) > 2, 'the random model translates everything alike'
 
 
+def test_sampled_translations_do_not_depend_on_batches_or_order(workdir):
+    model, config, tokenizer = random_model(workdir)
+    settings = decode.Settings(sampling=True, num_samples=2, top_p=0.9, seed=7,
+                               max_extra_length=4)
+    sources, _ = data.load_text(config, 'test')
+    # Sentences of one length bucket: each batch size compiles one shape.
+    width = {i: int(batching.bucket_length(len(tokenizer.encode(s)) + 1, config.data))
+             for i, s in enumerate(sources)}
+    common = max(set(width.values()), key=list(width.values()).count)
+    lines = [(i + 1, sources[i]) for i in sorted(width) if width[i] == common][:4]
+    assert len(lines) == 4
+    got = []
+    for batch, order in ((1, 1), (4, -1)):
+        translator = decode.Translator(model, config, tokenizer, settings, batch_sentences=batch,
+                                       devices=jax.devices()[:1])
+        got.append([[h.text for h in hyps] for hyps in translator(lines[::order])][::order])
+    assert got[0] == got[1]
+    assert all(len(hyps) == 2 for hyps in got[0])
+    assert any(a != b for a, b in got[0]), 'two samples of a line should differ sometimes'
+
+
 def test_evaluate_translates_every_sentence_in_order(workdir):
     model, config, tokenizer = random_model(workdir)
-    settings = dict(beam_size=2, alpha=0.6, max_extra_length=3)
-    sources, _ = data.load_text(config, 'test')
-    n = len(sources)
+    settings = decode.Settings(beam_size=2, alpha=0.6, max_extra_length=3)
+    split = batching.encode_split(config, tokenizer, 'test')
+    n = len(split)
     decoder = decode.make_decoder(model, config, settings, n, devices=jax.devices()[:1])
-    hypotheses, stats = decode.translate_split(decoder, config, tokenizer, 'test', n)
+    hypotheses, stats = decode.translate_split(decoder, config, tokenizer, split, n)
     assert sorted(hypotheses) == list(range(n))
     assert stats['generated_tokens'] > 0 and len(set(hypotheses.values())) > 2
     # The longest sentence alone (the same compiled shape) gets the same translation.
-    ids = [tokenizer.encode(s) + [decode.EOS_ID] for s in sources]
-    longest = max(range(n), key=lambda i: len(ids[i]))
-    tokens, _ = decoder(np.asarray([ids[longest]]))
-    assert hypotheses[longest] == tokenizer.decode(tokens[0].tolist())
+    longest = max(range(n), key=lambda i: len(split.source_ids[i]))
+    tokens = decoder(np.asarray([split.source_ids[longest]])).tokens
+    assert hypotheses[longest] == tokenizer.decode(tokens[0, 0].tolist())
     assert len(decoder.shapes_compiled) == 1
+    # A limited decode chooses its sentences first: the first 5, in one batch of them.
+    decoder = decode.make_decoder(model, config, settings, n, devices=jax.devices()[:1])
+    first, _ = decode.translate_split(decoder, config, tokenizer, split, n, limit=5)
+    assert first == {i: hypotheses[i] for i in range(5)}
+    assert decoder.batches == 1
+
+
+# -- research decoding through the command line: n-best, ensembles, sampling, scoring --------
+
+
+def parse_nbest(text: str) -> list[tuple[int, str, float, int, float]]:
+    """Moses n-best lines: (index, hypothesis, log_prob, tokens, score)."""
+    entries = []
+    for line in text.splitlines():
+        index, hypothesis, features, score = line.split(' ||| ')
+        names = features.split()
+        assert names[0] == 'log_prob=' and names[2] == 'tokens=', line
+        entries.append((int(index), hypothesis, float(names[1]), int(names[3]), float(score)))
+    return entries
+
+
+def test_nbest_of_an_ensemble_of_one_model_twice_and_scores_of_the_beam(workdir, tmp_path):
+    """translate --nbest through an ensemble of checkpoint 10 twice (which is checkpoint 10:
+    test_decode), then score of its hypotheses with checkpoint 10 alone."""
+    lines = ['zofu kabemi', '', 'tolarin zepa kabemi', 'kabemi']
+    twice = run_program('translate', f'--ensemble={workdir}:10,{workdir}:10', '--beam_size=3',
+                        '--nbest=3', '--max_extra_length=5',
+                        stdin=('\n'.join(lines) + '\n').encode())
+    assert 'ensemble of' in twice.stderr.decode()
+    entries = parse_nbest(twice.stdout.decode())
+    assert [e[0] for e in entries] == [0, 0, 0, 1, 2, 2, 2, 3, 3, 3]
+    assert entries[3] == (1, '', 0.0, 0, 0.0)  # a blank line: one empty entry
+    for i in (0, 2, 3):
+        scores = [e[4] for e in entries if e[0] == i]
+        assert scores == sorted(scores, reverse=True)
+    for _, _, log_prob, tokens, score in entries:
+        if tokens:
+            assert abs(score - log_prob / ((5 + tokens) / 6) ** 0.6) < 1e-5
+    # Forced decoding of the beam's own hypotheses gives the log-probabilities it reported,
+    # wherever the text reads back as the same pieces: `score` re-tokenizes text, and a barely
+    # trained model may emit a word-inner piece first ('ex' where the tokenizer reads '▁ex').
+    scored = [e for e in entries if e[3]]
+    source, target = tmp_path / 'src.txt', tmp_path / 'tgt.txt'
+    source.write_text(''.join(lines[e[0]] + '\n' for e in scored), encoding='utf-8')
+    target.write_text(''.join(e[1] + '\n' for e in scored), encoding='utf-8')
+    proc = run_program('score', f'--workdir={workdir}', '--step=10', f'--source={source}',
+                       f'--target={target}')
+    rows = [line.split('\t') for line in proc.stdout.decode().splitlines()]
+    assert len(rows) == len(scored)
+    tokenizer = workdir_lib.load_vocabulary(str(workdir))
+    same_pieces = [(row, e) for row, e in zip(rows, scored)
+                   if len(tokenizer.encode(e[1])) + 1 == e[3]]  # + EOS
+    assert len(same_pieces) >= len(scored) // 2
+    for (log_prob, tokens, _), entry in same_pieces:
+        assert abs(float(log_prob) - entry[2]) < 1e-3 and int(tokens) == entry[3]
+    for log_prob, tokens, perplexity in rows:
+        assert abs(float(perplexity) - np.exp(-float(log_prob) / int(tokens))) < 1e-3
+    summary = json.loads(proc.stderr.decode().strip().splitlines()[-1])
+    assert summary['sentences'] == len(scored)
+    assert summary['tokens'] == sum(int(r[1]) for r in rows)
+    assert abs(summary['perplexity'] - np.exp(-sum(float(r[0]) for r in rows)
+                                              / summary['tokens'])) < 1e-3
+
+
+def test_translate_sampling_writes_samples_with_scores(workdir):
+    proc = run_program('translate', f'--workdir={workdir}', '--sampling', '--num_samples=3',
+                       '--top_p=0.9', '--temperature=1.5', '--seed=4',
+                       stdin=b'zofu kabemi\ntolarin zepa\n')
+    entries = parse_nbest(proc.stdout.decode())
+    assert [e[0] for e in entries] == [0, 0, 0, 1, 1, 1]
+    assert all(e[3] > 0 and e[2] < 0 for e in entries)
+    assert 'sampling 3 per line, temperature 1.5, top-p 0.9, seed 4' in proc.stderr.decode()
+
+
+def test_evaluate_an_ensemble_of_checkpoints_on_a_limited_split(workdir):
+    proc = run_program('evaluate', f'--ensemble={workdir}:5,{workdir}:10', '--limit=5',
+                       '--beam_size=2')
+    result = json.loads(proc.stdout)
+    assert result['sentences'] == 5 and 'steps' not in result
+    assert [m['steps'] for m in result['ensemble']] == [[5], [10]]
+    name = pathlib.Path(result['hypotheses_file']).name
+    assert name.startswith('test_ensemble2-') and name.endswith('_beam2_alpha0.6_first5.hyp')
+    assert len(pathlib.Path(result['hypotheses_file']).read_text().splitlines()) == 5
+
+
+def another_vocabulary(workdir, into):
+    """A copy of the run in `into` that was trained, as far as every check can tell, with another
+    vocabulary: a new vocab.model, its sha256 in vocab.json and in every checkpoint."""
+    shutil.copytree(workdir, into, ignore=shutil.ignore_patterns('eval'))
+    config = workdir_lib.load_config(str(into))
+    sources, targets = data.load_text(config, 'train')
+    proto = tokenizer_lib.train(sources[:500] + targets[:500], 120)
+    (into / 'vocab.model').write_bytes(proto)
+    fingerprint = workdir_lib.vocabulary_fingerprint(str(into))
+    meta = json.loads((into / 'vocab.json').read_text())
+    (into / 'vocab.json').write_text(json.dumps(dict(meta, sha256=fingerprint)))
+    for file in into.glob('checkpoints/*/_CHECKPOINT_METADATA'):
+        stored = json.loads(file.read_text())
+        stored['custom_metadata']['vocab_sha256'] = fingerprint
+        file.write_text(json.dumps(stored))
+    return into
+
+
+def test_bad_decoding_input_is_refused_in_one_line(workdir, tmp_path):
+    other_vocabulary = another_vocabulary(workdir, tmp_path / 'other')
+    turned = tmp_path / 'turned'
+    shutil.copytree(workdir, turned, ignore=shutil.ignore_patterns('eval'))
+    config = json.loads((turned / 'config.json').read_text())
+    config['source_lang'], config['target_lang'] = config['target_lang'], config['source_lang']
+    (turned / 'config.json').write_text(json.dumps(config))
+    source, target, latin1 = tmp_path / 's.txt', tmp_path / 't.txt', tmp_path / 'l.txt'
+    source.write_text('a\nb\nc\n')
+    target.write_text('a\nb\n')
+    latin1.write_bytes(b'a\nb\n\xe9t\xe9\n')
+    cases = [
+        ('translate', [f'--workdir={workdir}', '--nbest=5'],
+         '--nbest=5 must be at most the beam size (4)'),
+        ('translate', [f'--ensemble={workdir},{other_vocabulary}'], 'another vocabulary'),
+        ('translate', [f'--ensemble={workdir},{turned}'], 'translates tgt->src'),
+        ('score', [f'--workdir={workdir}', f'--source={source}', f'--target={target}'],
+         'has 3 lines but --target'),
+        ('score', [f'--workdir={workdir}', f'--source={latin1}', f'--target={latin1}'],
+         'l.txt:3: line is not valid UTF-8'),
+    ]
+    for module, args, message in cases:
+        proc = run_program(module, *args, stdin=b'zofu\n', check=False)
+        assert proc.returncode == errors.EXIT_BAD_INPUT, (args, proc.stderr.decode()[-2000:])
+        assert message in error_line(proc), (args, error_line(proc))
+
+
+def test_flag_values_are_refused_naming_the_flag(workdir):
+    config = workdir_lib.load_config(str(workdir))
+    for given, message in [
+            (dict(nbest=5), '--nbest=5 must be at most the beam size (4)'),
+            (dict(beam_size=2, nbest=3), '--nbest=3 must be at most the beam size (2)'),
+            (dict(sampling=True, temperature=0.0), '--temperature=0.0 must be > 0'),
+            (dict(sampling=True, temperature=-1.0), '--temperature=-1.0 must be > 0'),
+            (dict(sampling=True, top_p=1.5), '--top_p=1.5 must be in (0, 1]'),
+            (dict(sampling=True, top_p=0.0), '--top_p=0.0 must be in (0, 1]'),
+            (dict(sampling=True, beam_size=4), '--beam_size=4 is for beam search'),
+            (dict(temperature=0.5), '--temperature=0.5 applies to sampling only'),
+            (dict(beam_size=0), '--beam_size=0 must be >= 1')]:
+        with pytest.raises(errors.UsageError) as raised:
+            cli.decoding_settings(config, **given)
+        assert str(raised.value).startswith(message), (given, str(raised.value))
+    with pytest.raises(errors.UsageError, match='is not one of the --ensemble members'):
+        cli.models_to_load('/elsewhere', f'{workdir}:5,{workdir}:10', None)
+    members, home = cli.models_to_load(None, f'{workdir}:5, {workdir}', None)
+    assert members == [ensemble.Member(str(workdir), 5), ensemble.Member(str(workdir))]
+    assert home == str(workdir)

@@ -5,7 +5,7 @@ import pathlib
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / 'transformer'
 PROGRAMS = {'train', 'evaluate', 'translate', 'average', 'summary', 'attention', 'report',
-            'prepare'}
+            'prepare', 'score'}
 
 
 def imports() -> dict[str, set[str]]:

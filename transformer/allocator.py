@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping
 
 OFF = 'TRANSFORMER_TCMALLOC'
 PROGRAMS = ('train', 'evaluate', 'translate', 'average', 'summary', 'attention', 'report',
-            'prepare')
+            'prepare', 'score')
 _NAMES = ('tcmalloc_minimal', 'tcmalloc')
 
 

@@ -22,9 +22,9 @@ import numpy as np
 from absl import flags
 from flax import nnx
 
-from transformer import batching, cli, decode, errors, plots, trained
+from transformer import batching, cli, plots, search, trained
 from transformer.errors import UsageError
-from transformer.tokenizer import EOS_ID, PAD_ID
+from transformer.tokenizer import PAD_ID
 
 _WORKDIR = cli.define_workdir_flag()
 _TEXT = flags.DEFINE_string('text', None, 'The source sentence.')
@@ -49,20 +49,21 @@ def main():
         raise UsageError(f'--out={_OUT.value!r} must name a .png file')
     model, config, tokenizer, steps = trained.load_model(
         _WORKDIR.value, average=_DECODING.average.value, step=_DECODING.step.value)
-    settings = decode.settings(config, _DECODING.beam_size.value, _DECODING.alpha.value,
-                               _DECODING.max_extra_length.value)
-    limit = batching.max_tokens(config.model)
-    source = tokenizer.encode(_TEXT.value)
-    if len(source) > limit:
-        errors.warn(f'--text has {len(source)} tokens; truncated to {limit}')
-        source = source[:limit]
-    source = source + [EOS_ID]
+    settings = cli.decoding_settings(config, beam_size=_DECODING.beam_size.value,
+                                     alpha=_DECODING.alpha.value,
+                                     max_extra_length=_DECODING.max_extra_length.value)
+    (source,), _ = batching.fit_sentences([tokenizer.encode(_TEXT.value)],
+                                          config.model.max_position, '--text')
     inputs = jnp.asarray([source], jnp.int32)
     if _TARGET.value is not None:
-        target = tokenizer.encode(_TARGET.value)[:limit] + [EOS_ID]
+        (target,), _ = batching.fit_sentences([tokenizer.encode(_TARGET.value)],
+                                              config.model.max_position, '--target')
     else:
-        tokens, _ = decode.beam_search(model, inputs, **settings)
-        target = decode.strip(tokens)[0] + [EOS_ID]
+        found = search.beam_search(model, inputs, beam_size=settings.beam_size,
+                                   alpha=settings.alpha,
+                                   max_extra_length=settings.max_extra_length)
+        best = np.asarray(found.tokens[0, 0])
+        target = best[:int(search.hypothesis_lengths(best))].tolist()  # EOS included
     targets = jnp.asarray([target], jnp.int32)
     _, weights = _forward_with_attention(*nnx.split(model), inputs, targets)
     weights = {k: np.asarray(v[:, 0], np.float32) for k, v in weights.items()}

@@ -26,15 +26,16 @@ How it works, and why:
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
 from absl import logging
 
-from transformer import data
+from transformer import data, errors
 from transformer.data import DataError, TokenizedSplit
 from transformer.tokenizer import EOS_ID, PAD_ID, Tokenizer
 
@@ -44,9 +45,25 @@ BATCH_KEYS = ('inputs', 'targets', 'inputs_segmentation', 'targets_segmentation'
 _PACK_OPEN_ROWS = 16
 
 
-def max_tokens(model_config) -> int:
-    """The most tokens of a sentence the model reads, before its EOS (positions count from 0)."""
+def sentence_limit(model_config) -> int:
+    """The most tokens of one sentence the model reads, before its EOS (positions count from 0
+    to max_position - 1)."""
     return model_config.max_position - 1
+
+
+def fit_sentences(ids: list[list[int]], max_position: int, where: str):
+    """Each sentence's ids cut to the max_position - 1 tokens a model of `max_position` reads
+    (sentence_limit) and ended with EOS, and a mask of the ones cut; one warning naming `where`
+    when any was. Evaluation splits are never filtered, so this is how every program reports
+    truncation (splits, lines, the attention plot)."""
+    limit = max_position - 1
+    cut = np.fromiter((len(x) > limit for x in ids), bool, len(ids))
+    if cut.any():
+        longest = max(len(x) for x in ids)
+        what = f'{int(cut.sum())} of {len(ids)} sentences' if len(ids) > 1 else 'the sentence'
+        errors.warn(f'{where}: {what} longer than {limit} tokens (up to {longest}) truncated to '
+                    f'the first {limit} (model.max_position={max_position} with EOS)')
+    return [x[:limit] + [EOS_ID] for x in ids], cut
 
 
 def round_up(n: int, multiple: int) -> int:
@@ -76,10 +93,21 @@ def bucket_boundaries(data_config) -> np.ndarray:
     return ladder(data_config.bucket_step, data_config.bucket_growth, data_config.max_length)
 
 
+def padded_length(longest, step: int, growth: float, top: int) -> np.ndarray:
+    """The row length of sequences whose longest has `longest` tokens: the smallest length of
+    the ladder up to `top` that holds them; past the ladder, `longest` rounded up to a multiple
+    of `step` (long test sentences are kept, never dropped)."""
+    bounds = ladder(step, growth, top)
+    longest = np.asarray(longest)
+    i = np.searchsorted(bounds, longest)
+    return np.where(i < len(bounds), bounds[np.minimum(i, len(bounds) - 1)],
+                    -(-longest // step) * step)
+
+
 def bucket_length(longest, data_config) -> np.ndarray:
     """The bucket (row length) of pairs whose longer side has `longest` tokens."""
-    bounds = bucket_boundaries(data_config)
-    return bounds[np.minimum(np.searchsorted(bounds, longest), len(bounds) - 1)]
+    return padded_length(longest, data_config.bucket_step, data_config.bucket_growth,
+                         data_config.max_length)
 
 
 # -- the per-epoch plan ------------------------------------------------------------------------
@@ -293,32 +321,56 @@ class TrainIterator:
 # -- evaluation batches --------------------------------------------------------------------------
 
 
-def eval_batches(config, tokenizer: Tokenizer, split: str, batch_sentences: int, *,
-                 process_index: int = 0,
-                 process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
-    """Every sentence of `split` exactly once (across processes), unfiltered, sorted by length.
+@dataclasses.dataclass(frozen=True)
+class EncodedSplit:
+    """A split for evaluation, read and tokenized once: the raw sentences and references in file
+    order (never filtered) and their token ids, each side truncated to sentence_limit() and ended
+    with EOS; `*_truncated` mark the sides that were cut."""
 
-    Yields dicts with `inputs`, `targets` [batch_sentences, L] (EOS appended, PAD-padded, L a
-    bucket length, the same on every process) and `index` [batch_sentences], the
-    row in data.load_text's lists (-1 for padding rows). Sides longer than max_tokens() are
-    truncated (counted and logged), never dropped.
+    name: str
+    sources: list[str]
+    references: list[str]
+    source_ids: list[list[int]]
+    target_ids: list[list[int]]
+    source_truncated: np.ndarray
+    target_truncated: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+
+def encode_split(config, tokenizer: Tokenizer, split: str,
+                 limit: int | None = None) -> EncodedSplit:
+    """`split` read and tokenized once (its first `limit` sentences only, if given); the
+    truncated sides are counted and logged once."""
+    sources, references = data.load_text(config, split)
+    if limit is not None:
+        sources, references = sources[:limit], references[:limit]
+    src_ids, tgt_ids = data.encode_pairs(tokenizer, sources, references)
+    max_position = config.model.max_position
+    src_ids, src_cut = fit_sentences(src_ids, max_position, f'{split} sources')
+    tgt_ids, tgt_cut = fit_sentences(tgt_ids, max_position, f'{split} references')
+    return EncodedSplit(split, sources, references, src_ids, tgt_ids, src_cut, tgt_cut)
+
+
+def eval_batches(split: EncodedSplit, data_config, batch_sentences: int, *,
+                 indices: Iterable[int] | None = None, process_index: int = 0,
+                 process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+    """The sentences `indices` of `split` (default: all) exactly once across processes, sorted
+    by source length.
+
+    Yields dicts with `inputs`, `targets` [batch_sentences, L] (PAD-padded, L the bucket of the
+    longer side, the same on every process) and `index` [batch_sentences], the sentence's
+    index in the split (-1 for padding rows).
     """
-    sources, targets = data.load_text(config, split)
-    src_ids, tgt_ids = data.encode_pairs(tokenizer, sources, targets)
-    limit = max_tokens(config.model)
-    truncated = sum(len(x) > limit for x in src_ids) + sum(len(x) > limit for x in tgt_ids)
-    if truncated:
-        logging.warning('%s: truncated %d sides longer than %d tokens', split, truncated, limit)
-    src_ids = [x[:limit] + [EOS_ID] for x in src_ids]
-    tgt_ids = [x[:limit] + [EOS_ID] for x in tgt_ids]
-    order = np.argsort([len(x) for x in src_ids], kind='stable')
+    src_ids, tgt_ids = split.source_ids, split.target_ids
+    chosen = np.arange(len(split)) if indices is None else np.fromiter(indices, np.int64)
+    order = chosen[np.argsort([len(src_ids[i]) for i in chosen], kind='stable')]
     per_step = batch_sentences * process_count
     for start in range(0, len(order), per_step):
         group = order[start:start + per_step]
         longest = max(max(len(src_ids[i]), len(tgt_ids[i])) for i in group)
-        # Past the buckets (long test sentences are kept): round up to a multiple of bucket_step.
-        length = max(int(bucket_length(longest, config.data)),
-                     round_up(longest, config.data.bucket_step))
+        length = int(bucket_length(longest, data_config))
         mine = group[process_index * batch_sentences:(process_index + 1) * batch_sentences]
         batch = dict(inputs=np.full((batch_sentences, length), PAD_ID, np.int32),
                      targets=np.full((batch_sentences, length), PAD_ID, np.int32),

@@ -12,8 +12,9 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import SimpleNamespace
+from typing import BinaryIO
 
 import jax
 import ml_collections
@@ -23,7 +24,7 @@ from ml_collections import config_flags
 from tqdm import tqdm
 
 from transformer import config as config_lib
-from transformer import errors
+from transformer import decode, ensemble, errors
 
 # -- flags --------------------------------------------------------------------------------------
 
@@ -56,6 +57,93 @@ def define_decoding_flags() -> SimpleNamespace:
             'batch_sentences', None, 'Sentences per decoding batch '
             '(default: decode.batch_sentences).'),
     )
+
+
+def define_search_flags() -> SimpleNamespace:
+    """translate's choice of search: --nbest, and --sampling with its parameters."""
+    return SimpleNamespace(
+        nbest=flags.DEFINE_integer(
+            'nbest', None, 'Write the K best hypotheses of each line with their scores, in '
+            'Moses n-best format (K <= the beam size).'),
+        sampling=flags.DEFINE_boolean(
+            'sampling', False, 'Sample translations instead of searching for the best one.'),
+        temperature=flags.DEFINE_float(
+            'temperature', None, 'Sampling temperature (> 0; default 1: the model\'s own '
+            'distribution).'),
+        top_k=flags.DEFINE_integer(
+            'top_k', None, 'Sample only among the K most likely tokens (default 0: all).'),
+        top_p=flags.DEFINE_float(
+            'top_p', None, 'Nucleus sampling: only among the most likely tokens whose '
+            'probabilities reach P, in (0, 1] (default 1: all).'),
+        num_samples=flags.DEFINE_integer(
+            'num_samples', None, 'Samples per line (default 1; more are written in Moses '
+            'n-best format).'),
+        seed=flags.DEFINE_integer(
+            'seed', None, 'Sampling seed (default 0): the same seed gives the same samples of '
+            'a line, whatever the batch.'),
+    )
+
+
+def define_ensemble_flag():
+    return flags.DEFINE_string(
+        'ensemble', None, 'Decode with several models at once, their probabilities averaged: '
+        'DIR[:STEP],DIR[:STEP],... (work directories, or checkpoints of one run; a member '
+        'without STEP is averaged as --average says). Replaces --workdir, which may still name '
+        'one of the members: the one whose config is used.')
+
+
+def decoding_settings(config, **given):
+    """decode.settings from flag values (None: not given); a value out of range is refused
+    naming its flag."""
+    try:
+        return decode.settings(config, **given)
+    except decode.SettingError as e:
+        if given.get(e.name) is None:
+            raise  # the config's own value: the message names its field
+        raise errors.UsageError(f'--{e.name}={e.value} {e.rule}') from None
+
+
+def models_to_load(workdir: str | None, ensemble_spec: str | None,
+                   step: int | None) -> tuple[list, str | None]:
+    """(ensemble.Member list, home work directory) of --workdir (with --step) or of
+    --ensemble=DIR[:STEP],DIR[:STEP],... (--workdir, if given too, must be a member: the one
+    whose config is used)."""
+    if not ensemble_spec:
+        return [ensemble.Member(workdir, step)], workdir
+    if step is not None:
+        raise errors.UsageError('--step does not apply to --ensemble: give each member its step '
+                                'as DIR:STEP')
+    members = []
+    for part in ensemble_spec.split(','):
+        part = part.strip()
+        if not part:
+            raise errors.UsageError(f'--ensemble={ensemble_spec!r} has an empty member')
+        directory, _, tail = part.rpartition(':')
+        members.append(ensemble.Member(directory, int(tail)) if directory and tail.isdigit()
+                       else ensemble.Member(part))
+    if workdir and not any(os.path.realpath(workdir) == os.path.realpath(m.workdir)
+                           for m in members):
+        raise errors.UsageError(f'--workdir={workdir} is not one of the --ensemble members; '
+                                'list every member in --ensemble')
+    return members, workdir or members[0].workdir
+
+
+def read_lines(stream: BinaryIO, chunk: int) -> Iterator[list[tuple[int, str]]]:
+    """Chunks of (1-based line number, text without the line break) of a program's stdin;
+    UsageError naming the line when it is not UTF-8."""
+    lines = []
+    for number, raw in enumerate(stream, start=1):
+        try:
+            text = raw.decode('utf-8')
+        except UnicodeDecodeError as e:
+            raise errors.UsageError(f'stdin line {number} is not valid UTF-8 ({e.reason} at '
+                                    f'byte {e.start}); UTF-8 text is expected') from None
+        lines.append((number, text.rstrip('\r\n')))
+        if len(lines) >= chunk:
+            yield lines
+            lines = []
+    if lines:
+        yield lines
 
 
 def batch_sentences(value: int | None, config) -> int:

@@ -212,8 +212,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
     need(m.positional in ('sinusoidal', 'learned'),
          f'model.positional={m.positional!r}; valid: sinusoidal, learned')
     need(m.norm in ('post', 'pre'), f'model.norm={m.norm!r}; valid: post, pre')
-    need(m.attention_impl in ('auto', 'xla', 'cudnn'),
-         f'model.attention_impl={m.attention_impl!r}; valid: auto, xla, cudnn')
+    need(m.attention_impl in ('auto', 'xla', 'cudnn', 'explicit'),
+         f'model.attention_impl={m.attention_impl!r}; valid: auto, xla, cudnn, explicit')
     need(m.remat in ('none', 'block'), f'model.remat={m.remat!r}; valid: none, block')
     need(m.dtype in DTYPES + ('auto',),
          f'model.dtype={m.dtype!r}; valid: auto, {", ".join(DTYPES)}')

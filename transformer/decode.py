@@ -1,481 +1,340 @@
-"""Beam search and greedy decoding over the key/value cache (section 6.1).
+"""Decoding on the host: the settings of a search, batches of token ids through it, and what the
+programs decode: whole splits (train's greedy BLEU, evaluate), lines of text (translate) and
+given translations to score (score).
 
-The paper's settings: beam 4, length penalty alpha = 0.6, at most input length + 50 output
-tokens, stopping early once no live hypothesis can win. The length penalty is GNMT's (Wu et al.
-2016), as in tensor2tensor, the paper's code: a hypothesis of `n` tokens (its EOS counted) with
-log-probability `logp` scores `logp / ((5 + n) / 6) ** alpha`.
+* `Settings`: which search (beam search with an n-best list, or sampling) with which
+  parameters; `settings` fills them from the config's `decode` fields and checks them, naming
+  the field (`cli` maps fields to flags).
+* `Decoder` pads batches to a few shapes (rows: a multiple of the devices; source length: the
+  bucket ladder training uses) and keeps them compiled; it runs `search.search` or
+  `search.sample`, and forced decoding (`score`).
+* `translate_split`, `Translator`, `Scorer` turn splits and text into those batches and back.
 
-How the search runs, per batch of sentences:
-
-* The encoder runs once per sentence; the encoder-decoder keys and values are projected once and
-  repeated for the beams once, never per step.
-* Each step feeds one token per hypothesis through `Transformer.decode_step`, which writes its
-  key and value into a fixed-size self-attention cache; a step never re-runs the prefix, so its
-  cost does not depend on how many tokens came before. Beam reordering gathers only the
-  self-attention cache along the beam axis.
-* Candidates are chosen as in tensor2tensor's beam search: the 2K best extensions of the K live
-  hypotheses; those ending in EOS join the K best finished hypotheses (scored with the length
-  penalty), the K best of the others stay live.
-* Each sentence may produce at most `source length + max_extra_length` tokens (source length
-  counts its EOS); at that length only EOS is allowed, so every sentence finishes. PAD, the
-  decoder's start symbol, is never produced.
-* A `lax.while_loop` stops as soon as, for every sentence, no live hypothesis can beat the best
-  finished one even with the largest length bonus still open to it (the step cost is flat, so
-  stopping early saves time in proportion).
-
-`beam_size == 1` is greedy decoding, as in tensor2tensor (a 1-wide beam search with 2
-candidates per step could return a shorter hypothesis that greedy never picks).
-
-Everything is jitted as one pure function of (graphdef, parameters, inputs); sharding follows
-the inputs, so a batch laid out with `sharding.batch_sharding(mesh)` decodes across the mesh.
-
-Above the search: `Decoder` pads batches to a few shapes and keeps them compiled,
-`translate_split` decodes a whole split (train's greedy BLEU, evaluate) and `Translator` turns
-lines of text into translations (translate).
+The searches themselves are in `search.py`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from flax import nnx
 
-from transformer import batching, sharding
+from transformer import batching, search, sharding
 from transformer.errors import UsageError
-from transformer.model import segments_and_positions
-from transformer.tokenizer import EOS_ID, PAD_ID  # PAD is the start symbol; never produced
+from transformer.tokenizer import PAD_ID
 
-# A large finite stand-in for -inf: sums and differences of it stay finite (no NaN).
-NEG_INF = -1.0e7
+# -- settings ---------------------------------------------------------------------------------
 
 
-def length_penalty(length, alpha: float):
-    """GNMT length penalty ((5 + length) / 6) ** alpha."""
-    return ((5.0 + jnp.asarray(length, jnp.float32)) / 6.0) ** alpha
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """What to search for. Beam search (section 6.1) unless `sampling`.
 
-
-def source_lengths(inputs) -> jax.Array:
-    """Non-PAD tokens per row (EOS included); 0 for padding rows."""
-    return jnp.sum(inputs != PAD_ID, axis=1).astype(jnp.int32)
-
-
-def max_output_lengths(inputs, max_extra_length: int, bound: int) -> jax.Array:
-    """Per sentence: source length + max_extra_length tokens, at most `bound`.
-
-    A padding row (no source tokens) gets 1: it emits EOS at once and never holds up the loop.
+    beam_size 1 is greedy decoding; `nbest` hypotheses per sentence (at most beam_size) are
+    returned. Sampling draws `num_samples` per sentence from the model's distribution at
+    `temperature`, cut to the `top_k` best tokens (0: no cut) and to the nucleus of mass
+    `top_p` (1: no cut), with keys from `seed` and each sentence's id. `alpha` (the length
+    penalty) ranks beam hypotheses and scores samples; `max_extra_length` bounds both.
     """
-    src = source_lengths(inputs)
-    return jnp.where(src > 0, jnp.minimum(src + max_extra_length, bound), 1)
+
+    beam_size: int = 4
+    alpha: float = 0.6
+    max_extra_length: int = 50
+    nbest: int = 1
+    sampling: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    num_samples: int = 1
+    seed: int = 0
+
+    @property
+    def outputs(self) -> int:
+        """Hypotheses per sentence."""
+        return self.num_samples if self.sampling else self.nbest
+
+    def describe(self) -> str:
+        if not self.sampling:
+            search_ = 'greedy' if self.beam_size == 1 else f'beam {self.beam_size}'
+            nbest = f', {self.nbest}-best' if self.nbest > 1 else ''
+            return f'{search_}, alpha {self.alpha:g}{nbest}'
+        cuts = ''.join([f', top-k {self.top_k}' if self.top_k else '',
+                        f', top-p {self.top_p:g}' if self.top_p < 1 else ''])
+        return (f'sampling {self.num_samples} per line, temperature {self.temperature:g}'
+                f'{cuts}, seed {self.seed}')
 
 
-def output_bound(src_len: int, max_extra_length: int, max_position: int) -> int:
-    """The static array length T of the outputs for a batch with source arrays of `src_len`."""
-    return max(1, min(src_len + max_extra_length, max_position))
+# The config field behind each setting the config provides.
+CONFIG_FIELDS = {'beam_size': 'decode.beam_size', 'alpha': 'decode.length_penalty',
+                 'max_extra_length': 'decode.max_extra_length'}
+_SAMPLING_ONLY = ('temperature', 'top_k', 'top_p', 'num_samples', 'seed')
 
 
-def _step_log_probs(logits, length, max_len):
-    """log_softmax of the logits, with PAD forbidden and only EOS allowed at max_len.
+class SettingError(UsageError):
+    """A decoding setting out of range: `name` (the Settings field), its `value`, the `rule`.
 
-    `logits` [N, V]; `length` the 1-based length the new token gives; `max_len` [N]. The
-    forbidden tokens get NEG_INF after the softmax, so allowed tokens keep the model's own
-    log-probabilities (no renormalisation).
+    The message names the config field behind it (e.g. `decode.beam_size=0 must be >= 1`), or
+    the setting; `cli` names the flag instead when a flag gave the value.
     """
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    vocab = jnp.arange(logits.shape[-1])
-    forbidden = (vocab == PAD_ID)[None, :] | (
-        (length >= max_len)[:, None] & (vocab != EOS_ID)[None, :])
-    return jnp.where(forbidden, NEG_INF, logp)
+
+    def __init__(self, name: str, value, rule: str):
+        self.name, self.value, self.rule = name, value, rule
+        super().__init__(f'{CONFIG_FIELDS.get(name, name)}={value} {rule}')
 
 
-def _encode_and_cache(model, inputs, bound: int, repeat: int):
-    """Runs the encoder once and builds the decoding cache, repeated `repeat` times per row."""
-    segmentation, _ = segments_and_positions(inputs)
-    encoded = model.encode(inputs, segmentation)
-    cache = model.init_cache(encoded, bound)
-    if repeat > 1:  # beams of one sentence are adjacent rows: row b * K + k (cache axis 1)
-        cache = jax.tree.map(lambda x: jnp.repeat(x, repeat, axis=1), cache)
-        segmentation = jnp.repeat(segmentation, repeat, axis=0)
-    return cache, segmentation
+def settings(config, **given) -> Settings:
+    """The settings of a search: the config's decode.beam_size, decode.length_penalty and
+    decode.max_extra_length unless given, the other fields' defaults unless given (None counts
+    as not given); SettingError names what is out of range."""
+    d = config.decode
+    values = dict(beam_size=d.beam_size, alpha=float(d.length_penalty),
+                  max_extra_length=d.max_extra_length)
+    values.update({k: v for k, v in given.items() if v is not None})
+    s = Settings(**values)
+    check(s, given_fields={k for k, v in given.items() if v is not None},
+          vocab_size=config.vocab_size)
+    return s
 
 
-# -- greedy ------------------------------------------------------------------------------------
+def check(s: Settings, given_fields=(), vocab_size: int | None = None) -> None:
+    """SettingError for the first setting out of range; `given_fields` are those set on
+    purpose (a sampling-only one without sampling is refused, not ignored)."""
+
+    def need(ok: bool, name: str, rule: str):
+        if not ok:
+            raise SettingError(name, getattr(s, name), rule)
+
+    need(s.beam_size >= 1, 'beam_size', 'must be >= 1')
+    need(s.max_extra_length >= 0, 'max_extra_length', 'must be >= 0')
+    need(np.isfinite(s.alpha), 'alpha', 'must be a finite number')
+    need(s.nbest >= 1, 'nbest', 'must be >= 1')
+    if s.sampling:
+        rule = 'is for beam search; sampling draws num_samples hypotheses instead'
+        need(s.nbest == 1 and 'nbest' not in given_fields, 'nbest', rule)
+        need('beam_size' not in given_fields, 'beam_size', rule)
+    else:
+        need(s.nbest <= s.beam_size, 'nbest', f'must be at most the beam size ({s.beam_size})')
+        for name in _SAMPLING_ONLY:
+            need(name not in given_fields, name, 'applies to sampling only')
+    need(0 < s.temperature < float('inf'), 'temperature', 'must be > 0')
+    need(s.top_k >= 0, 'top_k', 'must be >= 0 (0: no cut)')
+    need(vocab_size is None or s.top_k <= vocab_size, 'top_k',
+         f'must be at most the vocabulary size ({vocab_size})')
+    need(0 < s.top_p <= 1, 'top_p', 'must be in (0, 1] (1: no cut)')
+    need(s.num_samples >= 1, 'num_samples', 'must be >= 1')
+    need(0 <= s.seed < 2 ** 32, 'seed', 'must be in [0, 2**32)')
 
 
-class _GreedyState(NamedTuple):
-    index: jax.Array  # tokens generated so far
-    tokens: jax.Array  # [B, T + 1], column 0 the start symbol
-    log_prob: jax.Array  # [B]
-    done: jax.Array  # [B]
-    cache: list  # the self-attention cache
-
-
-def _greedy(graphdef, params, inputs, max_extra_length: int):
-    model = nnx.merge(graphdef, params)
-    batch, src_len = inputs.shape
-    bound = output_bound(src_len, max_extra_length, model.cfg.max_position)
-    max_len = max_output_lengths(inputs, max_extra_length, bound)
-    cache, segmentation = _encode_and_cache(model, inputs, bound, 1)
-    cross = cache['cross']
-
-    def cond(s: _GreedyState):
-        return (s.index < bound) & ~jnp.all(s.done)
-
-    def body(s: _GreedyState):
-        previous = jax.lax.dynamic_index_in_dim(s.tokens, s.index, axis=1, keepdims=False)
-        logits, new_cache = model.decode_step(
-            previous, s.index, {'self': s.cache, 'cross': cross}, segmentation)
-        logp = _step_log_probs(logits, s.index + 1, max_len)
-        token = jnp.argmax(logp, axis=-1).astype(jnp.int32)
-        token_logp = jnp.take_along_axis(logp, token[:, None], axis=1)[:, 0]
-        token = jnp.where(s.done, PAD_ID, token)
-        log_prob = s.log_prob + jnp.where(s.done, 0.0, token_logp)
-        tokens = jax.lax.dynamic_update_slice_in_dim(s.tokens, token[:, None], s.index + 1, 1)
-        return _GreedyState(s.index + 1, tokens, log_prob, s.done | (token == EOS_ID),
-                            new_cache['self'])
-
-    init = _GreedyState(jnp.int32(0), jnp.full((batch, bound + 1), PAD_ID, jnp.int32),
-                        jnp.zeros((batch,), jnp.float32), jnp.zeros((batch,), bool),
-                        cache['self'])
-    final = jax.lax.while_loop(cond, body, init)
-    return final.tokens[:, 1:], final.log_prob, final.index
-
-
-# -- beam search -------------------------------------------------------------------------------
-
-
-class _BeamState(NamedTuple):
-    index: jax.Array  # tokens generated so far (the same for every hypothesis)
-    live_seqs: jax.Array  # [B, K, T + 1], column 0 the start symbol
-    live_log_probs: jax.Array  # [B, K]; NEG_INF for empty slots
-    finished_seqs: jax.Array  # [B, K, T + 1]
-    finished_scores: jax.Array  # [B, K]; length-penalised; NEG_INF for empty slots
-    cache: list  # the self-attention cache, rows b * K + k
-
-
-def _gather_beams(x, beam_index):
-    """x [B, K', ...] -> [B, K, ...] picking x[b, beam_index[b, k]]."""
-    index = beam_index.reshape(beam_index.shape + (1,) * (x.ndim - 2))
-    return jnp.take_along_axis(x, index, axis=1)
-
-
-def _gather_cache(cache, beam_index, beam_size):
-    """Reorders cache rows [layers, B * K, ...]: row b * K + k becomes row
-    b * K + beam_index[b, k], in every layer (a gather of whole rows)."""
-    batch = beam_index.shape[0]
-    rows = (jnp.arange(batch)[:, None] * beam_size + beam_index).reshape(-1)
-    return jax.tree.map(lambda x: jnp.take(x, rows, axis=1, mode='clip'), cache)
-
-
-def _beam_search(graphdef, params, inputs, beam_size: int, alpha: float,
-                 max_extra_length: int, early_stop: bool = True):
-    model = nnx.merge(graphdef, params)
-    batch, src_len = inputs.shape
-    K = beam_size
-    bound = output_bound(src_len, max_extra_length, model.cfg.max_position)
-    max_len = max_output_lengths(inputs, max_extra_length, bound)  # [B]
-    cache, segmentation = _encode_and_cache(model, inputs, bound, K)
-    cross = cache['cross']
-    # The largest length penalty open to a live hypothesis (alpha >= 0: at its max length).
-    final_penalty = length_penalty(max_len, alpha)
-
-    def row_done(s: _BeamState):
-        """[B] True where no live hypothesis can still beat the best finished one."""
-        best_live = jnp.max(s.live_log_probs, axis=1)
-        # Log-probabilities only fall as hypotheses grow; the score divides by a penalty of
-        # at most max(penalty at the next length, penalty at the max length).
-        penalty = jnp.maximum(length_penalty(s.index + 1, alpha), final_penalty)
-        best_possible = best_live / penalty
-        best_finished = jnp.max(s.finished_scores, axis=1)
-        no_live = best_live <= NEG_INF / 2
-        out_of_length = s.index >= max_len
-        if not early_stop:
-            return out_of_length | no_live
-        return out_of_length | no_live | (best_finished >= best_possible)
-
-    def cond(s: _BeamState):
-        return (s.index < bound) & ~jnp.all(row_done(s))
-
-    def body(s: _BeamState):
-        previous = jax.lax.dynamic_index_in_dim(s.live_seqs, s.index, axis=2, keepdims=False)
-        logits, new_cache = model.decode_step(
-            previous.reshape(-1), s.index, {'self': s.cache, 'cross': cross}, segmentation)
-        vocab = logits.shape[-1]
-        length = s.index + 1
-        logp = _step_log_probs(logits, length, jnp.repeat(max_len, K))
-        logp = logp.reshape(batch, K, vocab)
-        candidates = s.live_log_probs[:, :, None] + logp
-        # An empty live slot or a forbidden token yields no candidate.
-        valid = (s.live_log_probs[:, :, None] > NEG_INF / 2) & (logp > NEG_INF / 2)
-        candidates = jnp.where(valid, candidates, NEG_INF).reshape(batch, K * vocab)
-        # 2K candidates: even if K of them end in EOS, K remain to stay live.
-        top_log_probs, top_index = jax.lax.top_k(candidates, 2 * K)
-        top_beam = top_index // vocab
-        top_token = (top_index % vocab).astype(jnp.int32)
-        top_valid = top_log_probs > NEG_INF / 2
-        top_seqs = _gather_beams(s.live_seqs, top_beam)
-        top_seqs = jax.lax.dynamic_update_slice_in_dim(
-            top_seqs, top_token[:, :, None], length, axis=2)
-        ends = (top_token == EOS_ID) & top_valid
-
-        # Live: the K best candidates that do not end in EOS.
-        live_scores = jnp.where(ends | ~top_valid, NEG_INF, top_log_probs)
-        live_log_probs, live_pick = jax.lax.top_k(live_scores, K)
-        live_seqs = _gather_beams(top_seqs, live_pick)
-        live_cache = _gather_cache(new_cache['self'], _gather_beams(top_beam, live_pick), K)
-
-        # Finished: the K best of the finished so far and the candidates that end in EOS.
-        new_scores = jnp.where(ends, top_log_probs / length_penalty(length, alpha), NEG_INF)
-        all_scores = jnp.concatenate([s.finished_scores, new_scores], axis=1)
-        all_seqs = jnp.concatenate([s.finished_seqs, top_seqs], axis=1)
-        finished_scores, finished_pick = jax.lax.top_k(all_scores, K)
-        finished_seqs = _gather_beams(all_seqs, finished_pick)
-        return _BeamState(length, live_seqs, live_log_probs, finished_seqs, finished_scores,
-                          live_cache)
-
-    seqs = jnp.full((batch, K, bound + 1), PAD_ID, jnp.int32)
-    # Only the first slot is live at the start: the others would repeat it.
-    live_log_probs = jnp.where(jnp.arange(K) == 0, 0.0, NEG_INF)
-    init = _BeamState(jnp.int32(0), seqs, jnp.broadcast_to(live_log_probs, (batch, K)),
-                      seqs, jnp.full((batch, K), NEG_INF, jnp.float32), cache['self'])
-    final = jax.lax.while_loop(cond, body, init)
-    best = jnp.argmax(final.finished_scores, axis=1)
-    tokens = jnp.take_along_axis(final.finished_seqs, best[:, None, None], axis=1)[:, 0, 1:]
-    scores = jnp.max(final.finished_scores, axis=1)
-    return tokens, scores, final.index
-
-
-# -- public API -------------------------------------------------------------------------------
-
-
-_jit_greedy = jax.jit(_greedy, static_argnames=('graphdef', 'max_extra_length'))
-_jit_beam_search = jax.jit(
-    _beam_search, static_argnames=('graphdef', 'beam_size', 'alpha', 'max_extra_length',
-                                   'early_stop'))
-
-
-def greedy(model, inputs, *, max_extra_length: int = 50):
-    """Greedy decoding of `inputs` [B, S] (EOS-terminated, PAD-padded token ids).
-
-    Returns (tokens [B, T] int32 without the start symbol, each row ending in EOS then PAD;
-    log-probabilities [B] of those tokens, EOS included).
-    """
-    graphdef, params = nnx.split(model)
-    tokens, log_prob, _ = _jit_greedy(graphdef, params, jnp.asarray(inputs, jnp.int32),
-                                      max_extra_length)
-    return tokens, log_prob
-
-
-def beam_search(model, inputs, *, beam_size: int = 4, alpha: float = 0.6,
-                max_extra_length: int = 50, early_stop: bool = True):
-    """Beam search of `inputs` [B, S] (EOS-terminated, PAD-padded token ids).
-
-    Returns (tokens [B, T] int32, the best hypothesis without the start symbol, ending in EOS
-    then PAD; its score [B], log-probability / length penalty). T is
-    min(S + max_extra_length, model.cfg.max_position). `early_stop=False` runs every sentence
-    to its maximum length (for tests: the result must not change).
-    """
-    inputs = jnp.asarray(inputs, jnp.int32)
-    if beam_size < 1:
-        raise ValueError(f'beam_size={beam_size} must be >= 1')
-    graphdef, params = nnx.split(model)
-    tokens, scores, _ = search(graphdef, params, inputs, beam_size=beam_size, alpha=alpha,
-                               max_extra_length=max_extra_length, early_stop=early_stop)
-    return tokens, scores
-
-
-def search(graphdef, params, inputs, *, beam_size: int, alpha: float, max_extra_length: int,
-           early_stop: bool = True):
-    """The jitted search on split model state: (tokens, scores, steps the loop ran).
-
-    beam_size 1 is greedy (its score is then length-penalised too, for comparison).
-    """
-    alpha = float(alpha)
-    if beam_size == 1:
-        tokens, log_prob, steps = _jit_greedy(graphdef, params, inputs, max_extra_length)
-        return tokens, log_prob / length_penalty(hypothesis_lengths(tokens), alpha), steps
-    return _jit_beam_search(graphdef, params, inputs, beam_size, alpha, max_extra_length,
-                            early_stop)
-
-
-def hypothesis_lengths(tokens) -> jax.Array:
-    """Tokens up to and including the first EOS (all of them when there is none)."""
-    tokens = jnp.asarray(tokens)
-    is_eos = tokens == EOS_ID
-    first = jnp.argmax(is_eos, axis=1)
-    return jnp.where(jnp.any(is_eos, axis=1), first + 1, tokens.shape[1]).astype(jnp.int32)
-
-
-def strip(tokens) -> list[list[int]]:
-    """Host-side token lists, cut before the first EOS (and with PAD removed)."""
-    out = []
-    for row in np.asarray(tokens).tolist():
-        kept = []
-        for t in row:
-            if t == EOS_ID:
-                break
-            if t != PAD_ID:
-                kept.append(t)
-        out.append(kept)
-    return out
+# -- batches through the search ---------------------------------------------------------------
 
 
 class Decoder:
-    """Decodes batches of any size and length with few compilations.
+    """Runs the search of `settings` on batches of any size and length with few compilations.
 
     Batches are padded to `batch_size` rows (a multiple of the mesh's device count) and to a
-    source length on the bucket ladder (`batching.ladder`, the one training uses), so a whole
-    test set compiles a handful of shapes; the jitted function is cached per shape by jax.jit.
-    With a mesh, inputs are laid out with `sharding.batch_sharding(mesh)` and parameters
-    replicated.
+    source length on the bucket ladder (`batching.padded_length`, the one training uses), so a
+    whole test set compiles a handful of shapes; the jitted function is cached per shape by
+    jax.jit. With a mesh, inputs are laid out with `sharding.batch_sharding(mesh)` and
+    parameters replicated. `models` is a model or a sequence of models (an ensemble).
     """
 
-    def __init__(self, model, *, beam_size: int = 4, alpha: float = 0.6,
-                 max_extra_length: int = 50, batch_size: int = 64, mesh=None,
+    def __init__(self, models, settings: Settings, *, batch_size: int = 64, mesh=None,
                  bucket_step: int = 4, bucket_growth: float = 1.15):
-        self.beam_size, self.alpha = beam_size, float(alpha)
-        self.max_extra_length = max_extra_length
-        self.max_position = model.cfg.max_position
-        self.mesh = mesh
+        models = list(models) if isinstance(models, Sequence) else [models]
+        vocab = models[0].vocab_size
+        if any(m.vocab_size != vocab for m in models):
+            raise ValueError(f'ensemble members have different vocabulary sizes: '
+                             f'{[m.vocab_size for m in models]}')
+        check(settings, vocab_size=vocab)
+        self.settings = settings
+        self.max_position = min(m.cfg.max_position for m in models)
         devices = mesh.size if mesh is not None else 1
         self.batch_size = batching.round_up(max(batch_size, 1), devices)
-        self.graphdef, params = nnx.split(model)
+        self.graphdefs, params = search.split(models)
+        self._input_sharding = None
         if mesh is not None:
             params = jax.device_put(params, sharding.replicated(mesh))
             self._input_sharding = sharding.batch_sharding(mesh)
-        else:
-            self._input_sharding = None
         self.params = params
-        # A source never exceeds max_position tokens (longer ones are truncated first).
-        self._buckets = np.unique(np.minimum(
-            batching.ladder(bucket_step, bucket_growth, self.max_position), self.max_position))
+        self._ladder = (bucket_step, bucket_growth)
         self.shapes_compiled: set[tuple[int, int]] = set()
         self.steps = 0  # decoding steps run so far (over all batches)
+        self.batches = 0  # batches decoded so far
 
-    def bucket(self, length: int) -> int:
-        """The padded source length of a batch whose longest source has `length` tokens."""
-        return int(self._buckets[min(np.searchsorted(self._buckets, length),
-                                     len(self._buckets) - 1)])
-
-    def __call__(self, inputs) -> tuple[np.ndarray, np.ndarray]:
-        """inputs [n, S] (n <= batch_size) -> (tokens [n, T], scores [n]) as numpy."""
-        inputs = np.asarray(inputs, np.int32)
-        n, length = inputs.shape
+    def _pad(self, rows, what: str) -> tuple[jax.Array, int]:
+        """rows [n, L] -> (a [batch_size, width] array on the devices, n); width from the ladder,
+        at most max_position, and at least the longest row's tokens."""
+        rows = np.asarray(rows, np.int32)
+        n, length = rows.shape
         if n > self.batch_size:
             raise ValueError(f'{n} rows exceed the decoder batch size {self.batch_size}')
-        real = int((inputs != PAD_ID).sum(axis=1).max(initial=1))
+        real = int((rows != PAD_ID).sum(axis=1).max(initial=1))
         if real > self.max_position:
-            raise ValueError(f'a source of {real} tokens exceeds model.max_position='
+            raise ValueError(f'a {what} of {real} tokens exceeds model.max_position='
                              f'{self.max_position}; truncate it first')
-        width = self.bucket(max(real, 1))
+        width = min(int(batching.padded_length(max(real, 1), *self._ladder, self.max_position)),
+                    self.max_position)
         padded = np.full((self.batch_size, width), PAD_ID, np.int32)
-        padded[:n, :min(length, width)] = inputs[:, :width]
-        x = jnp.asarray(padded)
-        if self._input_sharding is not None:
-            x = jax.device_put(padded, self._input_sharding)
-        self.shapes_compiled.add(padded.shape)
-        tokens, scores, steps = search(self.graphdef, self.params, x, beam_size=self.beam_size,
-                                       alpha=self.alpha, max_extra_length=self.max_extra_length)
-        self.steps += int(steps)
-        return np.asarray(tokens)[:n], np.asarray(scores)[:n]
+        padded[:n, :min(length, width)] = rows[:, :width]
+        return jax.device_put(padded, self._input_sharding), n  # one copy to the devices
+
+    def __call__(self, inputs, sentence_ids=None) -> search.Found:
+        """inputs [n, S] (n <= batch_size) -> the Found of those rows as numpy arrays, with
+        settings.outputs hypotheses per row. Sampling needs each row's `sentence_ids` [n]
+        (its line number, say): the keys derive from them, not from the row."""
+        x, n = self._pad(inputs, 'source')
+        self.shapes_compiled.add(tuple(x.shape))
+        s = self.settings
+        if s.sampling:
+            if sentence_ids is None:
+                raise ValueError('sampling needs the sentence_ids of the rows')
+            ids = np.zeros(self.batch_size, np.int32)
+            ids[:n] = sentence_ids
+            found = search.sample(self.graphdefs, self.params, x,
+                                  jax.device_put(ids, self._input_sharding), seed=s.seed,
+                                  num_samples=s.num_samples, temperature=s.temperature,
+                                  top_k=s.top_k, top_p=s.top_p, alpha=s.alpha,
+                                  max_extra_length=s.max_extra_length)
+        else:
+            found = search.search(self.graphdefs, self.params, x, beam_size=s.beam_size,
+                                  alpha=s.alpha, max_extra_length=s.max_extra_length,
+                                  nbest=s.nbest)
+        self.steps += int(found.steps)
+        self.batches += 1
+        return search.Found(*(np.asarray(a)[:n] for a in found[:3]), int(found.steps))
+
+    def score(self, inputs, targets) -> tuple[np.ndarray, np.ndarray]:
+        """Forced decoding: (log p(target | source) [n], target tokens [n]) of EOS-terminated,
+        PAD-padded rows, under the model or ensemble (teacher forcing, no label smoothing)."""
+        x, n = self._pad(inputs, 'source')
+        y, _ = self._pad(targets, 'target')
+        log_prob, tokens = search.forced(self.graphdefs, self.params, x, y)
+        return np.asarray(log_prob)[:n], np.asarray(tokens)[:n]
 
 
-# -- what the programs decode: splits and lines of text ---------------------------------------
-
-
-def settings(config, beam_size=None, alpha=None, max_extra_length=None) -> dict:
-    """Beam size, alpha and max_extra_length: the config's, unless given (checked)."""
-    d = config.decode
-    out = dict(beam_size=d.beam_size if beam_size is None else beam_size,
-               alpha=float(d.length_penalty if alpha is None else alpha),
-               max_extra_length=d.max_extra_length if max_extra_length is None
-               else max_extra_length)
-    if out['beam_size'] < 1:
-        raise UsageError(f'--beam_size={out["beam_size"]} must be >= 1')
-    if out['max_extra_length'] < 0:
-        raise UsageError(f'--max_extra_length={out["max_extra_length"]} must be >= 0')
-    return out
-
-
-def make_decoder(model, config, decode_settings: dict, batch_sentences: int,
+def make_decoder(models, config, decode_settings: Settings, batch_sentences: int,
                  devices=None) -> Decoder:
     """A Decoder over this process's devices (batch split over them, parameters replicated)."""
     mesh = sharding.make_mesh(devices=jax.local_devices() if devices is None else devices)
-    return Decoder(model, batch_size=batch_sentences, mesh=mesh,
-                   bucket_step=config.data.bucket_step,
-                   bucket_growth=config.data.bucket_growth, **decode_settings)
+    return Decoder(models, decode_settings, batch_size=batch_sentences, mesh=mesh,
+                   bucket_step=config.data.bucket_step, bucket_growth=config.data.bucket_growth)
 
 
-def translate_split(decoder: Decoder, config, tokenizer, split: str, batch_sentences: int,
-                    limit: int | None = None):
-    """Hypotheses (strings) of every sentence of `split` this process decodes.
+# -- what the programs decode: splits, lines of text, given translations ----------------------
+
+
+def translate_split(decoder: Decoder, config, tokenizer, split: batching.EncodedSplit,
+                    batch_sentences: int, limit: int | None = None):
+    """The best hypothesis (text) of each sentence of `split` this process decodes: all of
+    them, or the first `limit`, which are chosen before batching (sorted by length among
+    themselves), so that a quick look decodes only what it shows.
 
     Returns (hypotheses dict: index in the split -> text, stats dict).
     """
     hypotheses: dict[int, str] = {}
     generated = 0
-    # Read and encode first, so that the time is the decoding's (compilation included).
-    batches = list(batching.eval_batches(config, tokenizer, split, batch_sentences,
+    chosen = None if limit is None else range(min(limit, len(split)))
+    batches = list(batching.eval_batches(split, config.data, batch_sentences, indices=chosen,
                                          process_index=jax.process_index(),
                                          process_count=jax.process_count()))
-    start = time.perf_counter()
+    start = time.perf_counter()  # the decoding's time, compilation included
     for i, batch in enumerate(batches):
         index = batch['index']
-        keep = index >= 0
-        if limit is not None:
-            keep &= index < limit
-        if not keep.any():
+        keep = np.flatnonzero(index >= 0)
+        if not len(keep):
             continue
-        inputs = batch['inputs']
-        width = max(int((inputs != PAD_ID).sum(axis=1).max()), 1)
-        tokens, _ = decoder(inputs[:, :width])
-        lengths = np.asarray(hypothesis_lengths(tokens))
-        for row in np.flatnonzero(keep):
-            hypotheses[int(index[row])] = tokenizer.decode(tokens[row].tolist())
+        found = decoder(batch['inputs'][keep], index[keep])
+        lengths = np.asarray(search.hypothesis_lengths(found.tokens[:, 0]))
+        for row, i_split in enumerate(index[keep]):
+            hypotheses[int(i_split)] = tokenizer.decode(found.tokens[row, 0].tolist())
             generated += int(lengths[row])
         if i % 10 == 0:
-            logging.info('%s: %d sentences decoded', split, len(hypotheses))
+            logging.info('%s: %d sentences decoded', split.name, len(hypotheses))
     seconds = time.perf_counter() - start
     return hypotheses, {'decode_seconds': seconds, 'generated_tokens': generated,
-                        'decode_steps': decoder.steps,
+                        'decode_steps': decoder.steps, 'decoded_batches': decoder.batches,
                         'compiled_shapes': len(decoder.shapes_compiled)}
 
 
-class Translator:
-    """Lines of text in, translations out, in order; batched, the decoder kept compiled."""
+class Hypothesis(NamedTuple):
+    text: str  # one line: no line breaks
+    score: float  # log_prob / length penalty: what beam search ranks by
+    log_prob: float
+    tokens: int  # EOS counted
 
-    def __init__(self, model, config, tokenizer, decode_settings: dict, batch_sentences: int,
-                 warn=None, devices=None):
+
+def _encoder(tokenizer, max_position: int):
+    """text, where -> ids + [EOS], truncated to what a model of `max_position` reads, with a
+    warning naming `where` (batching.fit_sentences)."""
+    def encode(text: str, where: str) -> list[int]:
+        return batching.fit_sentences([tokenizer.encode(text)], max_position, where)[0][0]
+    return encode
+
+
+def _pad_rows(rows: list[list[int]]) -> np.ndarray:
+    width = max(len(r) for r in rows)
+    return np.asarray([r + [PAD_ID] * (width - len(r)) for r in rows], np.int32)
+
+
+class Translator:
+    """Lines of text in, hypotheses out, in order; batched, the decoder kept compiled."""
+
+    def __init__(self, models, config, tokenizer, decode_settings: Settings,
+                 batch_sentences: int, devices=None):
         self.tokenizer = tokenizer
         self.batch_sentences = batch_sentences
-        self.limit = batching.max_tokens(config.model)
-        self.decoder = make_decoder(model, config, decode_settings, batch_sentences, devices)
-        self.warn = warn or (lambda message: logging.warning('%s', message))
+        self.decoder = make_decoder(models, config, decode_settings, batch_sentences, devices)
+        self._encode = _encoder(tokenizer, self.decoder.max_position)
 
-    def __call__(self, lines: list[tuple[int, str]]) -> list[str]:
-        """Translations of (line number, text) pairs, in the given order; blank -> empty."""
-        out = [''] * len(lines)
-        work = []
-        for position, (number, text) in enumerate(lines):
-            if not text.strip():
-                continue
-            ids = self.tokenizer.encode(text)
-            if len(ids) > self.limit:
-                self.warn(f'line {number}: {len(ids)} tokens; truncated to the first '
-                          f'{self.limit} (model.max_position={self.limit + 1} with EOS)')
-                ids = ids[:self.limit]
-            work.append((position, ids + [EOS_ID]))
-        work.sort(key=lambda item: len(item[1]))
+    def __call__(self, lines: list[tuple[int, str]]) -> list[list[Hypothesis]]:
+        """The hypotheses of (line number, text) pairs, in the given order: settings.outputs
+        of each (fewer when fewer exist), best first for beam search, in the order drawn for
+        samples, whose keys derive from the line numbers. A blank line gets none."""
+        out: list[list[Hypothesis]] = [[] for _ in lines]
+        work = [(position, number, self._encode(text, f'line {number}'))
+                for position, (number, text) in enumerate(lines) if text.strip()]
+        work.sort(key=lambda item: len(item[2]))
         for start in range(0, len(work), self.batch_sentences):
             group = work[start:start + self.batch_sentences]
-            width = max(len(ids) for _, ids in group)
-            inputs = [ids + [PAD_ID] * (width - len(ids)) for _, ids in group]
-            tokens, _ = self.decoder(inputs)
-            for (position, _), row in zip(group, tokens):
-                text = self.tokenizer.decode(row.tolist())
-                out[position] = text.replace('\r', ' ').replace('\n', ' ')
+            found = self.decoder(_pad_rows([ids for _, _, ids in group]),
+                                 [number for _, number, _ in group])
+            lengths = np.asarray(search.hypothesis_lengths(found.tokens))
+            for row, (position, _, _) in enumerate(group):
+                for k in range(found.tokens.shape[1]):
+                    if found.scores[row, k] <= search.NEG_INF / 2:
+                        continue  # fewer distinct hypotheses than asked for
+                    text = self.tokenizer.decode(found.tokens[row, k].tolist())
+                    out[position].append(Hypothesis(
+                        text.replace('\r', ' ').replace('\n', ' '),
+                        float(found.scores[row, k]), float(found.log_probs[row, k]),
+                        int(lengths[row, k])))
+        return out
+
+
+class Scorer:
+    """(line number, source, target) in, (log-probability, target tokens) out, in order:
+    forced decoding of given translations, batched, the decoder kept compiled."""
+
+    def __init__(self, models, config, tokenizer, batch_sentences: int, devices=None):
+        self.batch_sentences = batch_sentences
+        self.decoder = make_decoder(models, config, Settings(), batch_sentences, devices)
+        self._encode = _encoder(tokenizer, self.decoder.max_position)
+
+    def __call__(self, pairs: list[tuple[int, str, str]]) -> list[tuple[float, int]]:
+        out: list[tuple[float, int]] = [(0.0, 0)] * len(pairs)
+        work = [(position, self._encode(source, f'line {number} (source)'),
+                 self._encode(target, f'line {number} (target)'))
+                for position, (number, source, target) in enumerate(pairs)]
+        work.sort(key=lambda item: (len(item[1]), len(item[2])))
+        for start in range(0, len(work), self.batch_sentences):
+            group = work[start:start + self.batch_sentences]
+            log_probs, tokens = self.decoder.score(_pad_rows([s for _, s, _ in group]),
+                                                   _pad_rows([t for _, _, t in group]))
+            for row, (position, _, _) in enumerate(group):
+                out[position] = (float(log_probs[row]), int(tokens[row]))
         return out

@@ -10,12 +10,16 @@ input length + 50 tokens) and scores it against the references:
 The split is never length-filtered; sources longer than model.max_position tokens (EOS
 included) are truncated, and their count is reported. Parameters are averaged over the last
 `--average` checkpoints (default: the config's decode.average_last, or as many as there are).
+`--ensemble=DIR[:STEP],...` decodes with several models at once (see `ensemble.py`); its files
+are named `<split>_ensembleN-<hash of the members>_...` and its JSON lists the members.
+`--limit=N` reads, tokenizes and decodes only the first N sentences (a quick look, not the
+split's score).
 
-Writes DIR/eval/<split>_<what>.hyp (one hypothesis per source line, in the split's official
-order: newstest2014's SGML order for WMT14, file order for local data), .src and .ref beside it
-(the sources and references scored against, in the same order, so that `sacrebleu X.ref -i
-X.hyp` gives the printed score) and DIR/eval/<split>_<what>.json (the scores, settings and
-speed), and prints the JSON.
+Writes DIR/eval/<name>.hyp (one hypothesis per source line, in the split's official order:
+newstest2014's SGML order for WMT14, file order for local data), .src and .ref beside it (the
+sources and references scored against, in the same order, so that `sacrebleu X.ref -i X.hyp`
+gives the printed score) and .json (the scores, settings and speed), <name> as
+workdir.eval_name makes it, and prints the JSON.
 """
 
 from __future__ import annotations
@@ -24,46 +28,53 @@ import json
 import os
 
 import jax
-from absl import flags, logging
+from absl import flags
 
-from transformer import batching, bleu, cli, data, decode, distributed, trained
+from transformer import batching, bleu, cli, data, decode, distributed
+from transformer import ensemble as ensemble_lib
 from transformer import workdir as workdir_lib
-from transformer.errors import UsageError
+from transformer.errors import RunError, UsageError
 
 _WORKDIR = cli.define_workdir_flag()
 _SPLIT = flags.DEFINE_string('split', 'test', 'Split to translate: test, validation or train.')
 _LIMIT = flags.DEFINE_integer('limit', None, 'Score only the first N sentences (for quick '
                               'looks; the result is then not a test-set score).')
 _DECODING = cli.define_decoding_flags()
+_ENSEMBLE = cli.define_ensemble_flag()
 
 
-def evaluate(workdir: str, *, split: str, average: int | None, step: int | None,
-             decoding: dict, batch_sentences: int | None, limit: int | None) -> dict:
-    """Decodes and scores a split; writes the .hyp and .json files; returns the JSON dict."""
+def evaluate_split(workdir: str | None, *, split: str, average: int | None, step: int | None,
+                   decoding: dict, batch_sentences: int | None, limit: int | None,
+                   ensemble: str | None = None) -> dict:
+    """Decodes and scores a split; writes the .hyp, .src, .ref and .json files; returns the
+    JSON dict."""
     if split not in data.SPLITS:
         raise UsageError(f'--split={split!r}; valid: {", ".join(data.SPLITS)}')
-    model, config, tokenizer, steps = trained.load_model(workdir, average=average, step=step)
-    settings = decode.settings(config, **decoding)
+    if limit is not None and limit < 1:
+        raise UsageError(f'--limit={limit} must be >= 1')
+    members, workdir = cli.models_to_load(workdir, ensemble, step)
+    config = workdir_lib.load_config(workdir)  # flags are checked before any model is read
+    settings = cli.decoding_settings(config, **decoding)
     batch_sentences = cli.batch_sentences(batch_sentences, config)
-    sources, references = data.load_text(config, split)
-    if limit is not None:
-        sources, references = sources[:limit], references[:limit]
-    limit_tokens = batching.max_tokens(config.model)
-    truncated = sum(len(ids) > limit_tokens for ids in tokenizer.encode_batch(sources))
-    if truncated:
-        logging.warning('%s: %d source sentences longer than model.max_position=%d tokens are '
-                        'truncated', split, truncated, config.model.max_position)
+    loaded = ensemble_lib.load(members, average=average, home=workdir)
+    config, tokenizer = loaded.config, loaded.tokenizer
+    # Read and tokenized once (only the first `limit` sentences with --limit); the truncated
+    # sources are counted in the same pass.
+    encoded = batching.encode_split(config, tokenizer, split, limit)
+    sources, references = encoded.sources, encoded.references
+    truncated = int(encoded.source_truncated.sum())
 
-    decoder = decode.make_decoder(model, config, settings, batch_sentences)
-    hypotheses, stats = decode.translate_split(decoder, config, tokenizer, split,
-                                               batch_sentences, limit)
+    decoder = decode.make_decoder(loaded.models, config, settings, batch_sentences)
+    hypotheses, stats = decode.translate_split(decoder, config, tokenizer, encoded,
+                                               batch_sentences)
 
-    label = workdir_lib.eval_name(split, steps, settings['beam_size'], settings['alpha'], limit)
+    label = workdir_lib.eval_name(split, loaded.members, settings.beam_size, settings.alpha,
+                                  limit)
     out_dir = workdir_lib.path(workdir, workdir_lib.EVAL_DIR)
     os.makedirs(out_dir, exist_ok=True)
     hypotheses = distributed.merge(hypotheses, out_dir, label)
-    if len(hypotheses) != len(sources):
-        raise RuntimeError(f'decoded {len(hypotheses)} of {len(sources)} sentences')
+    if len(hypotheses) != len(sources):  # a process's share went missing
+        raise RunError(f'decoded {len(hypotheses)} of {len(sources)} sentences of {split}')
     ordered = [hypotheses[i] for i in range(len(sources))]
     result = {
         'workdir': workdir,
@@ -71,9 +82,10 @@ def evaluate(workdir: str, *, split: str, average: int | None, step: int | None,
         'limit': limit,
         'sentences': len(sources),
         'truncated_sources': truncated,
-        'steps': steps,
-        'checkpoints_averaged': len(steps),
-        **settings,
+        **({'steps': loaded.steps, 'checkpoints_averaged': len(loaded.steps)}
+           if len(loaded.members) == 1 else {'ensemble': loaded.members}),
+        'beam_size': settings.beam_size, 'alpha': settings.alpha,
+        'max_extra_length': settings.max_extra_length,
         'direction': f'{config.source_lang}->{config.target_lang}',
         **bleu.all_scores(ordered, references, config.target_lang),
         'decode_seconds': stats['decode_seconds'],
@@ -81,6 +93,7 @@ def evaluate(workdir: str, *, split: str, average: int | None, step: int | None,
         'tokens_per_second': stats['generated_tokens'] / stats['decode_seconds'],
         'generated_tokens': stats['generated_tokens'],
         'decode_steps': stats['decode_steps'],
+        'decoded_batches': stats['decoded_batches'],
         'compiled_shapes': stats['compiled_shapes'],
         'devices': f'{jax.process_count()} process(es) x {jax.local_device_count()} '
                    f'{jax.devices()[0].platform} device(s)',
@@ -106,11 +119,11 @@ def evaluate(workdir: str, *, split: str, average: int | None, step: int | None,
 
 def main():
     d = _DECODING
-    result = evaluate(_WORKDIR.value, split=_SPLIT.value, average=d.average.value,
-                      step=d.step.value, batch_sentences=d.batch_sentences.value,
-                      limit=_LIMIT.value,
-                      decoding=dict(beam_size=d.beam_size.value, alpha=d.alpha.value,
-                                    max_extra_length=d.max_extra_length.value))
+    result = evaluate_split(_WORKDIR.value, split=_SPLIT.value, average=d.average.value,
+                            step=d.step.value, batch_sentences=d.batch_sentences.value,
+                            limit=_LIMIT.value, ensemble=_ENSEMBLE.value,
+                            decoding=dict(beam_size=d.beam_size.value, alpha=d.alpha.value,
+                                          max_extra_length=d.max_extra_length.value))
     if distributed.is_main():
         print(json.dumps(result, indent=2))
 

@@ -130,7 +130,7 @@ class DecoderLayer(nnx.Module):
 
         x = self.self_residual(x, self_attn)
         x = self.cross_residual(
-            x, lambda h: self.cross_attention(h, None, cross_mask, kv=cross_kv, decoding=True))
+            x, lambda h: self.cross_attention.cached_cross_attention(h, cross_kv, cross_mask))
         return self.ffn_residual(x, self.ffn), new_cache[0]
 
 
@@ -149,6 +149,14 @@ def layer_stack(layer_class, count: int, cfg, dtype, param_dtype, rngs: nnx.Rngs
         return layer_class(cfg, dtype, param_dtype, rngs)
 
     return create(rngs)
+
+
+def each_layer(stack) -> list:
+    """The layers of a stack as separate modules (static slices of the stacked parameters),
+    for code that runs them one by one: a decoding step (see Transformer.decode_step)."""
+    graphdef, state = nnx.split(stack)
+    count = jax.tree.leaves(state)[0].shape[0]
+    return [nnx.merge(graphdef, jax.tree.map(lambda p, i=i: p[i], state)) for i in range(count)]
 
 
 def scan_layers(stack, x, body, xs=None, *, rngs=None, remat: bool = False,

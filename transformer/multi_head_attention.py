@@ -17,7 +17,7 @@ from flax import nnx
 # Masked logits get this instead of -inf (section 3.2.3): identical weights wherever a row has
 # at least one visible key, and no NaN in the all-masked rows of padding queries.
 MASK_VALUE = -1e9
-IMPLEMENTATIONS = ('auto', 'xla', 'cudnn')
+IMPLEMENTATIONS = ('auto', 'xla', 'cudnn', 'explicit')
 
 
 def attention_mask(q_segmentation: jax.Array, k_segmentation: jax.Array,
@@ -36,7 +36,8 @@ def attention_mask(q_segmentation: jax.Array, k_segmentation: jax.Array,
 
 
 def resolve_implementation(name: str, dtype, d_k: int, d_v: int) -> str:
-    """'xla' or 'cudnn' for model.attention_impl `name` ('auto' decides)."""
+    """'xla', 'cudnn' or 'explicit' for model.attention_impl `name` ('auto' decides between
+    the first two)."""
     if name not in IMPLEMENTATIONS:
         raise ValueError(f'model.attention_impl={name!r}; valid: {", ".join(IMPLEMENTATIONS)}')
     if name != 'auto':
@@ -69,13 +70,29 @@ def dot_product_attention(q, k, v, mask, *, implementation: str = 'xla',
 
     With `return_weights`, (output, weights [batch, heads, q_len, k_len]).
     """
-    explicit = (return_weights or (dropout is not None and rngs is not None)
+    explicit = (implementation == 'explicit' or return_weights
+                or (dropout is not None and rngs is not None)
                 or q.shape[-1] != v.shape[-1])  # jax's function wants one head width
     if not explicit:
         return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
     weights = attention_weights(q, k, mask, dropout, rngs)
     out = jnp.einsum('bhqk,bkhd->bqhd', weights.astype(v.dtype), v)
     return (out, weights) if return_weights else out
+
+
+def attend_step(q, k, v, mask):
+    """One decoding step's attention (section 3.2.1) over keys and values laid out head-major,
+    k [batch, heads, len, d_k] and v [batch, heads, len, d_v], the layout of the decoding
+    cache: the einsums read the cache as it lies (no per-step transpose copy of it, which cost
+    as much as the attention itself on a CPU). q is [batch, 1, heads, d_k], `mask` broadcasts to
+    [batch, heads, 1, len]; logits and softmax in float32, as jax.nn.dot_product_attention.
+    Returns [batch, 1, heads, d_v]."""
+    qh = jnp.swapaxes(q, 1, 2)  # [batch, heads, 1, d_k]: one query per row, a cheap transpose
+    logits = jnp.einsum('bhqd,bhkd->bhqk', qh, k, preferred_element_type=jnp.float32)
+    logits = jnp.where(mask, logits / np.sqrt(q.shape[-1]).astype(np.float32), MASK_VALUE)
+    weights = jax.nn.softmax(logits, axis=-1)
+    out = jnp.einsum('bhqk,bhkd->bhqd', weights.astype(v.dtype), v)
+    return jnp.swapaxes(out, 1, 2)
 
 
 class MultiHeadAttention(nnx.Module):
@@ -108,20 +125,23 @@ class MultiHeadAttention(nnx.Module):
         return self.out(out.reshape(out.shape[:-2] + (self.num_heads * self.d_v,)))
 
     def project_kv(self, x):
-        """Keys and values [batch, len, heads, d] of `x` (once per sentence when decoding)."""
+        """Keys and values [batch, len, heads, d] of `x`."""
         return self._split(self.key(x), self.d_k), self._split(self.value(x), self.d_v)
 
-    def __call__(self, x, kv_input, mask, *, rngs=None, kv=None, return_weights=False,
-                 decoding=False):
-        """Attends from `x` [batch, q_len, d_model] to `kv_input` (or precomputed `kv`).
+    def cache_kv(self, x):
+        """Keys and values of `x` laid out for decoding, head-major [batch, heads, len, d]
+        (the encoder output's, once per sentence; see attend_step)."""
+        k, v = self.project_kv(x)
+        return jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
 
-        With `return_weights`, (output, weights [batch, heads, q_len, k_len]). A decoding
-        step (one query per row) always takes XLA's implementation.
+    def __call__(self, x, kv_input, mask, *, rngs=None, return_weights=False):
+        """Attends from `x` [batch, q_len, d_model] to `kv_input` [batch, k_len, d_model].
+
+        With `return_weights`, (output, weights [batch, heads, q_len, k_len]).
         """
         q = self._split(self.query(x), self.d_k)
-        k, v = kv if kv is not None else self.project_kv(kv_input)
-        implementation = 'xla' if decoding else self.implementation
-        out = dot_product_attention(q, k, v, mask, implementation=implementation,
+        k, v = self.project_kv(kv_input)
+        out = dot_product_attention(q, k, v, mask, implementation=self.implementation,
                                     dropout=self.dropout, rngs=rngs,
                                     return_weights=return_weights)
         if return_weights:
@@ -131,16 +151,22 @@ class MultiHeadAttention(nnx.Module):
     def cached_self_attention(self, x, cache, index):
         """One decoding step of causal self-attention over a key/value cache.
 
-        `x` is [batch, 1, d_model], `cache` a (k, v) pair of [batch, max_len, heads, d] buffers,
-        `index` the position being decoded. Writes this step's key and value into the buffers at
-        `index` and attends to positions 0..index, so a step never recomputes the prefix.
+        `x` is [batch, 1, d_model], `cache` a (k, v) pair of head-major [batch, heads, max_len,
+        d] buffers, `index` the position being decoded. Writes this step's key and value into
+        the buffers at `index` (in place: the buffers are the decoding loop's own) and attends
+        to positions 0..index, so a step never recomputes the prefix.
         """
-        k_new, v_new = self.project_kv(x)
+        k_new, v_new = self.cache_kv(x)
         k_cache = jax.lax.dynamic_update_slice_in_dim(
-            cache[0], k_new.astype(cache[0].dtype), index, 1)
+            cache[0], k_new.astype(cache[0].dtype), index, 2)
         v_cache = jax.lax.dynamic_update_slice_in_dim(
-            cache[1], v_new.astype(cache[1].dtype), index, 1)
-        mask = (jnp.arange(k_cache.shape[1]) <= index)[None, None, None, :]
+            cache[1], v_new.astype(cache[1].dtype), index, 2)
+        mask = (jnp.arange(k_cache.shape[2]) <= index)[None, None, None, :]
         q = self._split(self.query(x), self.d_k)
-        out = dot_product_attention(q, k_cache, v_cache, mask, implementation='xla')
-        return self._merge(out), (k_cache, v_cache)
+        return self._merge(attend_step(q, k_cache, v_cache, mask)), (k_cache, v_cache)
+
+    def cached_cross_attention(self, x, kv, mask):
+        """One decoding step of encoder-decoder attention over the encoder output's keys and
+        values `kv` (cache_kv), `mask` [batch, 1, 1, src_len]."""
+        q = self._split(self.query(x), self.d_k)
+        return self._merge(attend_step(q, kv[0], kv[1], mask))

@@ -91,6 +91,8 @@ def _newest_eval(workdir: str, split: str, single_checkpoint: bool) -> dict | No
             continue
         with open(os.path.join(directory, name)) as f:
             result = json.load(f)
+        if 'ensemble' in result:  # several models: not this run's own score
+            continue
         if single_checkpoint and result.get('checkpoints_averaged', 1) != 1:
             continue
         if result.get('limit') is not None or '_first' in name:  # not the split's score

@@ -164,8 +164,13 @@ def training_batches(config, workdir: str, tokenizer,
     ), split.fingerprint
 
 
-def validation_batches(config, tokenizer) -> list | None:
-    """This process's validation batches, read and tokenized once per run.
+class Validation(NamedTuple):
+    split: batching.EncodedSplit  # read and tokenized once per run
+    batches: list  # this process's loss batches of it
+
+
+def validation_data(config, tokenizer) -> Validation | None:
+    """The validation split, read and tokenized once per run, and this process's batches.
 
     None, with a warning, when local data has no validation split configured; a configured
     split that cannot be read stops the run before any training (DataError).
@@ -173,10 +178,10 @@ def validation_batches(config, tokenizer) -> list | None:
     if config.data.source == 'local' and not config.data.validation:
         errors.warn('config.data.validation is not set: no validation loss')
         return None
-    return list(batching.eval_batches(config, tokenizer, 'validation',
-                                      config.data.eval_batch_sentences,
-                                      process_index=jax.process_index(),
-                                      process_count=jax.process_count()))
+    split = batching.encode_split(config, tokenizer, 'validation')
+    return Validation(split, list(batching.eval_batches(
+        split, config.data, config.data.eval_batch_sentences,
+        process_index=jax.process_index(), process_count=jax.process_count())))
 
 
 def validation_loss(eval_fn, params, batches: list, mesh) -> dict:
@@ -191,26 +196,27 @@ def validation_loss(eval_fn, params, batches: list, mesh) -> dict:
     return {'nll': nll, 'perplexity': math.exp(min(nll, 50.0)), 'target_tokens': total[1]}
 
 
-def validation_bleu(config, tokenizer, graphdef, params, sentences: int) -> float:
+def validation_bleu(config, tokenizer, graphdef, params, split: batching.EncodedSplit,
+                    sentences: int) -> float:
     """Greedy sacreBLEU on the first `sentences` validation sentences (a quick signal; the
-    paper's beam search and checkpoint averaging belong to `evaluate`)."""
-    settings = dict(beam_size=1, alpha=config.decode.length_penalty,
-                    max_extra_length=config.decode.max_extra_length)
+    paper's beam search and checkpoint averaging belong to `evaluate`): only those sentences
+    are batched and decoded, from the split read once per run."""
+    settings = decode.settings(config, beam_size=1)
     batch = config.decode.batch_sentences
     decoder = decode.make_decoder(nnx.merge(graphdef, params), config, settings, batch)
-    hypotheses, _ = decode.translate_split(decoder, config, tokenizer, 'validation', batch,
+    hypotheses, _ = decode.translate_split(decoder, config, tokenizer, split, batch,
                                            limit=sentences)
-    _, references = data.load_text(config, 'validation')
     ordered = [hypotheses[i] for i in sorted(hypotheses)]
-    return bleu.sacrebleu_score(ordered, references[:len(ordered)])[0]
+    return bleu.sacrebleu_score(ordered, split.references[:len(ordered)])[0]
 
 
 def validate(config, tokenizer, graphdef, params, eval_step, validation, mesh, step) -> dict:
     """The validation loss (and greedy BLEU when asked) at `step`, also said on the console."""
-    result = validation_loss(eval_step, params, validation, mesh)
+    result = validation_loss(eval_step, params, validation.batches, mesh)
     sentences = config.train.eval_bleu_sentences
     if sentences > 0 and jax.process_count() == 1:
-        result['greedy_bleu'] = validation_bleu(config, tokenizer, graphdef, params, sentences)
+        result['greedy_bleu'] = validation_bleu(config, tokenizer, graphdef, params,
+                                                validation.split, sentences)
         cli.say(f'step {step} greedy BLEU on {sentences} validation sentences: '
                 f'{result["greedy_bleu"]:.2f}')
     cli.say(f'step {step} validation: nll {result["nll"]:.4f}, '
@@ -394,7 +400,7 @@ def main():
     fingerprint = workdir_lib.vocabulary_fingerprint(workdir)
     train_iter, data_sha256 = training_batches(config, workdir, tokenizer, fingerprint)
     cli.say(f'Training data: {train_iter.stats}')
-    validation = validation_batches(config, tokenizer)
+    validation = validation_data(config, tokenizer)
     _fault_injection('data-ready')
 
     # --- state, created already sharded --------------------------------------------------------

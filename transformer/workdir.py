@@ -78,12 +78,19 @@ def merge_part_name(label: str, process: int) -> str:
     return f'.{label}.part{process}.json'
 
 
-def eval_name(split: str, steps: list[int], beam_size: int, alpha: float,
+def eval_name(split: str, members: list[dict], beam_size: int, alpha: float,
               limit: int | None = None) -> str:
     """The name of evaluate's files (EVAL_DIR/<name>.hyp, .src, .ref, .json) for `split`
-    decoded from checkpoint `steps` (averaged when several) with these settings:
-    '<split>_step<S>[_avg<K>]_beam<B>_alpha<A>[_first<N>]'."""
-    which = f'step{steps[0]}' if len(steps) == 1 else f'step{steps[-1]}_avg{len(steps)}'
+    decoded by `members` (per model: its workdir and checkpoint steps, averaged when several)
+    with these settings: '<split>_<models>_beam<B>_alpha<A>[_first<N>]', <models> being
+    'step<S>[_avg<K>]' for one model, 'ensemble<M>-<hash of the members>' for several (two
+    ensembles never overwrite each other's files)."""
+    if len(members) == 1:
+        steps = members[0]['steps']
+        which = f'step{steps[0]}' if len(steps) == 1 else f'step{steps[-1]}_avg{len(steps)}'
+    else:
+        spec = json.dumps([[os.path.realpath(m['workdir']), m['steps']] for m in members])
+        which = f'ensemble{len(members)}-{hashlib.sha256(spec.encode()).hexdigest()[:8]}'
     name = f'{split}_{which}_beam{beam_size}_alpha{alpha:g}'
     return name + (f'_first{limit}' if limit is not None else '')
 
