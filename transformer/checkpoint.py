@@ -212,8 +212,10 @@ def mismatch(manager: ocp.CheckpointManager, step: int, abstract, item: str = 's
     if stored is None:  # damage, as any failure to read it (not a UsageError)
         raise ValueError(f'checkpoint {step} has no metadata for {item!r}')
     have, want = _arrays(stored, prefix), _arrays(abstract, prefix)
+    # The parameters first: their names say what in the config differs.
     differing = sorted(set(have) ^ set(want) | {k for k in set(have) & set(want)
-                                                  if have[k] != want[k]})
+                                                  if have[k] != want[k]},
+                       key=lambda name: (not name.startswith('params.'), name))
     if not differing:
         return None
 

@@ -14,6 +14,9 @@ line). SIGTERM and SIGINT sent to the supervisor go to the child; the child dies
 supervisor (PR_SET_PDEATHSIG), so a kill -9 of what was launched ends the process as before.
 TRANSFORMER_SUPERVISE=0 runs the program directly.
 
+Until `cli.run` takes signals over, a program (supervised or not) that gets SIGINT or SIGTERM
+while it starts ends at once with one line as well (`exit_on_signals`).
+
 This module imports nothing of JAX: the supervisor stays a small process.
 """
 
