@@ -24,7 +24,9 @@ def initialize(timeout_seconds: int = 60) -> None:
 
     A process that does not come up, or stops answering, is given up on after
     `timeout_seconds` (train.peer_timeout_seconds; JAX's defaults are five minutes to connect
-    and 100 s of missed heartbeats): connecting fails with a RunError naming the timeout.
+    and 100 s of missed heartbeats). JAX's client then aborts the process, which the
+    supervisor (supervisor.py) reports in one line; where JAX raises instead, it is a RunError
+    naming the timeout.
     """
     # Collectives between CPU processes (tests, CPU clusters) go through gloo.
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
