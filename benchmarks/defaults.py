@@ -4,7 +4,7 @@ side by side on the same step, interleaved, paired.
     python benchmarks/defaults.py [--sizes=small,base] [--options=...] [--runs=7] [--steps=2]
 
 Options (config field: values, the default first):
-  dropout_rng_impl   train.dropout_rng_impl: rbg, threefry2x32 (the random bits of dropout)
+  dropout_rng_impl   train.dropout_rng_impl: threefry2x32, rbg (the random bits of dropout)
   scan_layers        model.scan_layers: True, False (the layer stacks in a lax.scan, or
                      unrolled; training and teacher-forced passes)
   attention_impl     model.attention_impl on CPU: auto (jax.nn.dot_product_attention, its
@@ -46,7 +46,7 @@ from transformer import allocator, sharding
 from transformer import train_step as train_step_lib
 
 OPTIONS = {
-    'dropout_rng_impl': ('train.dropout_rng_impl', ['rbg', 'threefry2x32']),
+    'dropout_rng_impl': ('train.dropout_rng_impl', ['threefry2x32', 'rbg']),
     'scan_layers': ('model.scan_layers', [True, False]),
     'attention_impl': ('model.attention_impl', ['auto', 'explicit']),
     'donation': ('donation', ['on', 'off']),

@@ -59,14 +59,21 @@ def base_config() -> ml_collections.ConfigDict:
     m.attention_bias = False
     m.layer_norm_epsilon = 1e-6
     # Attention through jax.nn.dot_product_attention: 'auto' = cuDNN's fused kernel where the
-    # backend (GPU), dtype (16-bit) and head width allow it, XLA's otherwise; 'xla' | 'cudnn'.
+    # backend (GPU), dtype (16-bit) and head width allow it, XLA's otherwise; 'xla' | 'cudnn';
+    # 'explicit': this project's softmax formula (multi_head_attention.attention_weights).
+    # On the CPU, explicit and XLA's are level (explicit 1.03x small, 1.01x base: within the
+    # noise, benchmarks/defaults.py), so auto stays, for GPUs' fused kernel.
     m.attention_impl = 'auto'
     # Rematerialisation: 'block' recomputes each layer's activations in the backward pass
     # (about a third more compute, far less activation memory); 'none' keeps them.
     m.remat = 'none'
-    # The layers of a stack run in a lax.scan (one layer traced and compiled per stack);
-    # False unrolls that loop: longer compiles, and XLA's cost analysis then counts every layer
-    # (it counts a loop's body once).
+    # The layers of a stack run in a lax.scan in training and teacher-forced passes (one layer
+    # traced and compiled per stack); False unrolls that loop. Measured (benchmarks/defaults.py,
+    # 2026-12-01, 2-core CPU, tcmalloc): unrolled steps are 1.02x faster on base (range
+    # 0.97-1.06: within the noise) for a 26 % longer compile (13.3 against 10.5 s) and 3.7x the
+    # trace time; 1.10x faster on a 2-layer model. Scanned is kept for the paper's 6-layer
+    # stacks. XLA's cost analysis counts a loop's body once (unroll to count FLOPs). Decoding
+    # steps always run the layers one by one (model.py's decode_step: 1.2x faster at beam 4).
     m.scan_layers = True
     # Compute dtype. 'auto': bfloat16 on GPU/TPU, float32 on CPU; parameters and optimizer
     # state stay in param_dtype (float32) either way.
@@ -110,10 +117,13 @@ def base_config() -> ml_collections.ConfigDict:
     t.label_smoothing = 0.1  # section 5.4
     t.grad_accum_steps = 1
     t.seed = 0
-    # The random bits of dropout: 'rbg' (XLA's RngBitGenerator) moves far fewer bytes per step
-    # than 'threefry2x32', JAX's default (on CPU 4.3 against 5.2 GB for a small model's step,
-    # benchmarks/step_cost.py). Either is reproducible, run to run and across a resume.
-    t.dropout_rng_impl = 'rbg'
+    # The random bits of dropout, chosen by measured step time (benchmarks/defaults.py,
+    # 2026-12-01, 2-core CPU, tcmalloc, paired medians): 'threefry2x32', JAX's default, is
+    # 1.056x (small model) and 1.054x (base) faster than 'rbg' (XLA's RngBitGenerator), although
+    # rbg moves fewer bytes (4.3 against 5.2 GB a small step, benchmarks/step_cost.py). Not
+    # measured on a GPU yet (rbg is the usual choice on accelerators): run benchmarks/defaults.py
+    # there. Either is reproducible, run to run and across a resume.
+    t.dropout_rng_impl = 'threefry2x32'
 
     t.mesh_data = -1  # devices on the 'data' axis; -1 = all that the fsdp axis leaves
     t.mesh_fsdp = 1  # devices on the 'fsdp' axis (parameters and optimizer state sharded)
