@@ -24,7 +24,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from transformer import errors
-from transformer.errors import CheckpointError, SaveError
+from transformer.errors import CheckpointError, SaveError, UsageError
 
 DATA_STATE_BYTES = 1 << 16  # room for one process's JSON iterator state
 
@@ -143,8 +143,10 @@ class Saver:
             self._error = e
 
     def _failed(self, e: BaseException) -> SaveError:
-        return SaveError(f'could not save checkpoint {self._step} in {self.manager.directory}: '
-                         f'{errors.reason(e)}')
+        directory = str(self.manager.directory)
+        room = f' ({errors.free_space(directory)})' if errors.is_full_disk(e) else ''
+        return SaveError(f'could not save checkpoint {self._step} in {directory}: '
+                         f'{errors.reason(e)}{room}')
 
     def raise_if_failed(self) -> None:
         """SaveError if the last save failed (cheap: a flag)."""
@@ -170,18 +172,60 @@ def _tree_size(path: str) -> int:
     return total
 
 
-def info(manager: ocp.CheckpointManager, step: int) -> dict:
-    """The `info` saved with checkpoint `step` ({} if none).
-
-    Orbax also reads the items' metadata here and warns about a damaged one; the damage is
-    reported when the step is restored, in one line.
-    """
+def _metadata(manager: ocp.CheckpointManager, step: int):
+    """Orbax's metadata of checkpoint `step`. Orbax reads the items' metadata here too and
+    warns about a damaged one; the damage is reported when the step is restored, in one line."""
     verbosity = absl_logging.get_verbosity()
     absl_logging.set_verbosity(absl_logging.ERROR)
     try:
-        return dict(manager.metadata(step).custom_metadata or {})
+        return manager.metadata(step)
     finally:
         absl_logging.set_verbosity(verbosity)
+
+
+def info(manager: ocp.CheckpointManager, step: int) -> dict:
+    """The `info` saved with checkpoint `step` ({} if none)."""
+    return dict(_metadata(manager, step).custom_metadata or {})
+
+
+def _arrays(tree, prefix: str = '') -> dict[str, tuple]:
+    """{'params.embed.embedding': (shape, dtype name)} of a tree of arrays, abstract arrays or
+    Orbax's array metadata (the names Orbax gives them), those under `prefix` only."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        name = '.'.join(str(getattr(k, 'key', getattr(k, 'idx', getattr(k, 'name', k))))
+                        for k in path)
+        if name.startswith(prefix):
+            out[name] = (tuple(leaf.shape), np.dtype(leaf.dtype).name)
+    return out
+
+
+def mismatch(manager: ocp.CheckpointManager, step: int, abstract, item: str = 'state',
+             prefix: str = '') -> str | None:
+    """How the arrays of checkpoint `step`'s `item` (those whose names start with `prefix`)
+    differ from `abstract`'s in names, shapes or dtypes, in words; None when they fit.
+
+    Read from the checkpoint's metadata only. A checkpoint of another config is not damage:
+    nothing of it is read, moved or skipped for it. Raises when the metadata cannot be read.
+    """
+    stored = _metadata(manager, step).item_metadata[item]
+    if stored is None:  # damage, as any failure to read it (not a UsageError)
+        raise ValueError(f'checkpoint {step} has no metadata for {item!r}')
+    have, want = _arrays(stored, prefix), _arrays(abstract, prefix)
+    # The parameters first: their names say what in the config differs.
+    differing = sorted(set(have) ^ set(want) | {k for k in set(have) & set(want)
+                                                  if have[k] != want[k]},
+                       key=lambda name: (not name.startswith('params.'), name))
+    if not differing:
+        return None
+
+    def describe(name):
+        where = lambda arrays: (f'{arrays[name][1]}{list(arrays[name][0])}' if name in arrays
+                                else 'nothing')
+        return f'{name} is {where(have)} there, {where(want)} here'
+
+    more = f' (and {len(differing) - 2} more)' if len(differing) > 2 else ''
+    return '; '.join(describe(name) for name in differing[:2]) + more
 
 
 def read_info(directory: str, step: int) -> dict:
@@ -207,15 +251,27 @@ def restore_newest(manager: ocp.CheckpointManager, abstract_state, broken_dir: s
     """(step, state, data state, info) of the newest checkpoint that reads back whole; None if
     there is no checkpoint.
 
-    A checkpoint that fails to read is named in a one-line warning and, with `broken_dir`,
-    moved there (never deleted) so that the run can write that step again; the next older one
-    is tried. CheckpointError when none can be read.
+    A checkpoint whose arrays do not fit `abstract_state` (another config: other shapes,
+    other parameters) is a UsageError naming them, and nothing is moved. A checkpoint that
+    fails to read as itself is named in a one-line warning and, with `broken_dir`, moved there
+    (never deleted) so that the run can write that step again; the next older one is tried.
+    CheckpointError when none can be read.
     """
     failures = []
     for step in sorted(manager.all_steps(), reverse=True):
         try:
+            # The structure first: a checkpoint of another config is refused, not set aside.
+            problem = (mismatch(manager, step, abstract_state)
+                       or mismatch(manager, step, {'iterator': _abstract_data_state()}, 'data'))
+            if problem:
+                raise UsageError(f'checkpoint {step} in {manager.directory} does not fit this '
+                                 f'run: {problem} (a config, or a number of processes, that '
+                                 'differs from the run\'s; nothing was moved: use the run\'s, '
+                                 'or a new --workdir)')
             state, data_state = restore(manager, step, abstract_state)
             return step, state, data_state, info(manager, step)
+        except UsageError:
+            raise
         except Exception as e:  # noqa: BLE001 - a broken checkpoint, whatever broke it
             failures.append(f'step {step} ({errors.reason(e)})')
             where = os.path.join(str(manager.directory), str(step))
@@ -255,32 +311,79 @@ def _restore_params(manager: ocp.CheckpointManager, step: int, abstract_params):
 
 
 def restore_params(directory: str, steps: list[int], count: int, abstract_params,
-                   minimum: int | None = None):
+                   minimum: int | None = None, pick_again: bool = True):
     """Parameters only (no optimizer state) of the newest `count` checkpoints among `steps`
     that read back whole: [(step, params, info)], oldest first.
 
-    A broken checkpoint is named in a one-line warning and skipped; CheckpointError when fewer
-    than `minimum` (default: `count`) can be read.
+    A train running beside deletes old checkpoints (it keeps train.keep_checkpoints), maybe
+    while they are read: such a step is not broken, and with `pick_again` the newest are
+    picked again among the checkpoints there now (a few times at most). A broken checkpoint
+    is named in a one-line warning and skipped; CheckpointError when fewer than `minimum`
+    (default: `count`) can be read. Parameters that do not fit `abstract_params` (the config
+    was changed since training) are a UsageError naming them.
     """
     manager = make_manager(directory, keep=1, asynchronous=False, read_only=True)
-    found, failures = [], []
+    loaded, broken, deleted = {}, {}, []
     try:
-        for step in sorted(steps, reverse=True):
-            if len(found) == count:
+        for _ in range(_PICKS):
+            picked, gone = [], False
+            for step in sorted(steps, reverse=True):
+                if len(picked) == count:
+                    break
+                if step in broken:
+                    continue
+                if step not in loaded:
+                    try:
+                        loaded[step] = _read_params(manager, step, abstract_params)
+                    except UsageError:
+                        raise
+                    except Exception as e:  # noqa: BLE001 - broken, whatever broke it
+                        if not os.path.isdir(os.path.join(directory, str(step))):
+                            deleted.append(step)  # by the train beside: pick again
+                            gone = True
+                            break
+                        broken[step] = errors.reason(e)
+                        errors.warn(f'checkpoint {step} in {directory} cannot be read '
+                                    f'({broken[step]}); skipping it')
+                        continue
+                picked.append(step)
+            if not gone or not pick_again:
                 break
-            try:
-                params = _restore_params(manager, step, abstract_params)
-                found.append((step, params, info(manager, step)))
-            except Exception as e:  # noqa: BLE001 - a broken checkpoint, whatever broke it
-                failures.append(f'step {step} ({errors.reason(e)})')
-                errors.warn(f'checkpoint {step} in {directory} cannot be read '
-                            f'({errors.reason(e)}); skipping it')
+            manager.reload()
+            steps = [step for step in manager.all_steps() if step not in deleted]
     finally:
         manager.close()
+    found = [(step, *loaded[step]) for step in sorted(picked)]
     if len(found) < (count if minimum is None else minimum):
+        why = [f'step {step} ({reason})' for step, reason in sorted(broken.items())]
+        why += [f'step {step} (deleted while being read: a train running beside keeps only '
+                'the last train.keep_checkpoints)' for step in sorted(deleted)]
         raise CheckpointError(f'{directory} has {len(found)} readable checkpoint(s) of the '
-                              f'{count} needed; unreadable: {"; ".join(failures) or "none"}')
-    return found[::-1]
+                              f'{count} needed; unreadable: {"; ".join(why) or "none"}')
+    return found
+
+
+_PICKS = 3  # times restore_params picks checkpoints anew after some were deleted meanwhile
+
+
+def _read_params(manager: ocp.CheckpointManager, step: int, abstract_params):
+    """(params, info) of checkpoint `step`; UsageError if they do not fit `abstract_params`."""
+    problem = mismatch(manager, step, {'params': abstract_params}, prefix='params.')
+    if problem:
+        raise UsageError(f'checkpoint {step} in {manager.directory} does not fit the run\'s '
+                         f'config: {problem} (was config.json changed since training? restore '
+                         'it)')
+    return _restore_params(manager, step, abstract_params), info(manager, step)
+
+
+def keep_newest(manager: ocp.CheckpointManager, keep: int) -> list[int]:
+    """Deletes all but the newest `keep` checkpoints (Orbax does so after each save; a run
+    killed between a commit and that clean-up, its last one, leaves one more); returns the
+    steps deleted. Every process calls it (a collective)."""
+    old = sorted(manager.all_steps())[:-keep]
+    for step in old:
+        manager.delete(step)
+    return old
 
 
 def average_params(trees: list):

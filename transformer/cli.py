@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from types import SimpleNamespace
@@ -256,6 +258,23 @@ class _NoOrbaxErrors(logging.Filter):
                     and not os.environ.get('TRANSFORMER_TRACEBACK'))
 
 
+def slow_for_tests(what: str) -> None:
+    """Test hook: TRANSFORMER_SLOW=WHAT:SECONDS makes `what` ('start': every program's main,
+    'eval': train's evaluations) that much slower, saying so on stderr."""
+    slow = os.environ.get('TRANSFORMER_SLOW', '')
+    if slow.startswith(f'{what}:'):
+        tqdm.write(f'slow for tests: {slow}', file=sys.stderr)
+        time.sleep(float(slow.split(':', 1)[1]))
+
+
+def _interrupt(signum, frame) -> None:
+    """SIGINT/SIGTERM outside train's loop: unwinds the program (cleanup code runs), once."""
+    del frame
+    for other in (signal.SIGINT, signal.SIGTERM):  # a second signal must not cut the unwinding
+        signal.signal(other, signal.SIG_IGN)
+    raise errors.Interrupted(signum)
+
+
 def run(main: Callable[[], None], positional: list | None = None) -> None:
     """Runs a program's `main()` with absl flags and one-line errors.
 
@@ -263,16 +282,28 @@ def run(main: Callable[[], None], positional: list | None = None) -> None:
     refused otherwise; errors.Error ends with its exit status, other bad
     input (ValueError, a missing file, undecodable text) with status 2. In a multi-process run
     any failure (a lost peer included) is one line and exit status 1, without waiting for the
-    other processes.
+    other processes. SIGINT and SIGTERM end the program with one line and 128 + the signal's
+    number (train's loop handles them itself: it saves and exits 0); files are written
+    atomically, so nothing half-written is left.
     """
 
     def wrapped(argv):
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, _interrupt)
         try:
             if positional is not None:
                 positional.extend(argv[1:])
             elif len(argv) > 1:
                 raise errors.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+            slow_for_tests('start')
             main()
+        except errors.Interrupted as e:
+            if os.environ.get('TRANSFORMER_TRACEBACK'):
+                raise
+            name = signal.Signals(e.signum).name
+            tqdm.write(f'error: stopped by {name}; nothing half-written is left (run the same '
+                       'command again to go on)', file=sys.stderr)
+            _exit_now(e.exit_status)
         except Exception as e:
             if os.environ.get('TRANSFORMER_TRACEBACK'):
                 raise
@@ -280,12 +311,12 @@ def run(main: Callable[[], None], positional: list | None = None) -> None:
                 message, status = _field_message(e), e.exit_status
             elif isinstance(e, errors.Error):
                 message, status = _first_line(e), e.exit_status
+            elif jax.process_count() > 1:
+                # Bad input is an errors.Error; anything else here is most likely a collective
+                # that failed (JAX raises a lost peer's Gloo error as a ValueError).
+                message, status = errors.lost_peer(errors.reason(e)), errors.EXIT_RUNTIME
             elif isinstance(e, (ValueError, FileNotFoundError, UnicodeDecodeError)):
                 message, status = _first_line(e), errors.EXIT_BAD_INPUT
-            elif jax.process_count() > 1:
-                message = (f'process {jax.process_index()} of {jax.process_count()} stopped: '
-                           f'{errors.reason(e)} (a lost peer process, or see its own error)')
-                status = errors.EXIT_RUNTIME
             else:
                 raise
             if jax.process_count() > 1 or getattr(e, 'exit_at_once', False):

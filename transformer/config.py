@@ -10,6 +10,7 @@ a config with the one stored in a work directory (`workdir.py` stores and loads 
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 
 import ml_collections
@@ -139,6 +140,10 @@ def base_config() -> ml_collections.ConfigDict:
     # this many steps, not every step: each agreement is a collective that stalls the device
     # queue. Also how often the loop checks that an asynchronous save has not failed.
     t.sync_every_steps = 10
+    # A multi-process run gives up on a process that has not started, or has stopped
+    # answering, after this many seconds (one line, exit status 1): the timeouts of JAX's
+    # distributed start-up and heartbeat. Raise it where processes start far apart.
+    t.peer_timeout_seconds = 60
     # 'START:STOP' traces steps START+1..STOP with jax.profiler into the work directory's
     # profile/ (TensorBoard's profile plugin, Perfetto); '' traces nothing.
     t.profile_steps = ''
@@ -238,23 +243,45 @@ def validate(c: ml_collections.ConfigDict) -> None:
          f'data.max_length={d.max_length} exceeds model.max_position={m.max_position}')
     need(d.batch_tokens >= d.max_length,
          f'data.batch_tokens={d.batch_tokens} is smaller than data.max_length={d.max_length}')
+    need(d.bucket_step >= 1 and d.bucket_growth >= 1,
+         f'data.bucket_step={d.bucket_step} must be >= 1 and data.bucket_growth='
+         f'{d.bucket_growth} >= 1')
+    # Values that would otherwise fail only after the vocabulary and the data are built.
+    for name in ('vocab_sample_sentences', 'eval_batch_sentences', 'synthetic_train_size',
+                 'synthetic_eval_size'):
+        need(d[name] >= 1, f'data.{name}={d[name]} must be >= 1')
+    need(d.seed >= 0, f'data.seed={d.seed} must be >= 0')
     need(0.0 <= t.label_smoothing < 1.0,
          f'train.label_smoothing={t.label_smoothing} must be in [0, 1)')
     need(t.steps > 0, f'train.steps={t.steps} must be positive')
     need(t.max_minutes >= 0, f'train.max_minutes={t.max_minutes} must be >= 0 (0: no bound)')
     for name in ('sync_every_steps', 'log_every_steps', 'eval_every_steps',
-                 'checkpoint_every_steps'):
+                 'checkpoint_every_steps', 'peer_timeout_seconds'):
         need(isinstance(t[name], int) and t[name] >= 1, f'train.{name}={t[name]!r} must be an '
              'integer >= 1')
+    need(t.checkpoint_every_minutes > 0,
+         f'train.checkpoint_every_minutes={t.checkpoint_every_minutes} must be > 0')
     profile_steps(t.profile_steps)
     need(t.warmup_steps > 0, f'train.warmup_steps={t.warmup_steps} must be positive')
+    # A non-finite or non-positive scale trains nothing, or diverges, from the first step.
+    need(math.isfinite(t.learning_rate_scale) and t.learning_rate_scale > 0,
+         f'train.learning_rate_scale={t.learning_rate_scale} must be a finite number > 0')
+    for name in ('adam_b1', 'adam_b2'):
+        need(0.0 <= t[name] < 1.0, f'train.{name}={t[name]} must be in [0, 1)')
+    need(math.isfinite(t.adam_eps) and t.adam_eps > 0,
+         f'train.adam_eps={t.adam_eps} must be a finite number > 0')
     need(t.grad_accum_steps >= 1, f'train.grad_accum_steps={t.grad_accum_steps} must be >= 1')
+    need(t.eval_bleu_sentences >= 0,
+         f'train.eval_bleu_sentences={t.eval_bleu_sentences} must be >= 0 (0: none)')
     need(t.dropout_rng_impl in ('rbg', 'threefry2x32'),
          f'train.dropout_rng_impl={t.dropout_rng_impl!r}; valid: rbg, threefry2x32')
+    need(c.decode.average_last >= 1, f'decode.average_last={c.decode.average_last} must be >= 1')
     need(t.keep_checkpoints >= c.decode.average_last,
          f'train.keep_checkpoints={t.keep_checkpoints} is fewer than '
          f'decode.average_last={c.decode.average_last}')
     need(c.decode.beam_size >= 1, f'decode.beam_size={c.decode.beam_size} must be >= 1')
+    need(c.decode.batch_sentences >= 1,
+         f'decode.batch_sentences={c.decode.batch_sentences} must be >= 1')
 
 
 def profile_steps(spec: str) -> tuple[int, int] | None:
@@ -278,7 +305,8 @@ def profile_steps(spec: str) -> tuple[int, int] | None:
 RESUMABLE_CHANGES = ('train.steps', 'train.max_minutes', 'train.log_every_steps',
                      'train.eval_every_steps', 'train.checkpoint_every_steps',
                      'train.checkpoint_every_minutes', 'train.eval_bleu_sentences',
-                     'train.sync_every_steps', 'train.profile_steps')
+                     'train.sync_every_steps', 'train.profile_steps',
+                     'train.peer_timeout_seconds')
 
 
 # Fields added after runs were stored, with the value that reproduces those runs (what the

@@ -18,7 +18,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from transformer import synthetic, tfds_source
+from transformer import errors, synthetic, tfds_source
 from transformer import workdir as workdir_lib
 from transformer.errors import DataError
 from transformer.tokenizer import Tokenizer
@@ -130,10 +130,13 @@ class TokenizedSplit:
 
     Side `s` ('source' or 'target') of pair i is `tokens[s][offsets[s][i]:offsets[s][i + 1]]`
     (without EOS); `lengths[s][i]` is its length with EOS, 0 for an empty side.
+    `fingerprint` identifies a cached split's content.
     """
 
-    def __init__(self, name: str, tokens: dict, offsets: dict, lengths: dict):
+    def __init__(self, name: str, tokens: dict, offsets: dict, lengths: dict,
+                 fingerprint: str | None = None):
         self.name, self.tokens, self.offsets, self.lengths = name, tokens, offsets, lengths
+        self.fingerprint = fingerprint  # the cache's content checksum (None: not cached)
 
     def __len__(self) -> int:
         return len(self.lengths['source'])
@@ -196,6 +199,57 @@ def _cache_key(config, split_pairs, vocab_fingerprint: str) -> str:
     return hashlib.sha256(repr(ident).encode()).hexdigest()[:16]
 
 
+def _cache_files() -> list[str]:
+    """The files of a cached split besides CACHE_META."""
+    return [f'{s}_{part}' for s in _SIDES
+            for part in ('tokens.bin', 'offsets.npy', 'lengths.npy')]
+
+
+_HASH_CHUNK = 8 << 20  # bytes hashed at a time (bounded memory at any size)
+
+
+def _file_record(file: str) -> dict:
+    """{'bytes': size, 'sha256': digest} of `file`, streamed."""
+    digest = hashlib.sha256()
+    with open(file, 'rb') as f:
+        for chunk in iter(lambda: f.read(_HASH_CHUNK), b''):
+            digest.update(chunk)
+    return {'bytes': os.path.getsize(file), 'sha256': digest.hexdigest()}
+
+
+def _content_sha256(files: dict) -> str:
+    """One fingerprint of a cache's content: what a checkpoint's data position refers to."""
+    return hashlib.sha256(json.dumps({name: files[name]['sha256'] for name in sorted(files)})
+                          .encode()).hexdigest()
+
+
+def cache_problem(directory: str, checksums: bool = True) -> str | None:
+    """What is wrong with the cached split in `directory` (None: nothing), checked against
+    the sizes and sha256 checksums its CACHE_META records; `checksums=False` checks the sizes
+    only (cheap). Streaming the checksums reads the cache once: about 0.7 GB at WMT14 scale
+    (benchmarks/cache_check.py)."""
+    meta_file = os.path.join(directory, workdir_lib.CACHE_META)
+    if not os.path.isfile(meta_file):
+        return f'has no {workdir_lib.CACHE_META}'
+    try:
+        with open(meta_file) as f:
+            recorded = json.load(f)['files']
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f'has an unreadable {workdir_lib.CACHE_META} ({errors.reason(e)})'
+    for name in _cache_files():
+        file = os.path.join(directory, name)
+        if name not in recorded:
+            return f'has no checksum of {name}'
+        if not os.path.isfile(file):
+            return f'has no {name}'
+        size = os.path.getsize(file)
+        if size != recorded[name]['bytes']:
+            return f'has {name} of {size} bytes, not the {recorded[name]["bytes"]} recorded'
+        if checksums and _file_record(file)['sha256'] != recorded[name]['sha256']:
+            return f'has {name} with other contents than recorded (its sha256 differs)'
+    return None
+
+
 def _load_cached(directory: str, name: str) -> TokenizedSplit:
     with open(os.path.join(directory, workdir_lib.CACHE_META)) as f:
         meta = json.load(f)
@@ -208,45 +262,78 @@ def _load_cached(directory: str, name: str) -> TokenizedSplit:
         # np.memmap refuses an empty file; a side can be all empty only in odd test corpora.
         tokens[s] = (np.memmap(file, np.dtype(meta['dtype']), 'r', shape=(count,)) if count
                      else np.zeros(0, np.dtype(meta['dtype'])))
-    return TokenizedSplit(name, tokens, offsets, lengths)
+    return TokenizedSplit(name, tokens, offsets, lengths, fingerprint=meta['sha256'])
 
 
-def tokenized_train(config, tokenizer: Tokenizer, *, cache_dir: str | None = None,
-                    vocab_fingerprint: str | None = None) -> TokenizedSplit:
-    """The training split as token ids, tokenized once.
+def _build_cache(tokenizer: Tokenizer, train, cache_dir: str, directory: str) -> None:
+    """Tokenizes `train` into `directory`, written under a temporary name and renamed when
+    complete (a killed run never leaves half a cache under the real name)."""
+    def writing():
+        return errors.writing('the token cache', directory)
 
-    With `cache_dir` and the vocabulary's fingerprint, the ids are stored there (a directory
-    per text and vocabulary, written under a temporary name and renamed when complete, so a
-    killed run never leaves half a cache) and memory-mapped by later runs and processes.
-    """
-    train = pairs(config, 'train')
-    if cache_dir is None or vocab_fingerprint is None:
-        return _in_memory(tokenizer, train)
-    directory = os.path.join(cache_dir,
-                             workdir_lib.cache_name(_cache_key(config, train, vocab_fingerprint)))
-    if not os.path.isdir(directory):
+    with writing():
         os.makedirs(cache_dir, exist_ok=True)
         tmp = tempfile.mkdtemp(dir=cache_dir, prefix=workdir_lib.CACHE_TMP_PREFIX)
-        try:
+    try:
+        with writing():
             files = {s: open(os.path.join(tmp, f'{s}_tokens.bin'), 'wb') for s in _SIDES}
-            with files['source'], files['target']:
-                offsets, lengths = _tokenize(tokenizer, train,
-                                             lambda side, ids: files[side].write(ids.tobytes()))
+
+        def write(side, ids):
+            with writing():
+                files[side].write(ids.tobytes())
+
+        with files['source'], files['target']:
+            offsets, lengths = _tokenize(tokenizer, train, write)
+        with writing():
             for s in _SIDES:
                 np.save(os.path.join(tmp, f'{s}_offsets.npy'), offsets[s])
                 np.save(os.path.join(tmp, f'{s}_lengths.npy'), lengths[s])
+            records = {name: _file_record(os.path.join(tmp, name)) for name in _cache_files()}
             with open(os.path.join(tmp, workdir_lib.CACHE_META), 'w') as f:
                 json.dump({'dtype': np.dtype(token_dtype(tokenizer.vocab_size)).name,
-                           'pairs': len(train), 'name': train.name}, f)
+                           'pairs': len(train), 'name': train.name, 'files': records,
+                           'sha256': _content_sha256(records)}, f)
             os.chmod(tmp, 0o777 & ~_umask())
             try:
                 os.rename(tmp, directory)
             except OSError:  # another process finished the same cache first
                 if not os.path.isdir(directory):
                     raise
-        finally:
-            if os.path.isdir(tmp):
-                shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def tokenized_train(config, tokenizer: Tokenizer, *, cache_dir: str | None = None,
+                    vocab_fingerprint: str | None = None, rebuild: bool = True) -> TokenizedSplit:
+    """The training split as token ids, tokenized once.
+
+    With `cache_dir` and the vocabulary's fingerprint, the ids are stored there (a directory
+    per text and vocabulary, written under a temporary name and renamed when complete, so a
+    killed run never leaves half a cache) and memory-mapped by later runs and processes. A
+    cache found is checked against its recorded sizes and checksums first: one that differs
+    is built again, with one warning (it is derived data). `rebuild=False` (the processes of a
+    multi-process run other than process 0, which checked it just before) checks the sizes
+    only and refuses a cache that differs, deleting nothing. The split's `fingerprint` is the
+    cache's content checksum (None in memory).
+    """
+    train = pairs(config, 'train')
+    if cache_dir is None or vocab_fingerprint is None:
+        return _in_memory(tokenizer, train)
+    directory = os.path.join(cache_dir,
+                             workdir_lib.cache_name(_cache_key(config, train, vocab_fingerprint)))
+    if os.path.isdir(directory):
+        problem = cache_problem(directory, checksums=rebuild)
+        if problem and not rebuild:
+            raise DataError(f'the token cache {directory} {problem}, as this process sees it '
+                            '(process 0 checked it): is the work directory the same on every '
+                            'process?')
+        if problem:
+            errors.warn(f'the token cache {directory} {problem}: building it again (it is made '
+                        'from the training text)')
+            shutil.rmtree(directory)
+    if not os.path.isdir(directory):
+        _build_cache(tokenizer, train, cache_dir, directory)
     return _load_cached(directory, train.name)
 
 

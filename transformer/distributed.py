@@ -4,7 +4,6 @@ merging what each process decoded.
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 
@@ -12,38 +11,44 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from transformer import errors, supervisor
 from transformer import workdir as workdir_lib
+from transformer.errors import RunError
 
 
-def initialize() -> None:
+def initialize(timeout_seconds: int = 60) -> None:
     """jax.distributed.initialize() when the environment names a multi-process job.
 
     JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID (our launch scripts), or
     the cluster's own variables (SLURM, Cloud TPU pods), which JAX detects by itself.
+
+    A process that does not come up, or stops answering, is given up on after
+    `timeout_seconds` (train.peer_timeout_seconds; JAX's defaults are five minutes to connect
+    and 100 s of missed heartbeats). JAX's client then aborts the process, which the
+    supervisor (supervisor.py) reports in one line; where JAX raises instead, it is a RunError
+    naming the timeout.
     """
     # Collectives between CPU processes (tests, CPU clusters) go through gloo.
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
     if 'JAX_COORDINATOR_ADDRESS' in os.environ:
-        jax.distributed.initialize(
-            coordinator_address=os.environ['JAX_COORDINATOR_ADDRESS'],
-            num_processes=int(os.environ.get('JAX_NUM_PROCESSES', '1')),
-            process_id=int(os.environ.get('JAX_PROCESS_ID', '0')))
-    elif (int(os.environ.get('SLURM_NTASKS', '1')) > 1 or 'TPU_WORKER_HOSTNAMES' in os.environ
-          or 'TPU_PROCESS_ADDRESSES' in os.environ or _on_cloud_tpu_vm()):
-        jax.distributed.initialize()
-
-
-def _on_cloud_tpu_vm() -> bool:
-    """A Cloud TPU VM has PCI devices of Google's vendor id 0x1ae0; JAX then finds the pod
-    slice's other workers through the metadata server (harmless on a single host)."""
-    for path in glob.glob('/sys/bus/pci/devices/*/vendor'):
-        try:
-            with open(path) as f:
-                if f.read().strip() == '0x1ae0':
-                    return True
-        except OSError:
-            continue
-    return False
+        where = dict(coordinator_address=os.environ['JAX_COORDINATOR_ADDRESS'],
+                     num_processes=int(os.environ.get('JAX_NUM_PROCESSES', '1')),
+                     process_id=int(os.environ.get('JAX_PROCESS_ID', '0')))
+    elif supervisor.multi_process_job(os.environ):  # SLURM, Cloud TPU: JAX finds the rest
+        where = {}
+    else:
+        return
+    try:
+        jax.distributed.initialize(**where, initialization_timeout=timeout_seconds,
+                                   heartbeat_timeout_seconds=timeout_seconds,
+                                   shutdown_timeout_seconds=timeout_seconds)
+    except jax.errors.JaxRuntimeError as e:
+        process = where.get('process_id', '?')
+        raise RunError(f'process {process} of {where.get("num_processes", "?")} could not '
+                       'start: not every process connected to the coordinator '
+                       f'{where.get("coordinator_address", "")} within {timeout_seconds} s '
+                       f'(train.peer_timeout_seconds): {errors.reason(e)}; a process did not '
+                       'start or died (see its own error)') from None
 
 
 def is_main() -> bool:

@@ -2,13 +2,19 @@
 
 Every program ends a failure with `error: <message>` on one line (`cli.run`) and:
 
-  2  bad input: a flag, a config field, a data file, or a work directory that cannot be used
-     as it is (no checkpoint, a changed vocabulary, a run with another config, a lock held);
-  1  a fault during a run: a non-finite loss, a failed save, a lost peer process.
+  2    bad input: a flag, a config field, a data file, or a work directory that cannot be used
+       as it is (no checkpoint, a changed vocabulary, a run with another config, a lock held);
+  1    a fault during a run: a non-finite loss, a failed save, a full disk, a lost peer process;
+  128+N  stopped by signal N (SIGINT 130, SIGTERM 143) where it could not save first (outside
+       train's loop, which saves and exits 0).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import os
+import shutil
 import sys
 
 import jax
@@ -16,6 +22,7 @@ from tqdm import tqdm
 
 EXIT_RUNTIME = 1
 EXIT_BAD_INPUT = 2
+EXIT_SIGNAL = 128  # + the signal's number, as a shell reports a process a signal ended
 
 
 class Error(Exception):
@@ -66,6 +73,14 @@ class CheckpointError(UsageError):
     """No checkpoint that can be read (one line naming the steps and why): exit status 2."""
 
 
+class WriteError(RunError):
+    """A file of the run that could not be written (disk full, permissions): exit status 1.
+    The message names what and where, and the free space when the disk is full. The process
+    ends right after the line: an asynchronous save on the same full disk may never finish."""
+
+    exit_at_once = True
+
+
 class SaveError(RunError):
     """A save that failed (disk full, permissions): exit status 1; earlier steps are intact.
 
@@ -74,6 +89,81 @@ class SaveError(RunError):
     """
 
     exit_at_once = True
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM where the program cannot save first (`cli.run` raises it from the
+    signal handler): a KeyboardInterrupt, so that cleanup code runs and no `except Exception`
+    swallows it; exit status 128 + the signal's number."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(signum)
+
+    @property
+    def exit_status(self) -> int:
+        return EXIT_SIGNAL + self.signum
+
+
+def lost_peer(reason: str, index: int | None = None, count: int | None = None) -> str:
+    """The one line of a process whose peer process is gone (or failed itself); `index` and
+    `count` default to JAX's process index and count."""
+    index = jax.process_index() if index is None else index
+    count = jax.process_count() if count is None else count
+    return (f'process {index} of {count} stopped: {reason} (a lost peer process, or see its '
+            'own error)')
+
+
+# Errors of a full disk: the message then says how much room is left.
+_NO_ROOM = (errno.ENOSPC, errno.EDQUOT)
+
+
+def free_space(path: str) -> str:
+    """'N MiB free' on the file system of `path` (or of its nearest existing parent)."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    try:
+        return f'{shutil.disk_usage(path).free / 2**20:.0f} MiB free'
+    except OSError:
+        return 'free space unknown'
+
+
+def is_full_disk(exc: BaseException) -> bool:
+    """Whether a full disk (or quota) is what made `exc`, anywhere in its chain."""
+    return any(isinstance(e, OSError) and e.errno in _NO_ROOM for e in chain(exc)) or any(
+        'No space left on device' in str(e) or 'Disk quota exceeded' in str(e)
+        for e in chain(exc))
+
+
+def write_failure(what: str, path: str, exc: BaseException) -> str:
+    """'could not write WHAT PATH: reason' with the free space when the disk is full."""
+    room = f' ({free_space(path)})' if is_full_disk(exc) else ''
+    return f'could not write {what} {path}: {reason(exc)}{room}'
+
+
+@contextlib.contextmanager
+def writing(what: str, path: str):
+    """Turns an OSError of the block into a WriteError naming `what` is written to `path`
+    (e.g. 'the vocabulary', DIR/vocab.json), with the free space when the disk is full."""
+    try:
+        yield
+    except OSError as e:
+        raise WriteError(write_failure(what, path, e)) from e
+
+
+def close_all(closers, failing: bool) -> None:
+    """Runs every closer. While a failure is on its way out (`failing`), their own errors
+    (a full disk fails a writer's close too) are dropped: the first error is the one the user
+    sees. Otherwise the first of them is raised."""
+    first = None
+    for close in closers:
+        try:
+            close()
+        except Exception as e:  # noqa: BLE001 - raised below unless a failure comes first
+            first = first or e
+    if first is not None and not failing:
+        raise first
 
 
 def warn(message: str) -> None:

@@ -2,7 +2,8 @@
 that split the loop's wall time into training and what is not training; the one-step-late
 fetch of a step's metrics; the window of steps whose throughput the loop reports.
 
-tensorboardX writes event files without TensorFlow. Only process 0 writes.
+tensorboardX's protocol buffers and record format write event files without TensorFlow. Only
+process 0 writes.
 """
 
 from __future__ import annotations
@@ -11,12 +12,16 @@ import contextlib
 import json
 import math
 import os
+import socket
 import time
 from collections.abc import Callable
 
 import jax
-from tensorboardX import SummaryWriter
+from tensorboardX.proto.event_pb2 import Event, SessionLog
+from tensorboardX.record_writer import RecordWriter
+from tensorboardX.summary import scalar
 
+from transformer import errors
 from transformer import workdir as workdir_lib
 
 # What the loop's wall time goes to besides training steps, each clocked apart (profile:
@@ -28,38 +33,111 @@ class MetricWriter:
     """Appends one JSON object per record to metrics.jsonl and mirrors scalars to TensorBoard.
 
     A run that starts (or resumes) at step `start` first drops what an earlier, interrupted
-    process wrote for later steps, in both, so every step appears once.
+    process wrote for later steps, in both, so every step appears once (`has_row` tells which
+    rows of `start` are there). A file deleted during the run is noticed at the next write
+    and made anew, with one warning (the rows written after it are kept). A write that fails
+    is a WriteError naming the file (and the free space when the disk is full).
     """
 
     def __init__(self, workdir: str, start: int = 0, enabled: bool = True):
         self.enabled = enabled
+        self._kept = {}  # step -> the prefixes ('train/', 'eval/') of its rows kept
         if not enabled:
             return
-        file = workdir_lib.path(workdir, workdir_lib.METRICS_FILE)
-        if os.path.exists(file):
-            with open(file, 'rb') as f:
+        self._file = workdir_lib.path(workdir, workdir_lib.METRICS_FILE)
+        if os.path.exists(self._file):
+            with open(self._file, 'rb') as f:
                 kept = [line for line in f.read().splitlines(keepends=True)
                         if _step_of(line) is not None and _step_of(line) <= start]
-            workdir_lib.atomic_write(file, b''.join(kept))
-        self._jsonl = open(file, 'a')
+            with errors.writing('the metrics', self._file):
+                workdir_lib.atomic_write(self._file, b''.join(kept))
+            for line in kept:
+                self._kept.setdefault(_step_of(line), set()).update(
+                    key.split('/', 1)[0] + '/' for key in json.loads(line) if '/' in key)
+        self._jsonl = self._open_jsonl()
         # TensorBoard hides the events of steps >= purge_step written before this one.
-        self._tb = SummaryWriter(workdir_lib.path(workdir, workdir_lib.TENSORBOARD_DIR),
-                                 purge_step=start + 1)
+        self._events = _EventFile(workdir_lib.path(workdir, workdir_lib.TENSORBOARD_DIR),
+                                  purge_step=start + 1)
+
+    def has_row(self, step: int, prefix: str) -> bool:
+        """Whether a row of `step` with scalars under `prefix` (e.g. 'eval/') was kept."""
+        return prefix in self._kept.get(step, ())
+
+    def _open_jsonl(self):
+        with errors.writing('the metrics', self._file):
+            return open(self._file, 'a')
 
     def write(self, step: int, scalars: dict, prefix: str = '') -> None:
         if not self.enabled:
             return
         record = {'step': int(step), 'time': time.time()}
         record.update({f'{prefix}{k}': float(v) for k, v in scalars.items()})
-        self._jsonl.write(json.dumps(record) + '\n')
-        self._jsonl.flush()
-        for k, v in scalars.items():
-            self._tb.add_scalar(f'{prefix}{k}', float(v), int(step))
+        if _deleted(self._file, self._jsonl):
+            errors.warn(f'{self._file} was deleted during the run: writing the rows from step '
+                        f'{step} on to a new one')
+            self._jsonl.close()
+            self._jsonl = self._open_jsonl()
+        with errors.writing('the metrics', self._file):
+            self._jsonl.write(json.dumps(record) + '\n')
+            self._jsonl.flush()
+        self._events.write(int(step), {f'{prefix}{k}': float(v) for k, v in scalars.items()})
 
     def close(self) -> None:
         if self.enabled:
-            self._jsonl.close()
-            self._tb.close()
+            with errors.writing('the metrics', self._file):
+                self._jsonl.close()
+            self._events.close()
+
+
+class _EventFile:
+    """A TensorBoard event file, written in the calling thread and flushed at each record.
+
+    (tensorboardX's SummaryWriter writes from a thread of its own: a write that fails there,
+    a full disk, ends that thread with a traceback of its own and then blocks the loop's
+    later writes once its queue fills.)
+    """
+
+    def __init__(self, directory: str, purge_step: int):
+        self._directory, self._purge_step, self._opened = directory, purge_step, 0
+        self._open()
+
+    def _open(self) -> None:
+        # TensorFlow's naming; a new file each time (a resumed run adds one).
+        self._opened += 1
+        self.file = os.path.join(self._directory, f'events.out.tfevents.{int(time.time())}.'
+                                 f'{socket.gethostname()}.{os.getpid()}.{self._opened}')
+        with errors.writing('the TensorBoard events', self.file):
+            os.makedirs(self._directory, exist_ok=True)
+            self._writer = RecordWriter(self.file)
+        self._put(Event(wall_time=time.time(), file_version='brain.Event:2'))
+        self._put(Event(wall_time=time.time(), step=self._purge_step,
+                        session_log=SessionLog(status=SessionLog.START)))
+
+    def _put(self, event: Event) -> None:
+        with errors.writing('the TensorBoard events', self.file):
+            self._writer.write(event.SerializeToString())
+            self._writer.flush()
+
+    def write(self, step: int, scalars: dict) -> None:
+        if not os.path.exists(self.file):
+            errors.warn(f'{self.file} was deleted during the run: writing the events from step '
+                        f'{step} on to a new one')
+            self._writer.close()
+            self._open()
+        for tag, value in scalars.items():
+            self._put(Event(wall_time=time.time(), step=step, summary=scalar(tag, value)))
+
+    def close(self) -> None:
+        with errors.writing('the TensorBoard events', self.file):
+            self._writer.close()
+
+
+def _deleted(file: str, handle) -> bool:
+    """Whether the open `handle` no longer is `file` (deleted, or replaced by another)."""
+    try:
+        return os.stat(file).st_ino != os.fstat(handle.fileno()).st_ino
+    except FileNotFoundError:
+        return True
 
 
 def _step_of(line: bytes) -> int | None:

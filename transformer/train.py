@@ -7,6 +7,7 @@ slice; it resumes by itself from the latest complete checkpoint in the work dire
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -47,29 +48,67 @@ _WORKDIR = cli.define_workdir_flag('Work directory: config, vocabulary, checkpoi
 PREFETCH_BATCHES = 2  # global batches the producer thread keeps ready on the devices
 
 
-def _fault_injection(point: str, step: int) -> None:
+def _fault_injection(point: str, step: int = 0) -> None:
     """Test hook: TRANSFORMER_FAULT=POINT:STEP kills this process with SIGKILL there.
 
-    POINT is 'after-step' (state in flight, nothing saved) or 'in-save' (an asynchronous save
-    started but not finished). The tests use it to prove that a killed run resumes exactly.
+    POINT is 'after-step' (state in flight, nothing saved), 'in-save' (an asynchronous save
+    started but not finished) or 'in-eval' (during the evaluation of STEP), or, with STEP 0, a
+    point of the start-up: 'initialized' (just connected to the other processes) or
+    'data-ready' (vocabulary and training data made).
+    The tests use it to prove that a killed run resumes exactly, and that the other processes
+    of a multi-process run stop with one line.
     """
     fault = os.environ.get('TRANSFORMER_FAULT')
     if fault and fault == f'{point}:{step}':
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+class EvaluationStopped(BaseException):
+    """A stop signal arrived during an evaluation: it ends there, and the loop saves and stops.
+    (A BaseException, like KeyboardInterrupt, so that no `except Exception` on the way
+    swallows it.)"""
+
+
 class StopSignal:
-    """SIGTERM/SIGINT ask the loop to finish the step, save and exit 0 (preemption)."""
+    """SIGTERM/SIGINT ask the loop to finish the step, save and exit 0 (preemption).
+
+    During an evaluation a signal ends it at once (`evaluation()`; a preemption's grace period
+    may be shorter than an evaluation): in a single-process run the handler raises
+    EvaluationStopped wherever the evaluation is; the processes of a multi-process run must
+    stop together, so they agree before each evaluation batch (`agreed`).
+    """
 
     def __init__(self):
         self.requested = False
+        self._evaluating = False
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
         del frame
-        errors.warn(f'received signal {signum}: saving after this step and exiting')
+        first = not self.requested
         self.requested = True
+        if first:
+            errors.warn(f'received signal {signum}: saving after this step and exiting')
+        if self._evaluating:
+            self._evaluating = False
+            raise EvaluationStopped()
+
+    @contextlib.contextmanager
+    def evaluation(self):
+        """The block is an evaluation: a stop signal raises EvaluationStopped (at once with
+        one process, at the next batch with several)."""
+        if distributed.agree(self.requested)[0]:
+            raise EvaluationStopped()
+        self._evaluating = jax.process_count() == 1
+        try:
+            yield
+        finally:
+            self._evaluating = False
+
+    def agreed(self) -> bool:
+        """Whether any process got a stop signal (a collective in a multi-process run)."""
+        return distributed.agree(self.requested)[0]
 
 
 def prepared_data(config) -> None:
@@ -105,9 +144,11 @@ def vocabulary(config, workdir: str, fingerprint: str | None, steps: list[int]):
     return tokenizer
 
 
-def training_batches(config, workdir: str, tokenizer, fingerprint: str) -> batching.TrainIterator:
+def training_batches(config, workdir: str, tokenizer,
+                     fingerprint: str) -> tuple[batching.TrainIterator, str | None]:
     """This process's training batches, from the tokenized training set (cached by process 0
-    in the work directory, then memory-mapped by every process)."""
+    in the work directory, checked by it, then memory-mapped by every process), and the
+    cache's content fingerprint (what a checkpoint's data position refers to)."""
     t = config.train
     cache = dict(cache_dir=workdir_lib.path(workdir, workdir_lib.CACHE_DIR),
                  vocab_fingerprint=fingerprint)
@@ -115,11 +156,12 @@ def training_batches(config, workdir: str, tokenizer, fingerprint: str) -> batch
         split = data.tokenized_train(config, tokenizer, **cache)
     distributed.sync('training data tokenized')
     if not distributed.is_main():
-        split = data.tokenized_train(config, tokenizer, **cache)
+        split = data.tokenized_train(config, tokenizer, **cache, rebuild=False)
     return batching.TrainIterator(
         split, config.data, process_index=jax.process_index(),
         process_count=jax.process_count(),
-        rows_multiple=jax.device_count() * t.grad_accum_steps // jax.process_count())
+        rows_multiple=jax.device_count() * t.grad_accum_steps // jax.process_count()
+    ), split.fingerprint
 
 
 class Validation(NamedTuple):
@@ -282,17 +324,10 @@ def _clock_summary(clocks: metrics.Clocks) -> str:
     return ', '.join(f'{name} {totals[name]:.1f} s' for name in ('train',) + metrics.APART)
 
 
-def _slow_for_tests(what: str) -> None:
-    """Test hook: TRANSFORMER_SLOW=eval:SECONDS makes every evaluation that much slower."""
-    slow = os.environ.get('TRANSFORMER_SLOW', '')
-    if slow.startswith(f'{what}:'):
-        time.sleep(float(slow.split(':', 1)[1]))
-
-
 def open_run(config, workdir: str):
-    """Takes the work directory (process 0 holds its lock, returned, for the whole run), checks
-    that the config may resume what is there, stores the config. Returns (checkpoint steps,
-    the lock)."""
+    """Takes the work directory (process 0 holds its lock, returned, for the whole run, and
+    removes what a killed run left half-written), checks that the config may resume what is
+    there, stores the config. Returns (checkpoint steps, the lock)."""
     lock, failed = None, None
     if distributed.is_main():
         try:
@@ -301,6 +336,9 @@ def open_run(config, workdir: str):
             failed = e
     if distributed.agree(failed is not None)[0]:
         raise failed or UsageError(f'process 0 could not take the work directory {workdir}')
+    if distributed.is_main():
+        for stale in workdir_lib.remove_stale_files(workdir):
+            errors.warn(f'removed {stale}, left half-written by a run that was killed')
     steps = workdir_lib.checkpoint_steps(workdir)
     workdir_lib.check_resumable(config, workdir)
     if distributed.is_main():
@@ -324,16 +362,34 @@ def update_total(progress, config, step: int, seconds: float, steps_per_second: 
     progress.total = max(step, min(t.steps, by_time))
 
 
+def checked_resume(restored, workdir: str, vocab_sha256: str, data_sha256: str | None) -> None:
+    """Refuses to resume checkpoints trained with another vocabulary, or on other training data
+    (e.g. the local training text was changed since: the data position would point elsewhere)."""
+    saved_step, _, _, run_info = restored
+    if run_info.get('vocab_sha256', vocab_sha256) != vocab_sha256:
+        raise UsageError(f'{workdir_lib.path(workdir, workdir_lib.VOCAB_MODEL)} is not the '
+                         f'vocabulary checkpoint {saved_step} was trained with')
+    recorded = run_info.get('data_sha256')
+    if recorded and data_sha256 and recorded != data_sha256:
+        raise UsageError(f'the training data tokenized in '
+                         f'{workdir_lib.path(workdir, workdir_lib.CACHE_DIR)} (sha256 '
+                         f'{data_sha256[:12]}...) is not what checkpoint {saved_step} was trained '
+                         f'on (sha256 {recorded[:12]}...): the training text changed since; '
+                         'restore it, or use a new --workdir')
+
+
 def main():
     # --- set-up --------------------------------------------------------------------------------
     config = cli.checked_config(_CONFIG)
+    t = config.train
     workdir = _WORKDIR.value
     if not workdir:
         raise UsageError('--workdir is required')
-    distributed.initialize()
+    distributed.initialize(t.peer_timeout_seconds)
+    _fault_injection('initialized')
     is_main = distributed.is_main()
+    mesh = sharding.make_mesh(t.mesh_data, t.mesh_fsdp)  # a bad mesh is refused before any work
     steps, lock = open_run(config, workdir)  # the lock is released when the process ends
-    t = config.train
     checkpoints = workdir_lib.path(workdir, workdir_lib.CHECKPOINTS_DIR)
 
     # --- vocabulary and data -------------------------------------------------------------------
@@ -342,12 +398,12 @@ def main():
         workdir, [checkpoint.read_info(checkpoints, steps[-1])] if steps else [])
     tokenizer = vocabulary(config, workdir, recorded, steps)
     fingerprint = workdir_lib.vocabulary_fingerprint(workdir)
-    train_iter = training_batches(config, workdir, tokenizer, fingerprint)
+    train_iter, data_sha256 = training_batches(config, workdir, tokenizer, fingerprint)
     cli.say(f'Training data: {train_iter.stats}')
     validation = validation_data(config, tokenizer)
+    _fault_injection('data-ready')
 
     # --- state, created already sharded --------------------------------------------------------
-    mesh = sharding.make_mesh(t.mesh_data, t.mesh_fsdp)
     setup = train_step_lib.setup(config, mesh)
     train_step = train_step_lib.jit_sharded_step(setup)
     eval_step = jax.jit(train_step_lib.make_eval_step(setup.graphdef),
@@ -361,12 +417,14 @@ def main():
     restored = checkpoint.restore_newest(
         manager, target, workdir_lib.path(workdir, workdir_lib.BROKEN_DIR) if is_main else None)
     if restored is not None:
+        checked_resume(restored, workdir, fingerprint, data_sha256)
         saved_step, state, data_state, run_info = restored
-        if run_info.get('vocab_sha256', fingerprint) != fingerprint:
-            raise UsageError(f'{workdir_lib.path(workdir, workdir_lib.VOCAB_MODEL)} is not the '
-                             f'vocabulary checkpoint {saved_step} was trained with')
         train_iter.set_state(data_state)
         cli.say(f'Resumed from step {saved_step} of {workdir} (data position {data_state})')
+        # A run killed between a save's commit and Orbax's clean-up after it keeps one more.
+        pruned = checkpoint.keep_newest(manager, t.keep_checkpoints)
+        if pruned:
+            cli.say(f'Deleted checkpoints {pruned}: train.keep_checkpoints={t.keep_checkpoints}')
     else:
         run_info = {}
         state = jax.jit(setup.init_state, out_shardings=setup.state_shardings)()
@@ -395,7 +453,8 @@ def main():
     step_fn = train_step_lib.CompiledSteps(train_step, clocks.apart)
     batches = batching.Prefetcher(train_iter, PREFETCH_BATCHES, place)
     writer = metrics.MetricWriter(workdir, start=step, enabled=is_main)
-    agreement = Agreement(t, StopSignal(), clocks)
+    stop_signal = StopSignal()
+    agreement = Agreement(t, stop_signal, clocks)
     peak = model_stats.peak_flops()
     window = metrics.Window(smoothed_loss=run_info.get('loss_smoothed'), clock=clocks.seconds)
     tracer = profiler.StepTracer(config_lib.profile_steps(t.profile_steps),
@@ -404,8 +463,53 @@ def main():
     progress = progress_bar(config, step) if is_main else None
     last_saved = restored[0] if restored is not None else None
     late = metrics.LateMetrics(lambda at, m: check_finite(at, m, last_saved, workdir))
+
+    def save(at: int, data_position: dict) -> None:
+        nonlocal last_saved
+        jax.block_until_ready(state)  # the steps' own time is training, not saving
+        with clocks.apart('save'):
+            totals = clocks.totals()
+            saver.save(at, state, data_position, info={
+                'vocab_sha256': fingerprint, 'data_sha256': data_sha256,
+                'config': workdir_lib.config_record(config),
+                'loss_smoothed': window.smoothed_loss, 'train_seconds': totals['train'],
+                'clocks': totals})
+        agreement.saved()
+        last_saved = at
+        _fault_injection('in-save', at)
+
+    def evaluated(at: int) -> bool:
+        """Evaluates at step `at` and writes the row; False when a stop signal cut it short."""
+        jax.block_until_ready(state)
+
+        def checked_eval_step(params, batch):
+            if stop_signal.agreed():
+                raise EvaluationStopped()
+            return eval_step(params, batch)
+
+        with clocks.apart('eval'):
+            try:
+                with stop_signal.evaluation():
+                    cli.slow_for_tests('eval')
+                    _fault_injection('in-eval', at)
+                    result = validate(config, tokenizer, setup.graphdef, state['params'],
+                                      checked_eval_step, validation, mesh, at)
+            except EvaluationStopped:
+                cli.say(f'Evaluation of step {at} stopped by the signal')
+                return False
+        writer.write(at, result, prefix='eval/')
+        return True
+
     stop = agreement.finished()  # a time-bounded run already done
+    failing = True
     try:
+        # A run killed while evaluating a step it had saved left no row for it: evaluate now.
+        if (restored is not None and validation is not None
+                and itstime(step, t.eval_every_steps, t.steps)
+                and distributed.agree(is_main and not writer.has_row(step, 'eval/'))[0]):
+            cli.say(f'Evaluating step {step}, whose evaluation the last run did not finish')
+            if not evaluated(step):
+                agreement.signalled = stop = True
         while step < t.steps and not stop:
             wait_start = time.perf_counter()
             (batch, stats), data_state = next(batches)
@@ -428,32 +532,19 @@ def main():
                 if due.log:
                     log_step(writer, progress, config, step, window, m, clocks, peak)
             if due.save:
-                jax.block_until_ready(state)  # the steps' own time is training, not saving
-                with clocks.apart('save'):
-                    totals = clocks.totals()
-                    saver.save(step, state, data_state, info={
-                        'vocab_sha256': fingerprint, 'loss_smoothed': window.smoothed_loss,
-                        'train_seconds': totals['train'], 'clocks': totals})
-                agreement.saved()
-                last_saved = step
-                _fault_injection('in-save', step)
-            if due.evaluate and validation is not None:
-                jax.block_until_ready(state)
-                with clocks.apart('eval'):
-                    _slow_for_tests('eval')
-                    writer.write(step, validate(config, tokenizer, setup.graphdef,
-                                                state['params'], eval_step, validation, mesh,
-                                                step), prefix='eval/')
+                save(step, data_state)
+            if due.evaluate and validation is not None and not evaluated(step):
+                agreement.signalled = stop = True
+                if not due.save:
+                    save(step, data_state)
         late.fetch()
         with clocks.apart('save'):
             saver.wait()
+        failing = False
     finally:
         # --- shutdown --------------------------------------------------------------------------
-        tracer.stop()
-        batches.close()
-        writer.close()
-        if progress is not None:
-            progress.close()
+        closers = [tracer.stop, batches.close, writer.close]
+        errors.close_all(closers + ([progress.close] if progress is not None else []), failing)
     manager.close()
     del lock
     if agreement.signalled:

@@ -10,7 +10,7 @@ import os
 import jax
 from flax import nnx
 
-from transformer import checkpoint
+from transformer import checkpoint, errors
 from transformer import workdir as workdir_lib
 from transformer.errors import FieldError, UsageError
 from transformer.model import abstract_model
@@ -85,14 +85,20 @@ def load_model(workdir: str, *, average: int | None = None, step: int | None = N
     if step is not None:
         if step not in available:
             raise UsageError(f'no checkpoint of step {step} in {workdir}; have {available}')
-        found = _restore(workdir, [step], 1, abstract)
+        found = checkpoint.restore_params(path(workdir, CHECKPOINTS_DIR), [step], 1, abstract,
+                                          pick_again=False)
         params, steps, infos = found[0][1], [step], [found[0][2]]
     else:
         minimum = average  # an explicit --average must be met; the default takes what reads
-        if average is None:
+        default = average is None
+        if default:
             average, minimum = max(1, min(config.decode.average_last, len(available))), 1
         params, steps, infos = average_last(workdir, average, abstract=abstract,
                                             minimum=minimum)
+        if default and len(steps) < config.decode.average_last:
+            errors.warn(f'averaging {len(steps)} checkpoint(s), steps {steps}, not '
+                        f'decode.average_last={config.decode.average_last}: {workdir} has no '
+                        'more that can be read')
     tokenizer = workdir_lib.load_vocabulary(workdir,
                                            workdir_lib.recorded_fingerprint(workdir, infos))
     return nnx.merge(graphdef, params), config, tokenizer, steps

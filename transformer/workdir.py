@@ -2,7 +2,8 @@
 
 Every file name of a work directory is defined here, once:
 
-  config.json             the resolved config (train writes it; the other programs read it)
+  config.json             the resolved config (train writes it; the other programs read it;
+                          every checkpoint holds a copy, used when the file is missing)
   vocab.model, vocab.json the shared BPE vocabulary and what it was made for
   cache/                  the training set tokenized once (token arrays per text and
                           vocabulary, memory-mapped; cache_name, CACHE_META); rebuilt when
@@ -13,6 +14,8 @@ Every file name of a work directory is defined here, once:
                           merge_part_name: scratch files of a multi-process evaluation)
   metrics.jsonl, tensorboard/   the training metrics
   train.lock              held by the training process while it runs (names its PID and host)
+  .tmp-*                  files being written (atomic_write), removed by train at start when
+                          a killed run left them (cache/.tmp-train-*: a cache being built)
   broken-checkpoints/     checkpoints train found unreadable, moved aside (never deleted)
   profile/                traces of the steps train.profile_steps names (jax.profiler)
 """
@@ -24,6 +27,7 @@ import hashlib
 import itertools
 import json
 import os
+import shutil
 import socket
 import tempfile
 import time
@@ -48,7 +52,8 @@ METRICS_FILE = 'metrics.jsonl'
 TENSORBOARD_DIR = 'tensorboard'
 # Inside CACHE_DIR: one directory per text and vocabulary, written under a temporary name.
 CACHE_META = 'meta.json'
-CACHE_TMP_PREFIX = '.tmp-train-'
+TMP_PREFIX = '.tmp-'  # a file or directory being written, renamed when complete
+CACHE_TMP_PREFIX = TMP_PREFIX + 'train-'
 LOCK_FILE = 'train.lock'
 BROKEN_DIR = 'broken-checkpoints'
 PROFILE_DIR = 'profile'
@@ -91,12 +96,13 @@ def eval_name(split: str, members: list[dict], beam_size: int, alpha: float,
 
 
 def atomic_write(file: str, data: bytes) -> None:
-    """Writes via a temporary file and os.replace, so a crash never leaves half a file.
+    """Writes via a temporary file (named for `file`) and os.replace, so a crash never leaves
+    half a file.
 
     The file gets the mode the umask gives any new file (mkstemp alone would make it 0600).
     """
     directory = os.path.dirname(file) or '.'
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix='.tmp-')
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f'{TMP_PREFIX}{os.path.basename(file)}-')
     try:
         with os.fdopen(fd, 'wb') as f:
             f.write(data)
@@ -115,38 +121,99 @@ def atomic_write(file: str, data: bytes) -> None:
 def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Stores the resolved config in the work directory (atomically)."""
     os.makedirs(workdir, exist_ok=True)
-    atomic_write(path(workdir, CONFIG_FILE), config.to_json(indent=2, sort_keys=True).encode())
+    file = path(workdir, CONFIG_FILE)
+    with errors.writing('the config', file):
+        atomic_write(file, config.to_json(indent=2, sort_keys=True).encode())
+
+
+def config_record(config: ml_collections.ConfigDict) -> dict:
+    """The config as stored in each checkpoint's info (JSON), to recover config.json from."""
+    return json.loads(config.to_json())
+
+
+def _checkpointed_config(workdir: str) -> tuple[int, dict] | None:
+    """(step, stored config) of the newest checkpoint that holds the run's config, if any."""
+    directory = path(workdir, CHECKPOINTS_DIR)
+    for step in reversed(checkpoint_steps(workdir)):
+        stored = checkpoint.read_info(directory, step).get('config')
+        if stored:
+            return step, stored
+    return None
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
-    """The config that `train` stored in `workdir`; UsageError if there is none."""
+    """The config that `train` stored in `workdir`; from its newest checkpoint (with a warning)
+    when config.json is missing; UsageError if there is none or it is not JSON."""
     if not workdir:
         raise FieldError('workdir', workdir, 'is required (a work directory of transformer.train)')
     if not os.path.exists(workdir):
         raise FieldError('workdir', workdir, 'does not exist')
     if not os.path.isdir(workdir):
         raise FieldError('workdir', workdir, 'is a file, not a work directory')
+    stored = _stored_config(workdir)
+    if stored is None:
+        raise UsageError(f'{path(workdir, CONFIG_FILE)} not found: is {workdir!r} a work '
+                         'directory made by transformer.train?')
+    return stored
+
+
+def _stored_config(workdir: str) -> ml_collections.ConfigDict | None:
+    """config.json, or the newest checkpoint's copy when the file is missing; None if neither."""
     file = path(workdir, CONFIG_FILE)
-    if not os.path.exists(file):
-        raise UsageError(f'{file} not found: is {workdir!r} a work directory made by '
-                         'transformer.train?')
-    with open(file) as f:
-        return config_lib.from_stored(json.load(f))
+    if os.path.exists(file):
+        try:
+            with open(file) as f:
+                return config_lib.from_stored(json.load(f))
+        except (OSError, ValueError) as e:
+            held = _checkpointed_config(workdir)
+            remedy = (f'delete it to use the copy in checkpoint {held[0]}' if held
+                      else 'restore it')
+            # (json's own error is the message; what it chains to is an internal StopIteration)
+            why = errors.reason(e) if isinstance(e, OSError) else str(e).splitlines()[0]
+            raise UsageError(f'{file} cannot be read ({why}): {remedy}') from None
+    held = _checkpointed_config(workdir)
+    if held is None:
+        return None
+    errors.warn(f'{file} is missing: using the config stored in checkpoint {held[0]}')
+    return config_lib.from_stored(held[1])
 
 
 def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Refuses a config that differs from the stored one in more than the run length.
 
     Only a work directory with a checkpoint holds a run; before the first checkpoint (e.g. a
-    start that failed on a missing data file) the config may still be corrected.
+    start that failed on a missing data file) the config may still be corrected. The stored
+    config is config.json, or the newest checkpoint's copy when the file is missing; with
+    neither (checkpoints of an older version), restoring them checks their shapes.
     """
-    if not os.path.exists(path(workdir, CONFIG_FILE)) or not checkpoint_steps(workdir):
+    if not checkpoint_steps(workdir):
         return
-    differing = config_lib.differences(load_config(workdir), config,
-                                       ignore=config_lib.RESUMABLE_CHANGES)
+    stored = _stored_config(workdir)
+    if stored is None:
+        return
+    differing = config_lib.differences(stored, config, ignore=config_lib.RESUMABLE_CHANGES)
     if differing:
         raise UsageError(f'{workdir} holds a run with another config; differing fields: '
                          f'{", ".join(differing)} (use a new --workdir)')
+
+
+def remove_stale_files(workdir: str) -> list[str]:
+    """Removes what a killed train left half-written (TMP_PREFIX files of atomic_write, caches
+    being built) in the work directory and its cache; returns their paths. Only while holding
+    the lock: no other train writes there then."""
+    removed = []
+    for directory in (workdir, path(workdir, CACHE_DIR)):
+        if not os.path.isdir(directory):
+            continue
+        for name in os.listdir(directory):
+            if name.startswith(TMP_PREFIX):
+                stale = os.path.join(directory, name)
+                if os.path.isdir(stale):
+                    shutil.rmtree(stale, ignore_errors=True)
+                else:
+                    os.remove(stale)
+                removed.append(stale)
+    return removed
 
 
 # -- the vocabulary ---------------------------------------------------------------------------
@@ -186,7 +253,7 @@ def recorded_fingerprint(workdir: str, infos: list[dict] = ()) -> str | None:
     for info in reversed(list(infos)):
         if info.get('vocab_sha256'):
             return info['vocab_sha256']
-    return _vocab_meta(workdir).get('sha256')
+    return (_vocab_meta_or_none(workdir) or {}).get('sha256')
 
 
 def load_vocabulary(workdir: str, fingerprint: str | None = None) -> tokenizer_lib.Tokenizer:
@@ -212,18 +279,33 @@ def vocabulary(config, workdir: str, texts: Callable[[], Iterable[str]],
     """The run's vocabulary: the one stored in `workdir`, or trained on `texts()` and stored.
 
     `steps` are the run's checkpoints and `fingerprint` what they recorded (see
-    recorded_fingerprint): under checkpoints a missing or changed vocabulary is refused. A
-    stored vocabulary made for another vocab_size or language pair is refused too.
+    recorded_fingerprint): under checkpoints a missing or changed vocabulary is refused, and a
+    missing or unreadable vocab.json is written anew from the vocabulary they recorded. A
+    stored vocabulary made for another vocab_size or language pair is refused too, and so is
+    a vocab_size that the training text cannot fill (SentencePiece stops short of it).
     """
     model_file, meta_file = path(workdir, VOCAB_MODEL), path(workdir, VOCAB_META)
     want = _vocab_metadata(config)
     if os.path.exists(model_file):
-        have = _vocab_meta(workdir)
+        have = _vocab_meta_or_none(workdir)
+        if have is None and steps and fingerprint:
+            tokenizer = load_vocabulary(workdir, fingerprint)  # the very file they recorded
+            _write_vocab_meta(config, workdir, tokenizer, fingerprint)
+            errors.warn(f'{meta_file} was missing or unreadable: wrote it anew for {model_file}, '
+                        f'the vocabulary checkpoint {steps[-1]} was trained with')
+            return tokenizer
+        if have is None:
+            raise UsageError(f'{meta_file} is missing or unreadable, so what {model_file} was '
+                             f'made for is unknown; nothing was trained with it yet: delete '
+                             f'{model_file} (a new one is trained)')
         bad = [f'{k}: stored {have.get(k)!r} vs config {want[k]!r}'
                for k in _VOCAB_FIELDS if have.get(k) != want[k]]
         if bad:
+            remedy = (f'use a new --workdir (checkpoints {", ".join(map(str, steps))} were '
+                      'trained with it)' if steps else 'use a new workdir or delete the '
+                      'vocabulary')
             raise UsageError(f'vocabulary {model_file} was made for another config '
-                             f'({"; ".join(bad)}); use a new workdir or delete the vocabulary')
+                             f'({"; ".join(bad)}); {remedy}')
         return load_vocabulary(workdir, fingerprint)
     if steps:
         raise UsageError(f'{model_file} is missing, but {workdir} holds checkpoints (steps '
@@ -241,12 +323,37 @@ def vocabulary(config, workdir: str, texts: Callable[[], Iterable[str]],
     seconds = time.time() - start
     tokenizer = tokenizer_lib.Tokenizer(proto)
     logging.info('Trained a %d-piece BPE vocabulary in %.1f s', tokenizer.vocab_size, seconds)
-    meta = dict(want, pieces=tokenizer.vocab_size, model_type='bpe', sha256=_sha256(proto),
-                train_seconds=round(seconds, 2), data_source=config.data.source)
+    if tokenizer.vocab_size < config.vocab_size:
+        # The embedding would have rows no id ever uses, and label smoothing would spread
+        # probability over them.
+        raise FieldError('vocab_size', config.vocab_size,
+                         f'is more than the training text gives: SentencePiece learned '
+                         f'{tokenizer.vocab_size} pieces from data.vocab_sample_sentences='
+                         f'{config.data.vocab_sample_sentences} sentences; set '
+                         f'--config.vocab_size={tokenizer.vocab_size} or less (nothing was '
+                         'stored)')
     # Metadata first: vocab.model is what marks the vocabulary as present.
-    atomic_write(meta_file, (json.dumps(meta, indent=2) + '\n').encode())
-    atomic_write(model_file, proto)
+    _write_vocab_meta(config, workdir, tokenizer, _sha256(proto), train_seconds=seconds)
+    with errors.writing('the vocabulary', model_file):
+        atomic_write(model_file, proto)
     return tokenizer
+
+
+def _vocab_meta_or_none(workdir: str) -> dict | None:
+    """vocab.json, or None when it is missing or unreadable."""
+    try:
+        return _vocab_meta(workdir) or None
+    except UsageError:
+        return None
+
+
+def _write_vocab_meta(config, workdir: str, tokenizer, sha256: str, **extra) -> None:
+    meta = dict(_vocab_metadata(config), pieces=tokenizer.vocab_size, model_type='bpe',
+                sha256=sha256, data_source=config.data.source,
+                **{k: round(v, 2) for k, v in extra.items()})
+    file = path(workdir, VOCAB_META)
+    with errors.writing('the vocabulary', file):
+        atomic_write(file, (json.dumps(meta, indent=2) + '\n').encode())
 
 
 # -- the training process's lock --------------------------------------------------------------
@@ -280,6 +387,8 @@ def lock(workdir: str):
         handle.write(f'pid {os.getpid()} on host {socket.gethostname()}\n')
         handle.flush()
     except OSError as e:
+        if errors.is_full_disk(e):
+            raise errors.WriteError(errors.write_failure('the lock file', file, e)) from None
         raise UsageError(f'cannot write in the work directory {workdir}: '
                          f'{errors.reason(e)}') from None
     return handle
