@@ -67,13 +67,19 @@ def base_config() -> ml_collections.ConfigDict:
     # Rematerialisation: 'block' recomputes each layer's activations in the backward pass
     # (about a third more compute, far less activation memory); 'none' keeps them.
     m.remat = 'none'
-    # The layers of a stack run in a lax.scan in training and teacher-forced passes (one layer
-    # traced and compiled per stack); False unrolls that loop. Measured (benchmarks/defaults.py,
-    # 2026-12-01, 2-core CPU, tcmalloc): unrolled steps are 1.02x faster on base (range
-    # 0.97-1.06: within the noise) for a 26 % longer compile (13.3 against 10.5 s) and 3.7x the
-    # trace time; 1.10x faster on a 2-layer model. Scanned is kept for the paper's 6-layer
-    # stacks. XLA's cost analysis counts a loop's body once (unroll to count FLOPs). Decoding
-    # steps always run the layers one by one (model.py's decode_step: 1.2x faster at beam 4).
+    # The layers of a stack: True runs them in a lax.scan (one layer traced and compiled per
+    # stack), False unrolls that loop over the same stacked parameters (either reads the
+    # other's checkpoints). Measured (benchmarks/defaults.py, 2-core CPU, tcmalloc, quiet, 9
+    # paired runs, results/2026-12-01-cpu-defaults-scan_layers-quiet.json): unrolled steps
+    # are 1.07x faster on base (range 0.95-1.16; 1.02x in an earlier, loaded run) and 1.11x on
+    # a 2-layer model. Scanned is kept for memory: at the paper's batch on one device the
+    # unrolled base step peaks at 38.7 GiB against 31.1 (big 68.3 against 53.6), and remat
+    # (model.remat='block') saves almost nothing unrolled (37.0 GiB) where scanned it cuts
+    # the peak to 12.3 (results/2026-12-01-cpu-memory_plan*.json); scanned also compiles
+    # faster (base 7.2 against 9.6 s, 3.7x less trace time). Set False for the faster steps
+    # where memory allows (memory_plan.py says).
+    # XLA's cost analysis counts a loop's body once (unroll to count FLOPs). Decoding steps
+    # always run the layers one by one (model.py's decode_step).
     m.scan_layers = True
     # Compute dtype. 'auto': bfloat16 on GPU/TPU, float32 on CPU; parameters and optimizer
     # state stay in param_dtype (float32) either way.
