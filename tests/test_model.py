@@ -241,11 +241,13 @@ def test_fused_attention_path_equals_the_formula():
 
 def test_attention_dropout_still_applies():
     c = tiny_config(attention_dropout_rate=0.5)
-    m = model_lib.create_model(c, seed=0)
+    graphdef, params = nnx.split(model_lib.create_model(c, seed=0))
     rng = np.random.default_rng(8)
     inputs, targets = random_tokens(rng, (2, 6)), random_tokens(rng, (2, 5))
-    plain = m(inputs, targets)
-    dropped = [m(inputs, targets, rngs=nnx.Rngs(dropout=key)) for key in (1, 1, 2)]
+    plain = jax.jit(lambda p: nnx.merge(graphdef, p)(inputs, targets))(params)
+    with_dropout = jax.jit(lambda p, key: nnx.merge(graphdef, p)(
+        inputs, targets, rngs=nnx.Rngs(dropout=key)))  # jitted: eager NNX calls are slow
+    dropped = [with_dropout(params, jax.random.key(seed)) for seed in (1, 1, 2)]
     assert not np.allclose(plain, dropped[0], atol=1e-3)
     np.testing.assert_array_equal(dropped[0], dropped[1])  # the same key, the same masks
     assert not np.allclose(dropped[0], dropped[2], atol=1e-3)
