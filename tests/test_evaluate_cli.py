@@ -27,6 +27,13 @@ def workdir(tmp_path_factory):
     return path
 
 
+def test_train_evaluates_with_a_greedy_bleu(workdir):
+    # configs/demo.py's train.eval_bleu_sentences=64: the last evaluation's greedy BLEU.
+    rows = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+    last = [r for r in rows if 'eval/nll' in r][-1]
+    assert last['step'] == 10 and 0 <= last['eval/greedy_bleu'] <= 100
+
+
 def test_evaluate_writes_hypotheses_and_scores(workdir):
     # On 8 devices: the batch is split over them.
     proc = run_program('evaluate', f'--workdir={workdir}', '--average=2', '--beam_size=2',
