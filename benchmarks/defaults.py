@@ -26,11 +26,9 @@ min and max, compile time, and which value is faster. Prints ONE JSON object.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import pathlib
-import platform
 import statistics
 import sys
 import time
@@ -42,7 +40,7 @@ sys.path.insert(0, str(REPO / 'benchmarks'))
 import jax
 import versus_flax as vf
 
-from transformer import allocator, sharding
+from transformer import sharding
 from transformer import train_step as train_step_lib
 
 OPTIONS = {
@@ -125,12 +123,7 @@ def main():
                       for option in args.options.split(',')}
                for size in args.sizes.split(',')}
     print(json.dumps({
-        'benchmark': 'defaults',
-        'date': datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'),
-        'machine': f'{platform.machine()}, {os.cpu_count()} CPUs',
-        'jax_version': jax.__version__, 'backend': jax.default_backend(),
-        'allocator': allocator.in_use(),
-        'load_average_before': load_before, 'load_average_after': os.getloadavg(),
+        **vf.header('defaults', load_before),
         'runs': args.runs, 'steps_per_run': args.steps, 'results': results,
     }, indent=1))
 

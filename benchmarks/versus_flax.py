@@ -287,6 +287,18 @@ def run_part(name: str, part: dict, ex, runs: int, steps: int, log) -> dict:
     return out
 
 
+def header(benchmark: str, load_before) -> dict:
+    """What every JSON of these side-by-side benchmarks starts with: when, where, on what."""
+    return {
+        'benchmark': benchmark,
+        'date': datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'),
+        'machine': f'{platform.machine()}, {os.cpu_count()} CPUs',
+        'jax_version': jax.__version__, 'backend': jax.default_backend(),
+        'allocator': allocator.in_use(),
+        'load_average_before': load_before, 'load_average_after': os.getloadavg(),
+    }
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--flax_dir', required=True,
@@ -306,13 +318,7 @@ def main():
     for name in parts:
         results[name] = run_part(name, PARTS[name], ex, args.runs, args.steps, log)
     print(json.dumps({
-        'benchmark': 'versus_flax',
-        'date': datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'),
-        'machine': f'{platform.machine()}, {os.cpu_count()} CPUs',
-        'jax_version': jax.__version__, 'backend': jax.default_backend(),
-        'allocator': allocator.in_use(),
-        'flax_example': ex.path,
-        'load_average_before': load_before, 'load_average_after': os.getloadavg(),
+        **header('versus_flax', load_before), 'flax_example': ex.path,
         'runs': args.runs, 'steps_per_run': args.steps,
         'parts': results,
     }, indent=1))
