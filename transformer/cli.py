@@ -267,12 +267,24 @@ def slow_for_tests(what: str) -> None:
         time.sleep(float(slow.split(':', 1)[1]))
 
 
+_INTERRUPTED: list[int] = []  # the signal _interrupt raised Interrupted for, if any
+
+
 def _interrupt(signum, frame) -> None:
     """SIGINT/SIGTERM outside train's loop: unwinds the program (cleanup code runs), once."""
     del frame
     for other in (signal.SIGINT, signal.SIGTERM):  # a second signal must not cut the unwinding
         signal.signal(other, signal.SIG_IGN)
+    _INTERRUPTED.append(signum)
     raise errors.Interrupted(signum)
+
+
+def raise_if_interrupted() -> None:
+    """Raises Interrupted again for a signal whose exception was lost: a handler's exception
+    is raised in whatever code runs at that moment, and a library's broad `except` there may
+    swallow it (seen once in CI: a SIGTERM at start-up, then the whole run, exit 0)."""
+    if _INTERRUPTED:
+        raise errors.Interrupted(_INTERRUPTED[0])
 
 
 def run(main: Callable[[], None], positional: list | None = None) -> None:

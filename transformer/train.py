@@ -79,6 +79,7 @@ class StopSignal:
     """
 
     def __init__(self):
+        cli.raise_if_interrupted()  # a signal during start-up ends the program, not the loop
         self.requested = False
         self._evaluating = False
         for sig in (signal.SIGTERM, signal.SIGINT):
