@@ -19,6 +19,8 @@ import os
 import sys
 from collections.abc import Callable, Mapping
 
+from transformer import supervisor
+
 OFF = 'TRANSFORMER_TCMALLOC'
 PROGRAMS = ('train', 'evaluate', 'translate', 'average', 'summary', 'attention', 'report',
             'prepare', 'score')
@@ -42,9 +44,9 @@ def reexec_env(argv: list[str], environ: Mapping[str, str],
     LD_PRELOAD ends it), and never when TRANSFORMER_TCMALLOC=0 or no tcmalloc is installed.
     """
     programs = {f'transformer.{p}' for p in PROGRAMS}
-    is_program = '-m' in argv[:-1] and argv[argv.index('-m') + 1] in programs
     preload = environ.get('LD_PRELOAD', '')
-    if not is_program or environ.get(OFF, '1') == '0' or 'tcmalloc' in preload:
+    if (not supervisor.is_program(argv, programs) or environ.get(OFF, '1') == '0'
+            or 'tcmalloc' in preload):
         return None
     library = find()
     if library is None:

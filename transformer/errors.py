@@ -20,6 +20,8 @@ import sys
 import jax
 from tqdm import tqdm
 
+from transformer import supervisor
+
 EXIT_RUNTIME = 1
 EXIT_BAD_INPUT = 2
 EXIT_SIGNAL = 128  # + the signal's number, as a shell reports a process a signal ended
@@ -110,8 +112,7 @@ def lost_peer(reason: str, index: int | None = None, count: int | None = None) -
     `count` default to JAX's process index and count."""
     index = jax.process_index() if index is None else index
     count = jax.process_count() if count is None else count
-    return (f'process {index} of {count} stopped: {reason} (a lost peer process, or see its '
-            'own error)')
+    return supervisor.lost_peer(f'process {index} of {count}', reason)
 
 
 # Errors of a full disk: the message then says how much room is left.

@@ -176,7 +176,7 @@ def exit_status(returncode: int, fatal: bytes | None, said_error: bool,
         return EXIT_RUNTIME if fatal is not None else EXIT_SIGNAL - returncode
     where = _process(environ)
     if fatal is not None:
-        line = f'{where} stopped: {reason(fatal)} (a lost peer process, or see its own error)'
+        line = lost_peer(where, reason(fatal))
         status = EXIT_RUNTIME
     else:
         name = signal.Signals(-returncode).name
@@ -185,6 +185,12 @@ def exit_status(returncode: int, fatal: bytes | None, said_error: bool,
     sys.stderr.write(f'error: {line}\n')
     sys.stderr.flush()
     return status
+
+
+def lost_peer(where: str, why: str) -> str:
+    """The one line of a process (`where`: 'process I of N') whose peer is gone, or that failed
+    itself; the supervisor's and cli.run's alike (errors.lost_peer)."""
+    return f'{where} stopped: {why} (a lost peer process, or see its own error)'
 
 
 def _process(environ: Mapping[str, str]) -> str:
