@@ -1,6 +1,7 @@
 """`python tests/full_disk.py PATTERN -m transformer.PROGRAM ARGS`: the program on a full disk.
 
-Every write to a file whose path contains PATTERN fails as on a full disk (ENOSPC), and the
+Every file whose path contains PATTERN is written as on a full disk (ENOSPC), buffers and
+all (a write beyond the buffer fails, and so does each flush and close after it), and the
 disk reports 1 MiB free: the program's own code (token cache, vocabulary, metrics, TensorBoard
 events, the check before a checkpoint is saved) meets the operating system's answer; nothing of
 the program is changed. (Checkpoint arrays are written by TensorStore, in C++, which this does
@@ -21,19 +22,39 @@ _open = builtins.open
 
 
 class _FullFile:
-    """A file open for writing on a full disk: every write fails."""
+    """A file open for writing on a full disk, as a buffered file meets it: writes that fit in
+    the buffer (io.DEFAULT_BUFFER_SIZE) seem to succeed; a write beyond it, and every flush and
+    close while anything is buffered, fail with ENOSPC, since the buffer keeps what it could
+    not write (close closes the file all the same)."""
 
     def __init__(self, file):
-        self._file = file
+        self._file, self._buffered = file, 0
+
+    def _full(self):
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self._file.name)
 
     def write(self, data):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self._file.name)
+        if self._buffered + len(data) > io.DEFAULT_BUFFER_SIZE:
+            self._buffered = max(self._buffered, 1)
+            raise self._full()
+        self._buffered += len(data)
+        return len(data)
+
+    def flush(self):
+        if self._buffered:
+            raise self._full()
+
+    def close(self):
+        if self._file.closed:
+            return
+        self._file.close()
+        self.flush()
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
-        self._file.close()
+        self.close()
 
     def __getattr__(self, name):
         return getattr(self._file, name)

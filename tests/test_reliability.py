@@ -3,6 +3,7 @@ documented exit status, and loses nothing already written (README, "When somethi
 wrong"). Failures are real where CI can make them (a deleted file, an immutable directory, a
 file size limit, a killed process) and injected where it cannot."""
 
+import errno
 import json
 import os
 import pathlib
@@ -488,6 +489,66 @@ def test_the_first_error_wins_over_errors_while_closing():
     with pytest.raises(OSError, match='No space'):
         errors.close_all([failing_close, lambda: calls.append('next')], failing=False)
     assert calls == ['failing', 'next', 'failing', 'next']  # every closer ran
+
+
+class _FullDiskFile:
+    """A file being written on a full disk, as a buffered file meets it: a write fails (or,
+    with `fits`, seems to succeed into the buffer), and every flush and close after it fails
+    again on what the buffer kept; close closes all the same."""
+
+    def __init__(self, file, fits=False):
+        self.file, self.fits, self.closed, self.name = file, fits, False, str(file)
+
+    def _full(self, when):
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), when)
+
+    def write(self, data):
+        if not self.fits:
+            raise self._full('write')
+        return len(data)
+
+    def flush(self):
+        raise self._full('flush')
+
+    def close(self):
+        if not self.closed:
+            self.closed = True
+            if hasattr(self.file, 'close'):
+                self.file.close()
+            raise self._full('close')
+
+
+def test_a_failed_write_is_the_error_raised_not_the_close_after_it(tmp_path):
+    full = _FullDiskFile(tmp_path / 'x')
+    with pytest.raises(errors.WriteError) as raised, errors.closing(full, 'the x', 'X') as f:
+        f.write(b'data')
+    assert str(raised.value).startswith('could not write the x X: No space left on device (')
+    assert full.closed and errors.chain(raised.value)[1].filename == 'write'  # the first
+    full = _FullDiskFile(tmp_path / 'x', fits=True)  # the close is the first to fail
+    with pytest.raises(errors.WriteError, match='could not write the x X: No space'):
+        with errors.closing(full, 'the x', 'X') as f:
+            f.write(b'data')
+    writer = metrics.MetricWriter(str(tmp_path))  # a file kept open: closed at the failure
+    writer._jsonl.close()
+    full = writer._jsonl = _FullDiskFile(tmp_path / workdir_lib.METRICS_FILE)
+    with pytest.raises(errors.WriteError, match='could not write the metrics'):
+        writer.write(1, {'loss': 2.0})
+    assert full.closed
+    writer.close()  # nothing raised: closed already
+    with pytest.raises(errors.WriteError, match='could not write the TensorBoard events'):
+        writer._events._writer = _FullDiskFile(tmp_path / 'events', fits=True)
+        writer._events.write(1, {'loss': 2.0})
+    assert writer._events._writer.closed
+
+
+def test_atomic_write_on_a_full_disk_raises_the_first_error_and_leaves_nothing(
+        tmp_path, monkeypatch):
+    fdopen = os.fdopen
+    monkeypatch.setattr(os, 'fdopen', lambda fd, mode: _FullDiskFile(fdopen(fd, mode)))
+    file = str(tmp_path / workdir_lib.CONFIG_FILE)
+    with pytest.raises(errors.WriteError, match=f'could not write the config {file}: No space '):
+        workdir_lib.atomic_write(file, b'{}', 'the config')
+    assert os.listdir(tmp_path) == []
 
 
 # 14. Config values that would fail later (after building the vocabulary and the data, or

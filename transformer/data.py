@@ -9,6 +9,7 @@ planned from the lengths and read from the token arrays (batching.py).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -275,24 +276,32 @@ def _build_cache(tokenizer: Tokenizer, train, cache_dir: str, directory: str) ->
         os.makedirs(cache_dir, exist_ok=True)
         tmp = tempfile.mkdtemp(dir=cache_dir, prefix=workdir_lib.CACHE_TMP_PREFIX)
     try:
-        with writing():
-            files = {s: open(os.path.join(tmp, f'{s}_tokens.bin'), 'wb') for s in _SIDES}
-
-        def write(side, ids):
+        def written(name, mode='wb'):
+            # the first error is the one raised, never the close's after it (errors.closing)
             with writing():
-                files[side].write(ids.tobytes())
+                handle = open(os.path.join(tmp, name), mode)  # noqa: SIM115 - closed below
+            return errors.closing(handle, 'the token cache', directory)
 
-        with files['source'], files['target']:
+        with contextlib.ExitStack() as stack:
+            files = {s: stack.enter_context(written(f'{s}_tokens.bin')) for s in _SIDES}
+
+            def write(side, ids):
+                with writing():
+                    files[side].write(ids.tobytes())
+
             offsets, lengths = _tokenize(tokenizer, train, write)
+        for s in _SIDES:
+            with written(f'{s}_offsets.npy') as f:
+                np.save(f, offsets[s])
+            with written(f'{s}_lengths.npy') as f:
+                np.save(f, lengths[s])
         with writing():
-            for s in _SIDES:
-                np.save(os.path.join(tmp, f'{s}_offsets.npy'), offsets[s])
-                np.save(os.path.join(tmp, f'{s}_lengths.npy'), lengths[s])
             records = {name: _file_record(os.path.join(tmp, name)) for name in _cache_files()}
-            with open(os.path.join(tmp, workdir_lib.CACHE_META), 'w') as f:
-                json.dump({'dtype': np.dtype(token_dtype(tokenizer.vocab_size)).name,
-                           'pairs': len(train), 'name': train.name, 'files': records,
-                           'sha256': _content_sha256(records)}, f)
+        with written(workdir_lib.CACHE_META, 'w') as f:
+            json.dump({'dtype': np.dtype(token_dtype(tokenizer.vocab_size)).name,
+                       'pairs': len(train), 'name': train.name, 'files': records,
+                       'sha256': _content_sha256(records)}, f)
+        with writing():
             os.chmod(tmp, 0o777 & ~_umask())
             try:
                 os.rename(tmp, directory)

@@ -75,7 +75,7 @@ def merge(parts: dict[int, str], scratch_dir: str, label: str) -> dict[int, str]
     if jax.process_count() == 1:
         return parts
     own = os.path.join(scratch_dir, workdir_lib.merge_part_name(label, jax.process_index()))
-    with open(own, 'w') as f:
+    with errors.written(own, 'the evaluation scratch file', 'w') as f:
         json.dump(parts, f)
     sync(f'{label} parts written')
     merged = {}

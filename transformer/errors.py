@@ -144,13 +144,58 @@ def write_failure(what: str, path: str, exc: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def writing(what: str, path: str):
+def writing(what: str, path: str, handle=None):
     """Turns an OSError of the block into a WriteError naming `what` is written to `path`
-    (e.g. 'the vocabulary', DIR/vocab.json), with the free space when the disk is full."""
+    (e.g. 'the vocabulary', DIR/vocab.json), with the free space when the disk is full.
+
+    With `handle`, a file kept open across writes (the metrics), a failure closes it at once
+    (`discard`): a later close would fail again on what its buffer kept.
+    """
     try:
         yield
     except OSError as e:
+        if handle is not None:
+            discard(handle)
         raise WriteError(write_failure(what, path, e)) from e
+
+
+@contextlib.contextmanager
+def closing(handle, what: str, path: str):
+    """Closes `handle`, a file being written as `what` (named `path`), after the block.
+
+    A failed write leaves its data in the file's buffer, so on a full disk the close fails
+    again as it flushes: when the block raised, the close's own error is dropped and the
+    first error is the one raised. An OSError of the block or of the close is a WriteError
+    naming `what` and `path` (see `writing`). Every file this project writes goes through
+    here (`written`, workdir.atomic_write), or through `discard` for a file kept open.
+    """
+    try:
+        with writing(what, path):
+            yield handle
+    except BaseException:
+        discard(handle)
+        raise
+    with writing(what, path):
+        handle.close()
+
+
+@contextlib.contextmanager
+def written(file: str, what: str, mode: str = 'wb'):
+    """`file` opened with `mode` for writing as `what` (e.g. 'the token cache') and closed
+    after the block, the first error of the open, the block or the close being raised as a
+    one-line WriteError (see `closing`)."""
+    with writing(what, file):
+        handle = open(file, mode)  # noqa: SIM115 - closed by `closing`
+    with closing(handle, what, file) as f:
+        yield f
+
+
+def discard(handle) -> None:
+    """Closes `handle`, a file being written, after a failure, dropping the close's own error
+    (a full disk fails the flush of what the buffer kept again): the first error is the one
+    the user sees."""
+    with contextlib.suppress(Exception):
+        handle.close()
 
 
 def close_all(closers, failing: bool) -> None:

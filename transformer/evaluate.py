@@ -110,10 +110,10 @@ def evaluate_split(workdir: str | None, *, split: str, average: int | None, step
             # A line never holds a newline (read split on them, SentencePiece cannot make
             # one), but be sure.
             text = ''.join(line.replace('\n', ' ') + '\n' for line in lines)
-            workdir_lib.atomic_write(path, text.encode('utf-8'))
+            workdir_lib.atomic_write(path, text.encode('utf-8'), 'the evaluation output')
             result[key] = path
         workdir_lib.atomic_write(os.path.join(out_dir, label + '.json'),
-                                 json.dumps(result, indent=2).encode())
+                                 json.dumps(result, indent=2).encode(), 'the evaluation output')
     return result
 
 

@@ -49,8 +49,7 @@ class MetricWriter:
             with open(self._file, 'rb') as f:
                 kept = [line for line in f.read().splitlines(keepends=True)
                         if _step_of(line) is not None and _step_of(line) <= start]
-            with errors.writing('the metrics', self._file):
-                workdir_lib.atomic_write(self._file, b''.join(kept))
+            workdir_lib.atomic_write(self._file, b''.join(kept), 'the metrics')
             for line in kept:
                 self._kept.setdefault(_step_of(line), set()).update(
                     key.split('/', 1)[0] + '/' for key in json.loads(line) if '/' in key)
@@ -75,18 +74,20 @@ class MetricWriter:
         if _deleted(self._file, self._jsonl):
             errors.warn(f'{self._file} was deleted during the run: writing the rows from step '
                         f'{step} on to a new one')
-            self._jsonl.close()
+            errors.discard(self._jsonl)  # everything was flushed to the deleted file
             self._jsonl = self._open_jsonl()
-        with errors.writing('the metrics', self._file):
+        with errors.writing('the metrics', self._file, self._jsonl):
             self._jsonl.write(json.dumps(record) + '\n')
             self._jsonl.flush()
         self._events.write(int(step), {f'{prefix}{k}': float(v) for k, v in scalars.items()})
 
     def close(self) -> None:
         if self.enabled:
-            with errors.writing('the metrics', self._file):
-                self._jsonl.close()
-            self._events.close()
+            errors.close_all([self._close_jsonl, self._events.close], failing=False)
+
+    def _close_jsonl(self) -> None:
+        with errors.writing('the metrics', self._file):
+            self._jsonl.close()
 
 
 class _EventFile:
@@ -114,7 +115,7 @@ class _EventFile:
                         session_log=SessionLog(status=SessionLog.START)))
 
     def _put(self, event: Event) -> None:
-        with errors.writing('the TensorBoard events', self.file):
+        with errors.writing('the TensorBoard events', self.file, self._writer):
             self._writer.write(event.SerializeToString())
             self._writer.flush()
 
@@ -122,7 +123,7 @@ class _EventFile:
         if not os.path.exists(self.file):
             errors.warn(f'{self.file} was deleted during the run: writing the events from step '
                         f'{step} on to a new one')
-            self._writer.close()
+            errors.discard(self._writer)  # everything was flushed to the deleted file
             self._open()
         for tag, value in scalars.items():
             self._put(Event(wall_time=time.time(), step=step, summary=scalar(tag, value)))

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import matplotlib
 
+from transformer import errors
+
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 
@@ -63,7 +65,8 @@ def attention_maps(weights: dict, source_pieces, target_pieces, out: str, title:
                     ax.set_title(f'head {head + 1}', fontsize=9)
                 ax.tick_params(length=0)
         subfig.colorbar(image, ax=grid, shrink=0.6, label='weight')
-    fig.savefig(out, dpi=110)
+    with errors.written(out, 'the figure') as f:
+        fig.savefig(f, format='png', dpi=110)
     plt.close(fig)
 
 
@@ -94,5 +97,6 @@ def runs_figure(curves: dict, bleu: dict, out: str) -> None:
     right.set_ylabel('validation BLEU (beam search, no averaging)')
     right.grid(True, which='both', alpha=0.3)
     right.set_title('BLEU against parameters')
-    fig.savefig(out, dpi=110)
+    with errors.written(out, 'the figure') as f:
+        fig.savefig(f, format='png', dpi=110)
     plt.close(fig)

@@ -216,7 +216,7 @@ def main():
     text = table(runs, skipped)
     print(text, end='')
     if _OUT.value:
-        workdir_lib.atomic_write(_OUT.value, text.encode())
+        workdir_lib.atomic_write(_OUT.value, text.encode(), 'the report')
     if _PLOT.value:
         if not _PLOT.value.lower().endswith('.png'):
             raise UsageError(f'--plot={_PLOT.value!r} must name a .png file')

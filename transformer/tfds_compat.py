@@ -18,6 +18,7 @@ its one call in `tfds_source.py`; the test fails first if an upgrade breaks it.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import importlib.util
 import os
@@ -76,6 +77,11 @@ class GFile:
         return self._open()  # the file itself: tarfile seeks and tells on it
 
     def __exit__(self, *exc) -> None:
+        if exc[0] is not None and self._file is not None:
+            # a failed write: closing flushes again and would raise over the first error
+            with contextlib.suppress(Exception):
+                self._file.close()
+            self._file = None
         self.close()
 
 

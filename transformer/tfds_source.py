@@ -177,10 +177,11 @@ def _prepare_lock(b, say: Callable[[str], None]):
             say(f'Waiting for {handle.read().strip() or "another process"} to finish '
                 f'preparing {b.info.full_name} ({path})')
             fcntl.flock(handle, fcntl.LOCK_EX)
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f'pid {os.getpid()} on host {socket.gethostname()}\n')
-        handle.flush()
+        with errors.writing('the lock file', path, handle):
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f'pid {os.getpid()} on host {socket.gethostname()}\n')
+            handle.flush()
         yield
 
 

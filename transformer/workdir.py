@@ -95,21 +95,25 @@ def eval_name(split: str, members: list[dict], beam_size: int, alpha: float,
     return name + (f'_first{limit}' if limit is not None else '')
 
 
-def atomic_write(file: str, data: bytes) -> None:
+def atomic_write(file: str, data: bytes, what: str = 'the file') -> None:
     """Writes via a temporary file (named for `file`) and os.replace, so a crash never leaves
-    half a file.
+    half a file. A failure is a one-line WriteError naming `what` (e.g. 'the config') and
+    `file`, the first error being the one raised (errors.closing).
 
     The file gets the mode the umask gives any new file (mkstemp alone would make it 0600).
     """
     directory = os.path.dirname(file) or '.'
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f'{TMP_PREFIX}{os.path.basename(file)}-')
+    with errors.writing(what, file):
+        fd, tmp = tempfile.mkstemp(dir=directory,
+                                   prefix=f'{TMP_PREFIX}{os.path.basename(file)}-')
     try:
-        with os.fdopen(fd, 'wb') as f:
+        with errors.closing(os.fdopen(fd, 'wb'), what, file) as f:
             f.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, file)
+        with errors.writing(what, file):
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)
+            os.replace(tmp, file)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -122,8 +126,7 @@ def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Stores the resolved config in the work directory (atomically)."""
     os.makedirs(workdir, exist_ok=True)
     file = path(workdir, CONFIG_FILE)
-    with errors.writing('the config', file):
-        atomic_write(file, config.to_json(indent=2, sort_keys=True).encode())
+    atomic_write(file, config.to_json(indent=2, sort_keys=True).encode(), 'the config')
 
 
 def config_record(config: ml_collections.ConfigDict) -> dict:
@@ -334,8 +337,7 @@ def vocabulary(config, workdir: str, texts: Callable[[], Iterable[str]],
                          'stored)')
     # Metadata first: vocab.model is what marks the vocabulary as present.
     _write_vocab_meta(config, workdir, tokenizer, _sha256(proto), train_seconds=seconds)
-    with errors.writing('the vocabulary', model_file):
-        atomic_write(model_file, proto)
+    atomic_write(model_file, proto, 'the vocabulary')
     return tokenizer
 
 
@@ -352,8 +354,7 @@ def _write_vocab_meta(config, workdir: str, tokenizer, sha256: str, **extra) -> 
                 sha256=sha256, data_source=config.data.source,
                 **{k: round(v, 2) for k, v in extra.items()})
     file = path(workdir, VOCAB_META)
-    with errors.writing('the vocabulary', file):
-        atomic_write(file, (json.dumps(meta, indent=2) + '\n').encode())
+    atomic_write(file, (json.dumps(meta, indent=2) + '\n').encode(), 'the vocabulary')
 
 
 # -- the training process's lock --------------------------------------------------------------
@@ -387,6 +388,7 @@ def lock(workdir: str):
         handle.write(f'pid {os.getpid()} on host {socket.gethostname()}\n')
         handle.flush()
     except OSError as e:
+        errors.discard(handle)  # its close would fail again on what the buffer kept
         if errors.is_full_disk(e):
             raise errors.WriteError(errors.write_failure('the lock file', file, e)) from None
         raise UsageError(f'cannot write in the work directory {workdir}: '
