@@ -838,7 +838,9 @@ def test_a_deleted_vocab_json_under_checkpoints_is_written_anew(run):
 def test_a_work_directory_that_is_a_file_is_named(tmp_path):
     file = tmp_path / 'run'
     file.write_text('not a directory')
-    for module in ('evaluate', 'translate'):
-        proc = run_program(module, f'--workdir={file}', stdin=b'x\n', check=False)
+    # One check for every program (workdir.check_workdir): train, and one that reads a run.
+    for proc in (run_train(file, check=False),
+                 run_program('evaluate', f'--workdir={file}', check=False)):
         assert proc.returncode == errors.EXIT_BAD_INPUT
         assert error_line(proc) == f'error: --workdir={file} is a file, not a work directory'
+    assert file.read_text() == 'not a directory'

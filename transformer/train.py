@@ -384,8 +384,7 @@ def main():
     config = cli.checked_config(_CONFIG)
     t = config.train
     workdir = _WORKDIR.value
-    if not workdir:
-        raise UsageError('--workdir is required')
+    workdir_lib.check_workdir(workdir, must_exist=False)
     distributed.initialize(t.peer_timeout_seconds)
     _fault_injection('initialized')
     is_main = distributed.is_main()

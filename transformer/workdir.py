@@ -144,15 +144,23 @@ def _checkpointed_config(workdir: str) -> tuple[int, dict] | None:
     return None
 
 
+def check_workdir(workdir: str, must_exist: bool = True) -> None:
+    """The one check of --workdir that every program makes first: given, not a file, and,
+    unless `must_exist` is False (train, which makes it), existing. A FieldError names the
+    flag (`--workdir=FILE is a file, not a work directory`)."""
+    if not workdir:
+        raise FieldError('workdir', workdir, 'is required (a work directory of transformer.train)'
+                         if must_exist else 'is required')
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise FieldError('workdir', workdir, 'is a file, not a work directory')
+    if must_exist and not os.path.exists(workdir):
+        raise FieldError('workdir', workdir, 'does not exist')
+
+
 def load_config(workdir: str) -> ml_collections.ConfigDict:
     """The config that `train` stored in `workdir`; from its newest checkpoint (with a warning)
     when config.json is missing; UsageError if there is none or it is not JSON."""
-    if not workdir:
-        raise FieldError('workdir', workdir, 'is required (a work directory of transformer.train)')
-    if not os.path.exists(workdir):
-        raise FieldError('workdir', workdir, 'does not exist')
-    if not os.path.isdir(workdir):
-        raise FieldError('workdir', workdir, 'is a file, not a work directory')
+    check_workdir(workdir)
     stored = _stored_config(workdir)
     if stored is None:
         raise UsageError(f'{path(workdir, CONFIG_FILE)} not found: is {workdir!r} a work '
