@@ -87,3 +87,14 @@ def test_refuses_vocabulary_of_another_config(vocab_dir):
 def test_load_missing(tmp_path):
     with pytest.raises(ValueError, match='no vocabulary'):
         workdir_lib.load_vocabulary(str(tmp_path))
+
+
+def test_any_thread_count_gives_the_same_vocabulary_and_ids():
+    """Threads follow the usable cores (CPU affinity); the vocabulary file (whose sha256 is the
+    run's fingerprint) and the ids must not depend on them."""
+    lines = _corpus()
+    proto = tk.train(lines, 300, threads=1)
+    assert tk.train(lines, 300, threads=2) == proto
+    ids = [tk.Tokenizer(proto, threads=n).encode_batch(lines) for n in (1, 2)]
+    assert ids[0] == ids[1]
+    assert tk.Tokenizer(proto).threads == tk.usable_cores() >= 1

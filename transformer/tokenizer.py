@@ -13,6 +13,7 @@ sentences, and where the model is stored, is the caller's business (`workdir.voc
 from __future__ import annotations
 
 import io
+import os
 from collections.abc import Iterable, Sequence
 
 import sentencepiece as spm
@@ -25,12 +26,27 @@ UNK_ID = 2
 # (the demo's vocabulary has 256 pieces in all).
 BYTE_FALLBACK_MIN_VOCAB = 1024
 
+# What a trained model records as its trainer's num_threads, whatever it used: the thread
+# count changes no piece, but it is stored in the model, and vocab.model's sha256 is the
+# run's vocabulary fingerprint; 2 is what every earlier version used and recorded.
+_RECORDED_THREADS = 2
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on: its CPU affinity (a container's, a job
+    scheduler's or taskset's share of the host), else the host's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # no sched_getaffinity (macOS)
+        return os.cpu_count() or 1
+
 
 class Tokenizer:
     """Encodes text to ids and back with a SentencePiece model."""
 
-    def __init__(self, model_proto: bytes):
+    def __init__(self, model_proto: bytes, threads: int | None = None):
         self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        self.threads = threads or usable_cores()  # encode_batch's threads
 
     @property
     def vocab_size(self) -> int:
@@ -42,8 +58,9 @@ class Tokenizer:
         return self._sp.encode(text)
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        """Ids of many texts at once (SentencePiece threads the work); no EOS."""
-        return self._sp.encode(list(texts), num_threads=2)
+        """Ids of many texts at once, on `threads` threads (the same ids for any count); no
+        EOS."""
+        return self._sp.encode(list(texts), num_threads=self.threads)
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of `ids`, stopping at the first EOS and skipping PAD."""
@@ -61,8 +78,11 @@ class Tokenizer:
         return [self._sp.id_to_piece(int(i)) for i in ids]
 
 
-def train(texts: Iterable[str], vocab_size: int) -> bytes:
-    """Trains a BPE model on `texts` and returns the serialized model."""
+def train(texts: Iterable[str], vocab_size: int, threads: int | None = None) -> bytes:
+    """Trains a BPE model on `texts` on `threads` threads (default: the usable cores) and
+    returns the serialized model: the same bytes for any thread count."""
+    from sentencepiece import sentencepiece_model_pb2  # protobuf: only to train
+
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(texts),
@@ -79,7 +99,9 @@ def train(texts: Iterable[str], vocab_size: int) -> bytes:
         hard_vocab_limit=False,
         # We sample ourselves (seeded); keep every sentence handed over.
         input_sentence_size=0, shuffle_input_sentence=False,
-        num_threads=2,
+        num_threads=threads or usable_cores(),
         minloglevel=2,
     )
-    return model.getvalue()
+    proto = sentencepiece_model_pb2.ModelProto.FromString(model.getvalue())
+    proto.trainer_spec.num_threads = _RECORDED_THREADS
+    return proto.SerializeToString()

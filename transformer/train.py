@@ -399,7 +399,8 @@ def main():
     tokenizer = vocabulary(config, workdir, recorded, steps)
     fingerprint = workdir_lib.vocabulary_fingerprint(workdir)
     train_iter, data_sha256 = training_batches(config, workdir, tokenizer, fingerprint)
-    cli.say(f'Training data: {train_iter.stats}')
+    cli.say(f'Training data: {train_iter.stats}; tokenizer threads: {tokenizer.threads} (the '
+            'CPU cores this process may use)')
     validation = validation_data(config, tokenizer)
     _fault_injection('data-ready')
 
