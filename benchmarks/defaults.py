@@ -45,7 +45,7 @@ from transformer import train_step as train_step_lib
 
 OPTIONS = {
     'dropout_rng_impl': ('train.dropout_rng_impl', ['threefry2x32', 'rbg']),
-    'scan_layers': ('model.scan_layers', [True, False]),
+    'scan_layers': ('model.scan_layers', ['True', 'False']),
     'attention_impl': ('model.attention_impl', ['auto', 'explicit']),
     'donation': ('donation', ['on', 'off']),
     'remat': ('model.remat', ['none', 'block']),

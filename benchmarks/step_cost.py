@@ -39,7 +39,7 @@ def small_config(rng_impl: str):
     c.vocab_size = 8000
     c.model.update(num_encoder_layers=2, num_decoder_layers=2, d_model=256, d_ff=1024,
                    num_heads=4, d_k=64, d_v=64, dropout_rate=0.1, attention_dropout_rate=0.1,
-                   relu_dropout_rate=0.1, dtype='float32', scan_layers=False)
+                   relu_dropout_rate=0.1, dtype='float32', scan_layers='False')
     c.train.dropout_rng_impl = rng_impl
     return c
 
@@ -62,7 +62,7 @@ def xla_cost(rng_impl: str) -> dict:
 def trace_seconds(scan: bool) -> float:
     """In this (fresh) process: config to lowered step, seconds."""
     c = config_lib.base_config()
-    c.model.update(dtype='float32', scan_layers=scan)
+    c.model.update(dtype='float32', scan_layers=str(scan))
     start = time.perf_counter()
     lowered(c, 8, 32)
     return time.perf_counter() - start

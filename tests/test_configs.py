@@ -65,7 +65,7 @@ def test_table3_rows_count_as_the_architecture(repo_root, row):
 def test_flop_count_matches_xla():
     c = config_lib.shrink(config_lib.base_config())
     c.vocab_size = 64
-    c.model.scan_layers = False  # XLA counts a loop's body once
+    c.model.scan_layers = 'False'  # XLA counts a loop's body once
     m = model_lib.create_model(c)
     src = jnp.ones((1, 12), jnp.int32)
     tgt = jnp.ones((1, 10), jnp.int32)

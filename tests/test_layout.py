@@ -5,7 +5,7 @@ import pathlib
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / 'transformer'
 PROGRAMS = {'train', 'evaluate', 'translate', 'average', 'summary', 'attention', 'report',
-            'prepare', 'score', 'export'}
+            'prepare', 'score', 'export', 'preflight'}
 
 
 def imports() -> dict[str, set[str]]:

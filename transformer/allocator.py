@@ -23,7 +23,7 @@ from transformer import supervisor
 
 OFF = 'TRANSFORMER_TCMALLOC'
 PROGRAMS = ('train', 'evaluate', 'translate', 'average', 'summary', 'attention', 'report',
-            'prepare', 'score', 'export')
+            'prepare', 'score', 'export', 'preflight')
 _NAMES = ('tcmalloc_minimal', 'tcmalloc')
 
 

@@ -118,6 +118,12 @@ def _round_rows(rows: int, multiple: int) -> int:
     return max(multiple, rows // multiple * multiple)
 
 
+def rows_per_batch(batch_tokens: int, length: int, multiple: int) -> int:
+    """Rows of a bucket's global batches: about `batch_tokens` tokens in rows of `length`,
+    a multiple of `multiple` (devices x accumulation steps x processes), at least one."""
+    return _round_rows(batch_tokens // int(length), multiple)
+
+
 class _Plan:
     """The global batches of one epoch, stored flat.
 
@@ -171,7 +177,7 @@ def _bucket_plan(rng, ids, src_len, tgt_len, data_config, multiple) -> _Plan:
     buckets = bucket_length(np.maximum(src_len[ids], tgt_len[ids]), data_config)
     batches, pending = [], ids[:0]
     for length in np.unique(buckets):
-        per_batch = _round_rows(data_config.batch_tokens // int(length), multiple)
+        per_batch = rows_per_batch(data_config.batch_tokens, length, multiple)
         # Rows a shorter bucket could not fill a batch with fit here; carrying them up leaves
         # a single partial batch per epoch instead of one per bucket.
         rows = np.concatenate([pending, ids[buckets == length]])

@@ -69,20 +69,21 @@ def base_config() -> ml_collections.ConfigDict:
     m.remat = 'none'
     # The layers of a stack: True runs them in a lax.scan (one layer traced and compiled per
     # stack), False unrolls that loop over the same stacked parameters (either reads the
-    # other's checkpoints). Measured (benchmarks/defaults.py, 2-core CPU, tcmalloc, quiet, 9
-    # paired runs, results/2026-12-01-cpu-defaults-scan_layers-quiet.json): unrolled steps
-    # are 1.07x faster on base (range 0.95-1.16; 1.02x in an earlier, loaded run) and 1.11x on
-    # a 2-layer model. Scanned is kept for memory: at the paper's batch on one device the
-    # unrolled base step peaks at 38.7 GiB against 31.1 (big 68.3 against 53.6), and remat
-    # (model.remat='block') saves almost nothing unrolled (37.0 GiB) where scanned it cuts
-    # the peak to 12.3 (results/2026-12-01-cpu-memory_plan*.json); scanned also compiles
-    # faster (base 7.2 against 9.6 s, 3.7x less trace time). Set False for the faster steps
-    # where memory allows (memory_plan.py says).
-    # XLA's cost analysis counts a loop's body once (unroll to count FLOPs). Decoding steps
-    # always run the layers one by one (model.py's decode_step).
-    m.scan_layers = True
-    # Compute dtype. 'auto': bfloat16 on GPU/TPU, float32 on CPU; parameters and optimizer
-    # state stay in param_dtype (float32) either way.
+    # other's checkpoints). 'auto' decides by the platform of the run's devices, by compiled
+    # memory per device at the paper's batch (model.PLATFORM_DEFAULTS): unrolled on TPUs
+    # (base on tpu:v5e:2x4 data-parallel: see benchmarks/results/2026-12-02-preflight.json),
+    # scanned on GPUs and CPUs. On the CPU (benchmarks/defaults.py, 2-core, tcmalloc, 9 paired
+    # runs, results/2026-12-01-cpu-defaults-scan_layers-quiet.json) unrolled steps are 1.07x
+    # faster on base and 1.11x on a 2-layer model, but at the paper's batch on one device the
+    # unrolled base step peaks at 38.7 GiB against 31.1, and remat (model.remat='block')
+    # saves almost nothing unrolled (37.0 GiB) where scanned it cuts the peak to 12.3
+    # (results/2026-12-01-cpu-memory_plan*.json); scanned also compiles faster. XLA's cost
+    # analysis counts a loop's body once (unroll to count FLOPs). Decoding steps always run
+    # the layers one by one (model.py's decode_step).
+    m.scan_layers = 'auto'
+    # Compute dtype. 'auto': bfloat16 on GPU/TPU, float32 on CPU (the platform of the run's
+    # devices, model.PLATFORM_DEFAULTS); parameters and optimizer state stay in param_dtype
+    # (float32) either way, and gradients are summed over devices in float32.
     m.dtype = 'auto'
     m.param_dtype = 'float32'
 
@@ -231,6 +232,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
     need(m.attention_impl in ('auto', 'xla', 'cudnn', 'explicit'),
          f'model.attention_impl={m.attention_impl!r}; valid: auto, xla, cudnn, explicit')
     need(m.remat in ('none', 'block'), f'model.remat={m.remat!r}; valid: none, block')
+    need(str(m.scan_layers).lower() in ('auto', 'true', 'false'),
+         f'model.scan_layers={m.scan_layers!r}; valid: auto, True, False')
     need(m.dtype in DTYPES + ('auto',),
          f'model.dtype={m.dtype!r}; valid: auto, {", ".join(DTYPES)}')
     need(m.param_dtype in DTYPES,
@@ -312,7 +315,9 @@ RESUMABLE_CHANGES = ('train.steps', 'train.max_minutes', 'train.log_every_steps'
                      'train.eval_every_steps', 'train.checkpoint_every_steps',
                      'train.checkpoint_every_minutes', 'train.eval_bleu_sentences',
                      'train.sync_every_steps', 'train.profile_steps',
-                     'train.peer_timeout_seconds')
+                     'train.peer_timeout_seconds',
+                     # How the same model is computed: the same parameters, the same function.
+                     'model.scan_layers', 'model.remat', 'model.attention_impl')
 
 
 # Fields added after runs were stored, with the value that reproduces those runs (what the

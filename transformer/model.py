@@ -25,16 +25,55 @@ from transformer.layers import (
     layer_stack,
     scan_layers,
 )
-from transformer.multi_head_attention import attention_mask
+from transformer.multi_head_attention import attention_mask, resolve_implementation
 from transformer.sharding import constrain_batch
 from transformer.tokenizer import PAD_ID  # also the decoder's start symbol
 
+# What 'auto' model settings become on each platform (the platform of the devices a run's mesh
+# spans, which a pre-flight plan for a TPU or GPU, compiled on a CPU host, is not the host's).
+# scan_layers by compiled memory per device at the paper's batch (benchmarks/preflight.py,
+# results/2026-12-02-preflight.json): on TPUs the unrolled stacks need less (base on v5e:2x4,
+# 8 chips, data-parallel: see that file) and their steps run faster; on GPUs and the CPU
+# the scanned ones need less (XLA:CPU keeps every unrolled layer's buffers apart).
+PLATFORM_DEFAULTS = {
+    'cpu': dict(dtype='float32', scan_layers=True),
+    'gpu': dict(dtype='bfloat16', scan_layers=True),
+    'tpu': dict(dtype='bfloat16', scan_layers=False),
+}
 
-def resolve_dtype(name: str):
-    """Maps a config dtype name to a jnp dtype; 'auto' is bfloat16 on accelerators."""
+
+def _platform(platform: str | None) -> str:
+    platform = platform or jax.default_backend()
+    return platform if platform in PLATFORM_DEFAULTS else 'gpu'  # 'cuda', 'rocm'
+
+
+def resolve_dtype(name: str, platform: str | None = None):
+    """Maps a config dtype name to a jnp dtype; 'auto' is bfloat16 on accelerators (on
+    `platform`, default: JAX's default backend)."""
     if name == 'auto':
-        return jnp.bfloat16 if jax.default_backend() in ('gpu', 'tpu') else jnp.float32
+        return jnp.dtype(PLATFORM_DEFAULTS[_platform(platform)]['dtype'])
     return jnp.dtype(name)
+
+
+def resolve_scan(value, platform: str | None = None) -> bool:
+    """model.scan_layers: True, False or 'auto' (also as the strings a command line gives)."""
+    text = str(value).lower()
+    if text == 'auto':
+        return PLATFORM_DEFAULTS[_platform(platform)]['scan_layers']
+    return text == 'true'
+
+
+def resolved(config: ml_collections.ConfigDict, platform: str) -> ml_collections.ConfigDict:
+    """A copy of `config` with its 'auto' model settings decided for `platform`'s devices."""
+    config = ml_collections.ConfigDict(config.to_dict())
+    m = config.model
+    dtype = resolve_dtype(m.dtype, platform)
+    with m.ignore_type():
+        m.attention_impl = resolve_implementation(m.attention_impl, dtype, m.d_k, m.d_v,
+                                                  _platform(platform))
+        m.scan_layers = resolve_scan(m.scan_layers, platform)
+        m.dtype = dtype.name
+    return config
 
 
 @functools.lru_cache(maxsize=8)
@@ -150,7 +189,7 @@ class Transformer(nnx.Module):
 
         x, weights = scan_layers(self.encoder_layers, x, body, rngs=rngs,
                                   remat=self._remat(return_attention),
-                                  unroll=not self.cfg.scan_layers)
+                                  unroll=not resolve_scan(self.cfg.scan_layers))
         if self.cfg.norm == 'pre':
             x = self.encoder_norm(x)
         return (x, weights) if return_attention else x
@@ -175,7 +214,7 @@ class Transformer(nnx.Module):
 
         x, weights = scan_layers(self.decoder_layers, x, body, rngs=rngs,
                                   remat=self._remat(return_attention),
-                                  unroll=not self.cfg.scan_layers)
+                                  unroll=not resolve_scan(self.cfg.scan_layers))
         if self.cfg.norm == 'pre':
             x = self.decoder_norm(x)
         logits = constrain_batch(self.output_logits(x))

@@ -35,16 +35,17 @@ def attention_mask(q_segmentation: jax.Array, k_segmentation: jax.Array,
     return mask[:, None]
 
 
-def resolve_implementation(name: str, dtype, d_k: int, d_v: int) -> str:
+def resolve_implementation(name: str, dtype, d_k: int, d_v: int,
+                           platform: str | None = None) -> str:
     """'xla', 'cudnn' or 'explicit' for model.attention_impl `name` ('auto' decides between
-    the first two)."""
+    the first two for `platform`, default: JAX's default backend)."""
     if name not in IMPLEMENTATIONS:
         raise ValueError(f'model.attention_impl={name!r}; valid: {", ".join(IMPLEMENTATIONS)}')
     if name != 'auto':
         return name
     # cuDNN's fused kernel: GPU, 16-bit inputs, equal query/value widths, a multiple of 8 up
     # to 128 (jax.nn.dot_product_attention checks the rest and says what it refuses).
-    fits = (jax.default_backend() == 'gpu' and jnp.dtype(dtype).itemsize == 2
+    fits = ((platform or jax.default_backend()) == 'gpu' and jnp.dtype(dtype).itemsize == 2
             and d_k == d_v and d_k % 8 == 0 and d_k <= 128)
     return 'cudnn' if fits else 'xla'
 

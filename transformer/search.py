@@ -405,6 +405,21 @@ _jit_beam_search = jax.jit(
 _jit_forced = jax.jit(_forced, static_argnames=('graphdefs',))
 
 
+def _searcher(graphdefs, params, inputs, *, beam_size: int, alpha: float,
+              max_extra_length: int, nbest: int = 1, early_stop: bool = True):
+    """(the jitted search, its arguments) of `search`: greedy decoding for beam 1."""
+    if not 1 <= nbest <= beam_size:
+        raise ValueError(f'nbest={nbest} must be between 1 and beam_size={beam_size}')
+    if beam_size == 1:
+        zeros = jax.ShapeDtypeStruct(inputs.shape[:1], jnp.int32, sharding=inputs.sharding) \
+            if isinstance(inputs, jax.ShapeDtypeStruct) else jnp.zeros(inputs.shape[:1], jnp.int32)
+        return _jit_draw, (graphdefs, params, inputs, zeros, jnp.uint32(0), 1.0, 1.0), dict(
+            num_samples=1, top_k=0, nucleus=False, greedy=True, alpha=float(alpha),
+            max_extra_length=max_extra_length)
+    return _jit_beam_search, (graphdefs, params, inputs, beam_size, float(alpha),
+                              max_extra_length, nbest, early_stop), {}
+
+
 def search(graphdefs, params, inputs, *, beam_size: int, alpha: float, max_extra_length: int,
            nbest: int = 1, early_stop: bool = True) -> Found:
     """Beam search of `inputs` [B, S] (EOS-terminated, PAD-padded token ids) on split model
@@ -414,16 +429,19 @@ def search(graphdefs, params, inputs, *, beam_size: int, alpha: float, max_extra
     (its score is then length-penalised too, for comparison). `early_stop=False` runs every
     sentence to its maximum length (for tests: the result must not change).
     """
-    if not 1 <= nbest <= beam_size:
-        raise ValueError(f'nbest={nbest} must be between 1 and beam_size={beam_size}')
-    inputs = jnp.asarray(inputs, jnp.int32)
-    if beam_size == 1:
-        zeros = jnp.zeros(inputs.shape[:1], jnp.int32)
-        return _jit_draw(graphdefs, params, inputs, zeros, jnp.uint32(0), 1.0, 1.0,
-                         num_samples=1, top_k=0, nucleus=False, greedy=True,
-                         alpha=float(alpha), max_extra_length=max_extra_length)
-    return _jit_beam_search(graphdefs, params, inputs, beam_size, float(alpha),
-                            max_extra_length, nbest, early_stop)
+    fn, args, kwargs = _searcher(graphdefs, params, jnp.asarray(inputs, jnp.int32),
+                                 beam_size=beam_size, alpha=alpha,
+                                 max_extra_length=max_extra_length, nbest=nbest,
+                                 early_stop=early_stop)
+    return fn(*args, **kwargs)
+
+
+def lower_search(graphdefs, params, inputs, **settings) -> jax.stages.Lowered:
+    """The search `search` runs, lowered for abstract `params` and `inputs`
+    (jax.ShapeDtypeStruct with shardings, e.g. on a pre-flight target's devices): nothing is
+    allocated, and `.compile()` gives the target's executable."""
+    fn, args, kwargs = _searcher(graphdefs, params, inputs, **settings)
+    return fn.lower(*args, **kwargs)
 
 
 def sample(graphdefs, params, inputs, sentence_ids, *, seed: int, num_samples: int = 1,

@@ -9,6 +9,7 @@ the mesh.
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding
@@ -72,4 +73,69 @@ def constrain_batch(x):
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
         return x
+    if set(BATCH_AXES) & set(mesh.manual_axes):  # inside device_local: the rows are local
+        return x
     return jax.lax.with_sharding_constraint(x, P(BATCH_AXES))
+
+
+def _split_dims(spec: P, mesh: Mesh) -> list[tuple[int, tuple[str, ...]]]:
+    """(dimension, mesh axes) of each dimension a PartitionSpec splits over more than one
+    device (a collective over an axis of size 1 would stay in the program as a no-op)."""
+    out = []
+    for dim, axes in enumerate(spec):
+        axes = tuple(a for a in ((axes,) if isinstance(axes, str) else axes or ())
+                     if mesh.shape[a] > 1)
+        if axes:
+            out.append((dim, axes))
+    return out
+
+
+def device_local(fn, mesh: Mesh, param_specs, compute_dtype=None):
+    """Runs fn(params, batch, rng) -> (gradient sums, sums) on each device's own rows and
+    returns the sums over all devices, gradients laid out like the parameters.
+
+    Inside, every device holds the whole parameters: each is all-gathered once, after its
+    cast to `compute_dtype` where that is narrower (the model would cast it there anyway; half
+    the bytes). Gradients are cast to float32 on the device that computed them and only then
+    summed: a reduce-scatter over the axes a parameter is split along ('fsdp'), an all-reduce
+    over the others, so no sum over devices is rounded to 16 bits. `rng` (a key or None) is
+    folded with the device's index, for dropout masks of its own.
+    """
+    narrow = compute_dtype is not None and jnp.dtype(compute_dtype).itemsize < 4
+
+    def gather(x, spec):
+        if narrow and jnp.issubdtype(x.dtype, jnp.floating):
+            x = x.astype(compute_dtype)
+        for dim, axes in _split_dims(spec, mesh):
+            x = jax.lax.all_gather(x, axes, axis=dim, tiled=True)
+        return x
+
+    def reduce(g, spec):
+        g = g.astype(jnp.float32)
+        split = _split_dims(spec, mesh)
+        others = tuple(a for a in BATCH_AXES
+                       if mesh.shape[a] > 1 and all(a not in axes for _, axes in split))
+        if others:
+            g = jax.lax.psum(g, others)
+        for dim, axes in split:
+            g = jax.lax.psum_scatter(g, axes, scatter_dimension=dim, tiled=True)
+        return g
+
+    def local(params, batch, rng):
+        full = jax.tree.map(gather, params, param_specs)
+        if rng is not None and mesh.size > 1:
+            rng = jax.random.fold_in(rng, jax.lax.axis_index(BATCH_AXES))
+        grads, sums = fn(full, batch, rng)
+        return jax.tree.map(reduce, grads, param_specs), jax.lax.psum(sums, BATCH_AXES)
+
+    # check_vma=False: the sums above are over exactly the axes the out_specs need, skipping
+    # those of size 1, which the check would still count as varying.
+    def run(params, batch, rng):
+        specs = (param_specs, P(BATCH_AXES), P())
+        if rng is None:
+            return jax.shard_map(lambda p, b: local(p, b, None), mesh=mesh, in_specs=specs[:2],
+                                 out_specs=(param_specs, P()), check_vma=False)(params, batch)
+        return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=(param_specs, P()),
+                             check_vma=False)(params, batch, rng)
+
+    return run

@@ -4,7 +4,9 @@ Parameters, FLOPs per token and the memory of parameters and Adam state come fro
 `jax.eval_shape` and arithmetic (model_stats.py): nothing is allocated, so the big models can
 be inspected on a laptop.
 
-`--memory` plans memory for a run: it compiles the real training step (the one train runs,
+`--memory` plans memory for a run on this machine's devices or N simulated CPU devices (for
+a TPU slice or a GPU node, `python -m transformer.preflight --target=...` compiles for it): it
+compiles the real training step (the one train runs,
 sharded over the config's mesh: train.mesh_data x train.mesh_fsdp) for N devices at the
 config's batch (data.batch_tokens per side, in rows of the longest bucket, the worst case) and
 reports XLA's per-device analysis of it beside the analytic parameter + Adam figure. With
@@ -20,8 +22,7 @@ import json
 import jax
 from absl import flags
 
-from transformer import batching, cli, sharding
-from transformer import train_step as train_step_lib
+from transformer import cli, plan, sharding
 from transformer.errors import UsageError
 from transformer.model_stats import summarize
 
@@ -37,19 +38,17 @@ _DEVICES = flags.DEFINE_integer('devices', None, 'With --memory: plan for N simu
 
 def memory(config) -> dict:
     """The compiled step's memory per device, the batch it was planned for, and the mesh."""
-    t, d = config.train, config.data
+    t = config.train
     mesh = sharding.make_mesh(t.mesh_data, t.mesh_fsdp)
-    length = int(batching.bucket_boundaries(d)[-1]) if d.batching == 'bucket' else d.max_length
-    multiple = mesh.size * t.grad_accum_steps
-    rows = max(multiple, d.batch_tokens // length // multiple * multiple)
-    plan = train_step_lib.memory_plan(config, mesh, rows, length)
+    batch = plan.largest_batch(config, mesh.size)
+    compiled, _ = plan.compile_train_step(config, mesh, batch['rows'], batch['length'])
     summary = summarize(config)
     shards = t.mesh_fsdp  # parameters and Adam moments are split over the fsdp axis
     return {'devices': mesh.size, 'platform': jax.devices()[0].platform,
             'mesh': dict(mesh.shape), 'remat': config.model.remat,
-            'batch': {'rows': rows, 'length': length, 'tokens_per_side': rows * length,
-                      'grad_accum_steps': t.grad_accum_steps},
-            'per_device_bytes': plan,
+            'batch': {k: batch[k] for k in ('rows', 'length', 'tokens_per_side',
+                                            'grad_accum_steps')},
+            'per_device_bytes': plan.memory(compiled),
             'analytic_state_bytes_per_device': summary['memory_bytes']['total'] / shards}
 
 

@@ -21,7 +21,13 @@ import optax
 from flax import nnx
 
 from transformer import schedule, sharding
-from transformer.model import abstract_model, create_model, segments_and_positions
+from transformer.model import (
+    abstract_model,
+    create_model,
+    resolve_dtype,
+    resolved,
+    segments_and_positions,
+)
 
 Batch = dict[str, jax.Array]
 
@@ -65,11 +71,20 @@ def _forward_sums(graphdef, params, batch: Batch, rng, label_smoothing: float):
 
 def make_train_step(graphdef, optimizer: optax.GradientTransformation, *, label_smoothing: float,
                     grad_accum_steps: int = 1, dropout: bool = True, learning_rate=None,
-                    rng_impl: str = 'threefry2x32'):
+                    rng_impl: str = 'threefry2x32', mesh=None, param_specs=None,
+                    compute_dtype=None):
     """Returns step(state, batch) -> (state, metrics), to be jitted with the state donated.
 
     The gradient is the mean over every real target token of the global batch, also when the
     batch is split into `grad_accum_steps` micro-batches that run one after the other.
+
+    With a `mesh` (and the parameters' PartitionSpecs), each device computes the gradient of
+    its own rows (`sharding.device_local`): the parameters are all-gathered once, in the
+    compute dtype, and the gradients summed over the devices once, in float32 (reduce-scatter
+    over 'fsdp', all-reduce over 'data'). Left to XLA's partitioner, the sum was taken on the
+    bfloat16 gradients of the 16-bit compute (before their cast to the float32 parameters),
+    each weight gathered per use and the batch itself all-reduced (issue 23's compiled TPU
+    plans). Dropout masks then depend on (seed, step, device index).
     """
 
     def grads_of(params, micro: Batch, rng):
@@ -79,32 +94,38 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, *, label_
         (smoothed, (nll, count)), grads = jax.value_and_grad(loss, has_aux=True)(params)
         return grads, jnp.stack([smoothed, nll, count])
 
+    def accumulated(params, batch: Batch, rng):
+        """Gradient sums and [smoothed, nll, count] sums of `batch`, in micro-batches."""
+        if grad_accum_steps == 1:
+            return grads_of(params, batch, rng)
+        # [rows, len] -> [accum, rows/accum, len]. Consecutive rows go to one micro-batch
+        # index each, which keeps every device's rows on that device.
+        micro = jax.tree.map(
+            lambda x: jnp.moveaxis(x.reshape(-1, grad_accum_steps, *x.shape[1:]), 1, 0), batch)
+
+        def body(carry, xs):
+            index, mb = xs
+            r = jax.random.fold_in(rng, index) if rng is not None else None
+            g, s = grads_of(params, mb, r)
+            return jax.tree.map(jnp.add, carry, (g, s)), None
+
+        zeros = (jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params),
+                 jnp.zeros((3,), jnp.float32))
+        (grads, sums), _ = jax.lax.scan(body, zeros, (jnp.arange(grad_accum_steps), micro))
+        return grads, sums
+
+    if mesh is not None:
+        accumulated = sharding.device_local(accumulated, mesh, param_specs, compute_dtype)
+
     def step(state: dict[str, Any], batch: Batch):
         params = state['params']
         rng = None
         if dropout:
             key = jax.random.wrap_key_data(state['rng'], impl=rng_impl)
             rng = jax.random.fold_in(key, state['step'])
-        if grad_accum_steps == 1:
-            grads, sums = grads_of(params, batch, rng)
-        else:
-            # [rows, len] -> [accum, rows/accum, len]. Consecutive rows go to one micro-batch
-            # index each, which keeps every device's rows on that device.
-            micro = jax.tree.map(
-                lambda x: jnp.moveaxis(x.reshape(-1, grad_accum_steps, *x.shape[1:]), 1, 0),
-                batch)
-
-            def body(carry, xs):
-                index, mb = xs
-                r = jax.random.fold_in(rng, index) if rng is not None else None
-                g, s = grads_of(params, mb, r)
-                return jax.tree.map(jnp.add, carry, (g, s)), None
-
-            zeros = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((3,), jnp.float32))
-            (grads, sums), _ = jax.lax.scan(
-                body, zeros, (jnp.arange(grad_accum_steps), micro))
+        grads, sums = accumulated(params, batch, rng)
         count = jnp.maximum(sums[2], 1.0)
-        grads = jax.tree.map(lambda g: g / count, grads)
+        grads = jax.tree.map(lambda g, p: (g / count).astype(p.dtype), grads, params)
         updates, opt_state = optimizer.update(grads, state['opt_state'], params)
         new_state = dict(state, params=optax.apply_updates(params, updates), opt_state=opt_state,
                          step=state['step'] + 1)
@@ -147,8 +168,10 @@ def setup(config, mesh) -> Setup:
     """Model, optimizer, state layout and step function of `config` on `mesh`.
 
     Parameters and Adam moments follow the sharding rules (sharding.py); the step counter and
-    the dropout key are replicated.
+    the dropout key are replicated. 'auto' model settings are decided for the platform of the
+    mesh's devices (model.resolved), which need not be this host's (a pre-flight plan).
     """
+    config = resolved(config, mesh.devices.flat[0].platform)
     t = config.train
     optimizer = schedule.make_optimizer(config)
     model_fn = lambda: create_model(config, seed=t.seed)
@@ -174,7 +197,9 @@ def setup(config, mesh) -> Setup:
         graphdef, optimizer, label_smoothing=t.label_smoothing,
         grad_accum_steps=t.grad_accum_steps,
         dropout=max(m.dropout_rate, m.attention_dropout_rate, m.relu_dropout_rate) > 0,
-        learning_rate=schedule.rate(config), rng_impl=t.dropout_rng_impl)
+        learning_rate=schedule.rate(config), rng_impl=t.dropout_rng_impl, mesh=mesh,
+        param_specs=jax.tree.map(lambda s: s.spec, param_shardings),
+        compute_dtype=resolve_dtype(m.dtype))
     return Setup(graphdef, init_state, abstract_state, state_shardings,
                  sharding.batch_sharding(mesh), replicated, step_fn)
 
@@ -216,22 +241,3 @@ def abstract_batch(config, rows: int, length: int, batch_sharding) -> Batch:
     shape = jax.ShapeDtypeStruct((rows, length), jnp.int32, sharding=batch_sharding)
     return {k: shape for k in ('inputs', 'targets', 'inputs_segmentation',
                                'targets_segmentation', 'inputs_position', 'targets_position')}
-
-
-def memory_plan(config, mesh, rows: int, length: int) -> dict:
-    """Compiles the real training step for `mesh` on a [rows, length] batch (nothing is
-    allocated) and returns XLA's memory analysis of it, in bytes per device.
-
-    'peak' is arguments + outputs - aliased (the donated state is updated in place) +
-    temporaries: what one device must hold during a step.
-    """
-    s = setup(config, mesh)
-    state = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
-                         s.abstract_state, s.state_shardings)
-    compiled = jit_sharded_step(s).lower(
-        state, abstract_batch(config, rows, length, s.batch_sharding)).compile()
-    m = compiled.memory_analysis()
-    out = {name: int(getattr(m, f'{name}_size_in_bytes')) for name in
-           ('argument', 'output', 'alias', 'temp', 'generated_code')}
-    out['peak'] = out['argument'] + out['output'] - out['alias'] + out['temp']
-    return out
