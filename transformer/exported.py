@@ -82,7 +82,8 @@ def ct2_translate(translator, sp, sources: Sequence[str], *, beam_size: int = 4,
         # bound - 1 tokens before EOS: the project forces EOS at the bound, CTranslate2 stops.
         results = translator.translate_batch(
             [pieces[i] for i in batch], beam_size=beam_size, length_penalty=alpha,
-            max_decoding_length=bound - 1, suppress_sequences=[[pad]],
+            max_decoding_length=bound - 1, min_decoding_length=0, max_input_length=0,
+            suppress_sequences=[[pad]],
             max_batch_size=batch_size)
         for i, result in zip(batch, results):
             out[i] = sp.decode_pieces(result.hypotheses[0])

@@ -86,7 +86,8 @@ def vocabulary(tokenizer, vocab_size: int) -> tuple[list[str], dict[str, str]]:
 def numpy_params(model) -> dict:
     """The model's parameters as float32 numpy arrays, nested as nnx.to_pure_dict gives them."""
     state = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    return jax.tree.map(lambda a: np.asarray(jax.device_get(a), np.float32), state)
+    # Copies: CTranslate2 quantizes in place, and arrays from JAX are read-only.
+    return jax.tree.map(lambda a: np.array(jax.device_get(a), np.float32), state)
 
 
 def position_table(params: dict, cfg) -> np.ndarray:
