@@ -510,6 +510,9 @@ class _FullDiskFile:
     def flush(self):
         raise self._full('flush')
 
+    def fileno(self):
+        return self.file.fileno()
+
     def close(self):
         if not self.closed:
             self.closed = True
@@ -530,7 +533,7 @@ def test_a_failed_write_is_the_error_raised_not_the_close_after_it(tmp_path):
             f.write(b'data')
     writer = metrics.MetricWriter(str(tmp_path))  # a file kept open: closed at the failure
     writer._jsonl.close()
-    full = writer._jsonl = _FullDiskFile(tmp_path / workdir_lib.METRICS_FILE)
+    full = writer._jsonl = _FullDiskFile(open(tmp_path / workdir_lib.METRICS_FILE, 'a'))
     with pytest.raises(errors.WriteError, match='could not write the metrics'):
         writer.write(1, {'loss': 2.0})
     assert full.closed
