@@ -70,11 +70,12 @@ def base_config() -> ml_collections.ConfigDict:
     # The layers of a stack: True runs them in a lax.scan (one layer traced and compiled per
     # stack), False unrolls that loop over the same stacked parameters (either reads the
     # other's checkpoints). 'auto' decides by the platform of the run's devices, by compiled
-    # memory per device at the paper's batch (model.PLATFORM_DEFAULTS): unrolled on TPUs
-    # (base on tpu:v5e:2x4 data-parallel: see benchmarks/results/2026-12-02-preflight.json),
-    # scanned on GPUs and CPUs. On the CPU (benchmarks/defaults.py, 2-core, tcmalloc, 9 paired
-    # runs, results/2026-12-01-cpu-defaults-scan_layers-quiet.json) unrolled steps are 1.07x
-    # faster on base and 1.11x on a 2-layer model, but at the paper's batch on one device the
+    # memory per device at the paper's batch (model.PLATFORM_DEFAULTS): unrolled on TPUs and
+    # GPUs (base: 2.50 GiB a chip on tpu:v5e:2x4 against 4.07 scanned, 12.4 GiB on gpu:h100
+    # against 17.0; benchmarks/results/2026-12-02-preflight.json), scanned on CPUs. On the
+    # CPU (benchmarks/defaults.py, 2-core, tcmalloc, 9 paired runs,
+    # results/2026-12-01-cpu-defaults-scan_layers-quiet.json) unrolled steps are 1.07x faster
+    # on base and 1.11x on a 2-layer model, but at the paper's batch on one device the
     # unrolled base step peaks at 38.7 GiB against 31.1, and remat (model.remat='block')
     # saves almost nothing unrolled (37.0 GiB) where scanned it cuts the peak to 12.3
     # (results/2026-12-01-cpu-memory_plan*.json); scanned also compiles faster. XLA's cost
