@@ -138,7 +138,8 @@ def _arrays(text: str) -> list[tuple[str, int]]:
 
 def collectives(hlo: str) -> dict:
     """The collectives a device runs in one call of a compiled program (its HLO text), by
-    kind: how many, and the bytes of their results on one device.
+    kind: how many, and the bytes of their results on one device (in all, and by dtype), with
+    the three largest arrays.
 
     Each collective counts once per run: those inside a loop (the scanned layers, gradient
     accumulation) times its trip count, read from XLA's known_trip_count or, failing that,
@@ -176,22 +177,24 @@ def collectives(hlo: str) -> dict:
             if kind in COLLECTIVES and not op.endswith('-start'):
                 found[name].append((kind, _arrays(result)))
 
-    out = {k: {'count': 0, 'bytes': 0, 'arrays': collections.Counter()} for k in COLLECTIVES}
+    out = {k: {'count': 0, 'bytes': 0, 'by_dtype': collections.Counter(),
+               'arrays': collections.Counter()} for k in COLLECTIVES}
 
     def visit(name, times, depth=0):
         if depth > 50:  # a malformed or recursive text: stop rather than loop
             return
         for kind, arrays in found.get(name, ()):
             out[kind]['count'] += times
-            out[kind]['bytes'] += times * sum(b for _, b in arrays)
-            for array, _ in arrays:
+            for array, size in arrays:
+                out[kind]['bytes'] += times * size
+                out[kind]['by_dtype'][array.split('[')[0]] += times * size
                 out[kind]['arrays'][array] += times
         for callee, n in calls.get(name, ()):
             visit(callee, times * n, depth + 1)
 
     if entry is not None:
         visit(entry, 1)
-    return {k: {'count': v['count'], 'bytes': v['bytes'],
+    return {k: {'count': v['count'], 'bytes': v['bytes'], 'bytes_by_dtype': dict(v['by_dtype']),
                 'largest': [a for a, _ in sorted(v['arrays'].items(), key=lambda kv: -_arrays(
                     kv[0])[0][1])[:3]]}
             for k, v in out.items() if v['count']}

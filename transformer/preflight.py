@@ -57,8 +57,9 @@ def format_plan(p: dict) -> str:
         f"{_gib(mem['generated_code'])}",
         f"  XLA's peak {_gib(mem['xla_peak'])}; total {_gib(mem['total'])}{verdict}",
         '  collectives: ' + ('; '.join(
-            f"{k} {v['count']} x ({_gib(v['bytes'])} in all; largest {', '.join(v['largest'])})"
-            for k, v in t['collectives'].items()) or 'none'),
+            f"{k} {v['count']} x ({_gib(v['bytes'])}: "
+            f"{', '.join(f'{d} {_gib(n)}' for d, n in v['bytes_by_dtype'].items())}; largest "
+            f"{', '.join(v['largest'])})" for k, v in t['collectives'].items()) or 'none'),
         f"  FLOPs {t['flops']:.4g} a step (analytic); XLA's: "
         + (f"{t['xla_flops']:.4g}" if t['xla_flops'] else t['xla_flops_note']),
     ]

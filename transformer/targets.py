@@ -162,6 +162,10 @@ def _quiet_stderr():
 def prepare_host(target: Target) -> None:
     """Call before JAX starts: compiles run on this host's CPU (and cpu:N gets N devices)."""
     jax.config.update('jax_platforms', 'cpu')
+    if target.platform == 'tpu':
+        # libtpu takes a host-wide lock (/tmp/libtpu_lockfile) for the chips it drives; a
+        # compile-only topology drives none, so plans may run beside each other or a run.
+        os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
     if target.platform == 'cpu':
         jax.config.update('jax_num_cpu_devices', target.chips)
 

@@ -32,11 +32,13 @@ from transformer import (
     errors,
     metrics,
     model_stats,
+    plan,
     profiler,
     sharding,
     tfds_source,
 )
 from transformer import config as config_lib
+from transformer import model as model_lib
 from transformer import train_step as train_step_lib
 from transformer import workdir as workdir_lib
 from transformer.errors import RunError, UsageError
@@ -389,6 +391,9 @@ def main():
     _fault_injection('initialized')
     is_main = distributed.is_main()
     mesh = sharding.make_mesh(t.mesh_data, t.mesh_fsdp)  # a bad mesh is refused before any work
+    batch_warning = plan.batch_warning(config, mesh.size)  # e.g. on a pod: every device a row
+    if batch_warning:
+        errors.warn(batch_warning)
     steps, lock = open_run(config, workdir)  # the lock is released when the process ends
     checkpoints = workdir_lib.path(workdir, workdir_lib.CHECKPOINTS_DIR)
 
@@ -429,7 +434,10 @@ def main():
     else:
         run_info = {}
         state = jax.jit(setup.init_state, out_shardings=setup.state_shardings)()
-        cli.say(f'New run in {workdir}: {jax.device_count()} devices, mesh {dict(mesh.shape)}')
+        m = model_lib.resolved(config, mesh.devices.flat[0].platform).model
+        cli.say(f'New run in {workdir}: {jax.device_count()} devices, mesh {dict(mesh.shape)}; '
+                f'compute {m.dtype}, attention {m.attention_impl}, scan_layers {m.scan_layers}, '
+                f'remat {m.remat}')
     if jax.default_backend() == 'cpu':
         malloc = allocator.in_use()
         hint = '' if malloc == 'tcmalloc' else (
