@@ -26,11 +26,7 @@ import sys
 import tempfile
 import time
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-# Not this folder first on the path: benchmarks/tokenize.py would stand in for the standard
-# library's tokenize (which logging imports); the repository root instead.
-sys.path[:] = [os.path.dirname(_HERE)] + [p for p in sys.path
-                                          if os.path.abspath(p or '.') != _HERE]
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import versus_flax as vf  # noqa: E402 - the benchmarks' shared JSON header
 from transformer import data, decode, exported, exporting, trained  # noqa: E402

@@ -76,9 +76,10 @@ def base_config() -> ml_collections.ConfigDict:
     # CPU (benchmarks/defaults.py, 2-core, tcmalloc, 9 paired runs,
     # results/2026-12-01-cpu-defaults-scan_layers-quiet.json) unrolled steps are 1.07x faster
     # on base and 1.11x on a 2-layer model, but at the paper's batch on one device the
-    # unrolled base step peaks at 38.7 GiB against 31.1, and remat (model.remat='block')
-    # saves almost nothing unrolled (37.0 GiB) where scanned it cuts the peak to 12.3
-    # (results/2026-12-01-cpu-memory_plan*.json); scanned also compiles faster. XLA's cost
+    # unrolled base step peaks at 38.7 GiB against 31.1 (results/2026-12-01-cpu-memory_plan*
+    # .json; remat saved nothing unrolled then, as XLA merged the recomputation away: fixed
+    # 2026-12-02, base on gpu:h100 unrolled 12.4 -> 8.0 GiB with remat); scanned also
+    # compiles faster. XLA's cost
     # analysis counts a loop's body once (unroll to count FLOPs). Decoding steps always run
     # the layers one by one (model.py's decode_step).
     m.scan_layers = 'auto'

@@ -28,6 +28,8 @@ import os
 
 import numpy as np
 
+from transformer import errors
+
 # safetensors weight types a MarianMTModel loads as they are.
 QUANTIZATIONS = ('float32', 'float16', 'bfloat16')
 
@@ -168,8 +170,9 @@ def save(params: dict, cfg, tokens: list[str], pieces: dict[str, str], vocab_mod
     model.save_pretrained(directory, safe_serialization=True)
 
     vocab = os.path.join(directory, 'vocab.json')
-    with open(vocab, 'w', encoding='utf-8') as f:
-        json.dump({piece: i for i, piece in enumerate(tokens)}, f, ensure_ascii=False)
+    with errors.written(vocab, 'the exported vocabulary') as f:
+        f.write(json.dumps({piece: i for i, piece in enumerate(tokens)},
+                           ensure_ascii=False).encode('utf-8'))
     tokenizer = MarianTokenizer(
         source_spm=vocab_model, target_spm=vocab_model, vocab=vocab, source_lang=source_lang,
         target_lang=target_lang, unk_token=pieces['unk'], eos_token=pieces['eos'],

@@ -26,7 +26,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from transformer import export_ctranslate2, export_huggingface, trained
+from transformer import errors, export_ctranslate2, export_huggingface, trained
 from transformer import workdir as workdir_lib
 from transformer.errors import UsageError
 from transformer.model import sinusoidal_table
@@ -147,8 +147,8 @@ def export(workdir: str, *, to: str, out: str, average: int | None = None,
                                  dir=parent)
     try:
         write(model, config, tokenizer, vocab_model, temporary, to, quantization)
-        with open(os.path.join(temporary, INFO_FILE), 'w', encoding='utf-8') as f:
-            json.dump(info, f, indent=2)
+        with errors.written(os.path.join(temporary, INFO_FILE), 'the export\'s record') as f:
+            f.write(json.dumps(info, indent=2).encode('utf-8'))
         _follow_umask(temporary)
         _replace(temporary, out)
     except BaseException:

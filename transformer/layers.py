@@ -176,5 +176,7 @@ def scan_layers(stack, x, body, xs=None, *, rngs=None, remat: bool = False,
         return body(nnx.merge(graphdef, layer_state), carry, layer_xs, layer_rngs)
 
     if remat:  # keep only each layer's input for the backward pass; recompute the rest
-        step = jax.checkpoint(step, prevent_cse=False)
+        # Unrolled, XLA's common-subexpression elimination would merge the recomputation with
+        # the forward pass and keep every activation (prevent_cse=False suits a scan only).
+        step = jax.checkpoint(step, prevent_cse=unroll)
     return jax.lax.scan(step, x, (state, xs, keys), unroll=count if unroll else 1)

@@ -1,6 +1,6 @@
 """What building the token cache costs before the first step, at WMT14 scale; prints ONE JSON.
 
-    python benchmarks/tokenize.py [--fraction=0.01] [--vocab_size=37000]
+    python benchmarks/token_cache.py [--fraction=0.01] [--vocab_size=37000]
 
 `train` tokenizes the whole training set once into the work directory's token cache
 (`data._build_cache`: SentencePiece's encode_batch in chunks of `data.CHUNK` pairs, the ids
@@ -21,13 +21,12 @@ trainer reads `data.vocab_sample_sentences`).
 from __future__ import annotations
 
 import os
+import pathlib
 import sys
 
-# This file's name is the standard library's `tokenize`, which inspect and linecache import:
-# its own directory goes last on the path, after the standard library.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or '.') != _HERE]
-sys.path += [os.path.dirname(_HERE), _HERE]
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / 'benchmarks'))
 
 import argparse  # noqa: E402
 import json  # noqa: E402
