@@ -10,7 +10,8 @@ at a time), run one after the other; a point already in --out is not run again, 
 grows over several calls (TPU targets need libtpu installed, GPU targets the CUDA plugin: run
 the GPU points with the Python of an environment that has `.[cuda]`). Points that add
 overrides: `--extra='tpu:v5e:16x16:train.mesh_fsdp=256'` (TARGET:FIELD=VALUE,...).
-The beam search is compiled with remat none only (remat changes nothing in decoding).
+The beam search is compiled with remat none only (remat changes nothing in decoding), and
+not at all with --no_search.
 """
 
 from __future__ import annotations
@@ -30,12 +31,12 @@ TARGETS = ('tpu:v5e:2x4', 'tpu:v4:2x2x2', 'tpu:v5p:2x2x2', 'tpu:v5e:16x16', 'gpu
            'gpu:h100x8', 'gpu:a100', 'gpu:h200')
 
 
-def point(config: str, target: str, remat: str, overrides: list[str]) -> dict:
+def point(config: str, target: str, remat: str, overrides: list[str], search: bool) -> dict:
     command = [sys.executable, '-m', 'transformer.preflight',
                f'--config=configs/wmt14_ende.py:{config}', f'--target={target}',
                f'--config.model.remat={remat}', '--json',
                *(f'--config.{o}' for o in overrides)]
-    if remat != 'none':
+    if remat != 'none' or not search:
         command.append('--nosearch')
     start = time.perf_counter()
     proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
@@ -49,6 +50,41 @@ def key(config: str, target: str, remat: str, overrides: list[str]) -> str:
     return ' '.join([config, target, f'remat={remat}', *overrides])
 
 
+def markdown(table: dict) -> str:
+    """The README's table of a results file: a row per point."""
+    gib = 2 ** 30
+    rows = ['| model | target | mesh | remat | batch rows x length | params + Adam | '
+            'activations, temporaries | code | total per chip | of | fits | beam search | '
+            'collectives per step | step at 30 % / 50 % MFU |', '|' + '---|' * 14]
+    for name, p in table['points'].items():
+        if 'error' in p:
+            rows.append(f'| {name} | error: {p["error"]} |')
+            continue
+        t = p['train_step']
+        m = t['per_device_bytes']
+        def dtypes(v):  # those that carry more than 1 % of a kind's bytes
+            return '/'.join(sorted(d for d, n in v['bytes_by_dtype'].items()
+                                   if n > v['bytes'] / 100))
+
+        coll = ', '.join(f"{k} {v['bytes'] / gib:.2f} GiB ({dtypes(v)})"
+                         for k, v in t['collectives'].items()
+                         if v['bytes'] > 2 ** 20) or 'none'
+        search = p.get('beam_search', {}).get('memory_analysis', {}).get('total')
+        steps = p.get('step_seconds', {})
+        rows.append(
+            f"| {name.split()[0]} | {p['target']} | "
+            f"{'x'.join(f'{k} {v}' for k, v in p['mesh'].items() if v > 1) or '1 device'} | "
+            f"{p['settings']['remat']} | {p['batch']['rows']} x {p['batch']['length']} | "
+            f"{(m['parameters'] + m['optimizer_state']) / gib:.2f} | "
+            f"{m['temporaries'] / gib:.2f} | {m['generated_code'] / gib:.2f} | "
+            f"**{m['total'] / gib:.2f} GiB** | {t['chip_memory_bytes'] / gib:.0f} | "
+            f"{'yes' if t['fits'] else 'NO'} | "
+            f"{f'{search / gib:.2f} GiB' if search else '-'} | {coll} | "
+            + (f"{steps['mfu_30'] * 1000:.0f} / {steps['mfu_50'] * 1000:.0f} ms |"
+               if steps else '- |'))
+    return '\n'.join(rows)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--configs', default='base,big')
@@ -56,12 +92,19 @@ def main():
     parser.add_argument('--remat', default='none,block')
     parser.add_argument('--extra', action='append', default=[],
                         help='TARGET:FIELD=VALUE[,FIELD=VALUE]: one more point per config')
+    parser.add_argument('--markdown', action='store_true',
+                        help='print --out as the README\'s table and run nothing')
+    parser.add_argument('--no_search', action='store_true',
+                        help='compile no beam search (an unrolled TPU one takes minutes)')
     parser.add_argument('--out', default=str(ROOT / 'benchmarks/results/'
                                              '2026-12-02-preflight.json'))
     args = parser.parse_args()
     out = pathlib.Path(args.out)
     table = json.loads(out.read_text()) if out.exists() else {
         'benchmark': 'preflight', 'points': {}}
+    if args.markdown:
+        print(markdown(table))
+        return
     table.update(date=datetime.datetime.now(datetime.timezone.utc).strftime(
         '%Y-%m-%d %H:%M UTC'), machine=f'{platform.machine()}, {os.cpu_count()} CPUs (the '
         'compiling host; no TPU or GPU)')
@@ -74,7 +117,7 @@ def main():
             name = key(config, target, remat, overrides)
             if name in table['points'] and 'error' not in table['points'][name]:
                 continue
-            result = point(config, target, remat, overrides)
+            result = point(config, target, remat, overrides, not args.no_search)
             table['points'][name] = result
             summary = result.get('error') or (
                 f"total {result['train_step']['per_device_bytes']['total'] / 2 ** 30:.2f} GiB,"
