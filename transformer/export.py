@@ -8,8 +8,9 @@ library loads and translates with.
   SentencePiece model is copied beside it as `sentencepiece.model`.
 * `--to=huggingface`: a `MarianMTModel` directory (safetensors, config, generation config with
   the paper's beam 4, `MarianTokenizer` files of our vocabulary) that
-  `MarianMTModel.from_pretrained(OUT)` and `pipeline('translation', model=OUT)` load offline;
-  `--quantization` float32 (default), float16 or bfloat16. A config Marian cannot hold is
+  `MarianMTModel.from_pretrained(OUT)` and `MarianTokenizer.from_pretrained(OUT)` load offline
+  (Transformers 5 has no translation pipeline: `generate`); `--quantization` float32
+  (default), float16 or bfloat16. A config Marian cannot hold is
   refused naming the field.
 
 The parameters are those `evaluate` decodes with (`--average`, `--step`, default the config's
