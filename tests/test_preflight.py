@@ -159,3 +159,17 @@ def test_collectives_count_each_run_of_a_loop_body():
     assert c['all-gather']['count'] == 6 and c['all-gather']['bytes'] == 6 * 32  # -done only
     assert c['reduce-scatter']['count'] == 1 and c['reduce-scatter']['bytes'] == 8
     assert 'collective-permute' not in c
+
+
+def test_auto_settings_follow_the_platform_of_the_devices():
+    from transformer.model import resolved
+    c = config_lib.load_file('configs/wmt14_ende.py:base')
+    got = {p: {k: resolved(c, p).model[k] for k in ('dtype', 'attention_impl', 'scan_layers')}
+           for p in ('cpu', 'gpu', 'tpu')}
+    assert got == {'cpu': {'dtype': 'float32', 'attention_impl': 'xla', 'scan_layers': True},
+                   'gpu': {'dtype': 'bfloat16', 'attention_impl': 'cudnn', 'scan_layers': False},
+                   'tpu': {'dtype': 'bfloat16', 'attention_impl': 'xla', 'scan_layers': False}}
+    c.model.update(dtype='float32', attention_impl='explicit', scan_layers='True')
+    assert {k: resolved(c, 'tpu').model[k] for k in ('dtype', 'attention_impl', 'scan_layers')} \
+        == {'dtype': 'float32', 'attention_impl': 'explicit', 'scan_layers': True}
+    assert c.model.attention_impl == 'explicit'  # the config itself is left as it was
