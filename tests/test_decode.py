@@ -389,3 +389,109 @@ def test_settings_name_the_field_out_of_range():
             decode.settings(config, **given)
     with pytest.raises(decode.SettingError, match=r'top_k=20 must be at most the vocabulary'):
         decode.Decoder(tiny_model(vocab=11), decode.Settings(sampling=True, top_k=20))
+
+
+# -- constraints: a forced target prefix, no repeated n-grams -----------------------------------
+
+
+def prefix_rows(prefixes, width):
+    rows = np.zeros((len(prefixes), width), np.int32)
+    for r, p in enumerate(prefixes):
+        rows[r, :len(p)] = p
+    return rows
+
+
+def has_repeated_ngram(hypothesis, n):
+    grams = [tuple(hypothesis[i:i + n]) for i in range(len(hypothesis) - n + 1)]
+    return len(grams) != len(set(grams))
+
+
+@pytest.mark.parametrize('ensemble', [False, True])
+def test_a_prefix_gives_the_exhaustive_best_continuations_and_an_empty_one_changes_nothing(
+        ensemble):
+    """Exhaustive beam search (27 wide) with a prefix of 0, 1 or 2 words per sentence: its
+    3-best list is the 3 best of every hypothesis that starts with the prefix, its
+    log-probabilities count the prefix's tokens; rows without a prefix are the search without
+    one. Greedy decoding and samples start with the prefix too."""
+    models = [tiny_model(seed=24), tiny_model(seed=22)][:1 + ensemble]
+    inputs = sources(6, 3, seed=5)
+    prefixes = [[], [2], [4, 3], [], [3, 3], [4]]
+    prefix = prefix_rows(prefixes, 4)
+    found = search.beam_search(models, inputs, beam_size=27, max_extra_length=1, nbest=3,
+                               prefix=prefix)
+    free = search.beam_search(models, inputs, beam_size=27, max_extra_length=1, nbest=3)
+    for r, p in enumerate(prefixes):
+        hyps, scores, log_probs = all_hypotheses(models, inputs[r],
+                                                 int(max_lengths(inputs, 1)[r]), 0.6)
+        allowed = np.array([h[:len(p)] == p and len(h) > len(p) for h in hyps])
+        scores = np.where(allowed, scores, -np.inf)
+        k = min(3, int(allowed.sum()))  # [3, 3] fits one hypothesis: 3 3 EOS
+        order = np.argsort(-scores)[:k]
+        assert [as_list(t) for t in found.tokens[r, :k]] == [hyps[i] for i in order]
+        np.testing.assert_allclose(found.log_probs[r, :k], log_probs[order], rtol=1e-5,
+                                   atol=1e-5)
+        assert np.all(np.asarray(found.scores[r, k:]) <= search.NEG_INF / 2)
+        if not p:
+            np.testing.assert_array_equal(found.tokens[r], free.tokens[r])
+            np.testing.assert_allclose(found.scores[r], free.scores[r], rtol=1e-6)
+    one = search.beam_search(models, inputs, beam_size=1, max_extra_length=3, prefix=prefix)
+    graphdefs, params = search.split(models)
+    drawn = search.sample(graphdefs, params, inputs, np.arange(6), seed=1, num_samples=3,
+                          max_extra_length=3, prefix=prefix)
+    for r, p in enumerate(prefixes):
+        assert as_list(one.tokens[r, 0])[:len(p)] == p
+        for j in range(3):
+            assert as_list(drawn.tokens[r, j])[:len(p)] == p
+    np.testing.assert_allclose(
+        drawn.log_probs[:, 0], sequence_log_probs(models, inputs, drawn.tokens[:, 0]),
+        atol=1e-4)
+
+
+def repeating_model():
+    """A model that never wants to stop and says the same words again and again."""
+    model = tiny_model(seed=13, vocab=11)
+    embedding = model.embed.embedding
+    embedding[...] = embedding[...].at[EOS_ID].multiply(-3.0)
+    return model
+
+
+def test_no_repeated_ngrams_in_any_search_of_a_repeating_model():
+    model = repeating_model()
+    inputs = sources(4, 6, seed=12, words=range(2, 11))
+    graphdefs, params = search.split(model)
+
+    def outputs(n):
+        found = [search.beam_search(model, inputs, beam_size=b, max_extra_length=12, nbest=b,
+                                    no_repeat_ngram_size=n) for b in (1, 4)]
+        found.append(search.sample(graphdefs, params, inputs, np.arange(4), seed=3,
+                                   num_samples=4, max_extra_length=12, no_repeat_ngram_size=n))
+        return [as_list(t) for f in found
+                for t in np.asarray(f.tokens).reshape(-1, f.tokens.shape[-1])]
+
+    assert any(has_repeated_ngram(h, 2) for h in outputs(0)), 'the model does not repeat'
+    for n in (1, 2, 3):
+        for h in outputs(n):
+            assert not has_repeated_ngram(h, n), (n, h)
+
+
+@pytest.mark.parametrize('n, beam, extra', [(1, 27, 2), (2, 81, 2)])
+def test_no_repeat_ngram_beam_is_the_exhaustive_best_under_the_rule(n, beam, extra):
+    """A beam wide enough to hold every hypothesis allowed finds the exhaustive 3-best among
+    those without a repeated n-gram; with a prefix that itself repeats one, the prefix is kept
+    and its n-grams still count."""
+    model = tiny_model(seed=24)
+    inputs = sources(6, 3, seed=24)
+    prefixes = [[], [], [2, 2], [], [3], []] if n == 1 else [[]] * 6
+    found = search.beam_search(model, inputs, beam_size=beam, max_extra_length=extra, nbest=3,
+                               no_repeat_ngram_size=n, prefix=prefix_rows(prefixes, 2))
+    for r, p in enumerate(prefixes):
+        hyps, scores, _ = all_hypotheses(model, inputs[r], int(max_lengths(inputs, extra)[r]),
+                                         0.6)
+        allowed = np.array([h[:len(p)] == p and len(h) > len(p)
+                            and not has_repeated_ngram(h[len(p):] if p else h, n)
+                            and not set(h[len(p):-1]) & set(p) for h in hyps])
+        scores = np.where(allowed, scores, -np.inf)
+        k = min(3, int(allowed.sum()))
+        order = np.argsort(-scores)[:k]
+        assert [as_list(t) for t in found.tokens[r, :k]] == [hyps[i] for i in order], r
+        np.testing.assert_allclose(found.scores[r, :k], scores[order], rtol=1e-5, atol=1e-5)

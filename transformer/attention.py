@@ -12,17 +12,15 @@ the token it reads (`<s>` is the start symbol).
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import flags
 from flax import nnx
 
-from transformer import batching, cli, plots, search, trained
+from transformer import alignment, batching, cli, plots, search, trained
 from transformer.errors import UsageError
 from transformer.tokenizer import PAD_ID
 
@@ -31,11 +29,6 @@ _TEXT = flags.DEFINE_string('text', None, 'The source sentence.')
 _TARGET = flags.DEFINE_string('target', None, 'A translation to show instead of the model\'s own.')
 _OUT = flags.DEFINE_string('out', 'attention.png', 'Where to write the PNG.')
 _DECODING = cli.define_decoding_flags()
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _forward_with_attention(graphdef, params, inputs, targets):
-    return nnx.merge(graphdef, params)(inputs, targets, return_attention=True)
 
 
 def _labels(tokenizer, ids):
@@ -51,7 +44,8 @@ def main():
         _WORKDIR.value, average=_DECODING.average.value, step=_DECODING.step.value)
     settings = cli.decoding_settings(config, beam_size=_DECODING.beam_size.value,
                                      alpha=_DECODING.alpha.value,
-                                     max_extra_length=_DECODING.max_extra_length.value)
+                                     max_extra_length=_DECODING.max_extra_length.value,
+                                     no_repeat_ngram_size=_DECODING.no_repeat_ngram_size.value)
     (source,), _ = batching.fit_sentences([tokenizer.encode(_TEXT.value)],
                                           config.model.max_position, '--text')
     inputs = jnp.asarray([source], jnp.int32)
@@ -61,11 +55,12 @@ def main():
     else:
         found = search.beam_search(model, inputs, beam_size=settings.beam_size,
                                    alpha=settings.alpha,
-                                   max_extra_length=settings.max_extra_length)
+                                   max_extra_length=settings.max_extra_length,
+                                   no_repeat_ngram_size=settings.no_repeat_ngram_size)
         best = np.asarray(found.tokens[0, 0])
         target = best[:int(search.hypothesis_lengths(best))].tolist()  # EOS included
     targets = jnp.asarray([target], jnp.int32)
-    _, weights = _forward_with_attention(*nnx.split(model), inputs, targets)
+    _, weights = alignment.forward_with_attention(*nnx.split(model), inputs, targets)
     weights = {k: np.asarray(v[:, 0], np.float32) for k, v in weights.items()}
     translation = tokenizer.decode(target)
     title = f'{_TEXT.value.strip()}  ->  {translation}   (steps {steps})'

@@ -41,7 +41,8 @@ def define_workdir_flag(help_text: str = 'Work directory of a training run.'):
 
 
 def define_decoding_flags() -> SimpleNamespace:
-    """--average, --step, --beam_size, --alpha, --max_extra_length, --batch_sentences."""
+    """--average, --step, --beam_size, --alpha, --max_extra_length, --no_repeat_ngram_size,
+    --batch_sentences."""
     return SimpleNamespace(
         average=flags.DEFINE_integer(
             'average', None, 'Average the last K checkpoints (default: the config\'s '
@@ -54,6 +55,9 @@ def define_decoding_flags() -> SimpleNamespace:
         max_extra_length=flags.DEFINE_integer(
             'max_extra_length', None, 'Output may be this much longer than the input '
             '(default: decode.max_extra_length).'),
+        no_repeat_ngram_size=flags.DEFINE_integer(
+            'no_repeat_ngram_size', None, 'No hypothesis may contain the same N tokens in a '
+            'row twice (N >= 1; default: no such rule), as fairseq\'s --no-repeat-ngram-size.'),
         batch_sentences=flags.DEFINE_integer(
             'batch_sentences', None, 'Sentences per decoding batch '
             '(default: decode.batch_sentences).'),
@@ -61,7 +65,8 @@ def define_decoding_flags() -> SimpleNamespace:
 
 
 def define_search_flags() -> SimpleNamespace:
-    """translate's choice of search: --nbest, and --sampling with its parameters."""
+    """translate's choice of search: --nbest, --sampling with its parameters, --prefix;
+    and --alignment, what it writes besides."""
     return SimpleNamespace(
         nbest=flags.DEFINE_integer(
             'nbest', None, 'Write the K best hypotheses of each line with their scores, in '
@@ -82,6 +87,16 @@ def define_search_flags() -> SimpleNamespace:
         seed=flags.DEFINE_integer(
             'seed', None, 'Sampling seed (default 0): the same seed gives the same samples of '
             'a line, whatever the batch.'),
+        prefix=flags.DEFINE_string(
+            'prefix', None, 'File of target prefixes, one per input line (an empty line: '
+            'none): each hypothesis starts with its line\'s prefix, then is searched as usual. '
+            'Without it, a tab in an input line separates the source from its prefix.'),
+        alignment=flags.DEFINE_boolean(
+            'alignment', False, 'Write after each hypothesis its word alignment to the source '
+            '(" ||| i-j ..."), from the encoder-decoder attention of one decoder layer.'),
+        alignment_layer=flags.DEFINE_integer(
+            'alignment_layer', None, 'The decoder layer --alignment reads (0-based, negative '
+            'counts from the last; default: the penultimate, as Garg et al. 2019 found best).'),
     )
 
 

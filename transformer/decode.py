@@ -24,7 +24,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from transformer import batching, search, sharding
+from transformer import alignment, batching, search, sharding
 from transformer.errors import UsageError
 from transformer.tokenizer import PAD_ID
 
@@ -40,6 +40,8 @@ class Settings:
     `temperature`, cut to the `top_k` best tokens (0: no cut) and to the nucleus of mass
     `top_p` (1: no cut), with keys from `seed` and each sentence's id. `alpha` (the length
     penalty) ranks beam hypotheses and scores samples; `max_extra_length` bounds both.
+    `no_repeat_ngram_size` N > 0 forbids either from repeating any N tokens in a row (0: no
+    rule).
     """
 
     beam_size: int = 4
@@ -52,6 +54,7 @@ class Settings:
     top_p: float = 1.0
     num_samples: int = 1
     seed: int = 0
+    no_repeat_ngram_size: int = 0
 
     @property
     def outputs(self) -> int:
@@ -59,14 +62,16 @@ class Settings:
         return self.num_samples if self.sampling else self.nbest
 
     def describe(self) -> str:
+        rule = (f', no repeated {self.no_repeat_ngram_size}-grams'
+                if self.no_repeat_ngram_size else '')
         if not self.sampling:
             search_ = 'greedy' if self.beam_size == 1 else f'beam {self.beam_size}'
             nbest = f', {self.nbest}-best' if self.nbest > 1 else ''
-            return f'{search_}, alpha {self.alpha:g}{nbest}'
+            return f'{search_}, alpha {self.alpha:g}{nbest}{rule}'
         cuts = ''.join([f', top-k {self.top_k}' if self.top_k else '',
                         f', top-p {self.top_p:g}' if self.top_p < 1 else ''])
         return (f'sampling {self.num_samples} per line, temperature {self.temperature:g}'
-                f'{cuts}, seed {self.seed}')
+                f'{cuts}, seed {self.seed}{rule}')
 
 
 # The config field behind each setting the config provides.
@@ -128,6 +133,15 @@ def check(s: Settings, given_fields=(), vocab_size: int | None = None) -> None:
     need(0 < s.top_p <= 1, 'top_p', 'must be in (0, 1] (1: no cut)')
     need(s.num_samples >= 1, 'num_samples', 'must be >= 1')
     need(0 <= s.seed < 2 ** 32, 'seed', 'must be in [0, 2**32)')
+    # 0 is "no rule" as a default, but asking for it is a mistake (fairseq's 0 means off).
+    need(s.no_repeat_ngram_size >= (1 if 'no_repeat_ngram_size' in given_fields else 0),
+         'no_repeat_ngram_size', 'must be >= 1')
+
+
+def max_output_length(source_tokens: int, s: Settings, max_position: int) -> int:
+    """The most tokens (EOS counted) a hypothesis of a source of `source_tokens` (EOS
+    counted) may have: search.max_output_lengths's bound."""
+    return min(source_tokens + s.max_extra_length, max_position)
 
 
 # -- batches through the search ---------------------------------------------------------------
@@ -183,11 +197,31 @@ class Decoder:
         padded[:n, :min(length, width)] = rows[:, :width]
         return jax.device_put(padded, self._input_sharding), n  # one copy to the devices
 
-    def __call__(self, inputs, sentence_ids=None) -> search.Found:
+    def _prefix(self, inputs, prefixes, width: int):
+        """The rows of `prefixes` (token lists, no EOS) as a [batch_size, T] array on the
+        devices, T the output bound of sources of `width` (one prefix shape per source
+        shape); None when no row has one (nothing is constrained, nothing recompiled)."""
+        if prefixes is None or not any(len(p) for p in prefixes):
+            return None
+        s = self.settings
+        bound = search.output_bound(width, s.max_extra_length, self.max_position)
+        rows = np.full((self.batch_size, bound), PAD_ID, np.int32)
+        for r, (source, p) in enumerate(zip(np.asarray(inputs), prefixes)):
+            limit = max_output_length(int((source != PAD_ID).sum()), s, self.max_position)
+            if len(p) >= limit:
+                raise ValueError(f'a prefix of {len(p)} tokens leaves no room for EOS within '
+                                 f'the output length bound ({limit} tokens)')
+            rows[r, :len(p)] = p
+        return jax.device_put(rows, self._input_sharding)
+
+    def __call__(self, inputs, sentence_ids=None, prefixes=None) -> search.Found:
         """inputs [n, S] (n <= batch_size) -> the Found of those rows as numpy arrays, with
         settings.outputs hypotheses per row. Sampling needs each row's `sentence_ids` [n]
-        (its line number, say): the keys derive from them, not from the row."""
+        (its line number, say): the keys derive from them, not from the row. `prefixes`
+        (n token lists, without EOS; empty: none) are forced as each row's first tokens and
+        must be shorter than its output length bound (`max_output_length`)."""
         x, n = self._pad(inputs, 'source')
+        prefix = self._prefix(inputs, prefixes, x.shape[1])
         self.shapes_compiled.add(tuple(x.shape))
         s = self.settings
         if s.sampling:
@@ -199,11 +233,13 @@ class Decoder:
                                   jax.device_put(ids, self._input_sharding), seed=s.seed,
                                   num_samples=s.num_samples, temperature=s.temperature,
                                   top_k=s.top_k, top_p=s.top_p, alpha=s.alpha,
-                                  max_extra_length=s.max_extra_length)
+                                  max_extra_length=s.max_extra_length, prefix=prefix,
+                                  no_repeat_ngram_size=s.no_repeat_ngram_size)
         else:
             found = search.search(self.graphdefs, self.params, x, beam_size=s.beam_size,
                                   alpha=s.alpha, max_extra_length=s.max_extra_length,
-                                  nbest=s.nbest)
+                                  nbest=s.nbest, prefix=prefix,
+                                  no_repeat_ngram_size=s.no_repeat_ngram_size)
         self.steps += int(found.steps)
         self.batches += 1
         return search.Found(*(np.asarray(a)[:n] for a in found[:3]), int(found.steps))
@@ -215,6 +251,14 @@ class Decoder:
         y, _ = self._pad(targets, 'target')
         log_prob, tokens = search.forced(self.graphdefs, self.params, x, y)
         return np.asarray(log_prob)[:n], np.asarray(tokens)[:n]
+
+    def cross_attention(self, inputs, targets, layer: int) -> np.ndarray:
+        """[n, T, S] decoder layer `layer`'s encoder-decoder attention, averaged over heads
+        and members, of teacher-forced rows (alignment.cross_attention)."""
+        x, n = self._pad(inputs, 'source')
+        y, _ = self._pad(targets, 'target')
+        return np.asarray(alignment.cross_attention(self.graphdefs, self.params, x, y,
+                                                    layer))[:n]
 
 
 def make_decoder(models, config, decode_settings: Settings, batch_sentences: int,
@@ -264,8 +308,9 @@ def translate_split(decoder: Decoder, config, tokenizer, split: batching.Encoded
 class Hypothesis(NamedTuple):
     text: str  # one line: no line breaks
     score: float  # log_prob / length penalty: what beam search ranks by
-    log_prob: float
-    tokens: int  # EOS counted
+    log_prob: float  # a prefix's tokens included
+    tokens: int  # EOS (and a prefix's tokens) counted
+    alignment: str | None = None  # 'i-j ...' source word i to target word j, when asked for
 
 
 def _encoder(tokenizer, max_position: int):
@@ -282,29 +327,55 @@ def _pad_rows(rows: list[list[int]]) -> np.ndarray:
 
 
 class Translator:
-    """Lines of text in, hypotheses out, in order; batched, the decoder kept compiled."""
+    """Lines of text in, hypotheses out, in order; batched, the decoder kept compiled.
+    `alignment_layer` (a decoder layer, alignment.resolve_layer) adds each hypothesis's word
+    alignment to the source."""
 
     def __init__(self, models, config, tokenizer, decode_settings: Settings,
-                 batch_sentences: int, devices=None):
+                 batch_sentences: int, devices=None, alignment_layer: int | None = None):
         self.tokenizer = tokenizer
         self.batch_sentences = batch_sentences
         self.decoder = make_decoder(models, config, decode_settings, batch_sentences, devices)
         self._encode = _encoder(tokenizer, self.decoder.max_position)
+        self.alignment_layer = alignment_layer
 
-    def __call__(self, lines: list[tuple[int, str]]) -> list[list[Hypothesis]]:
+    def _prefix_ids(self, number: int, source_ids: list[int], prefix: str) -> list[int]:
+        """The tokens of line `number`'s target prefix; UsageError when they leave no room
+        for EOS within the line's output length bound."""
+        ids = self.tokenizer.encode(prefix) if prefix.strip() else []
+        s = self.decoder.settings
+        limit = max_output_length(len(source_ids), s, self.decoder.max_position)
+        if len(ids) >= limit:
+            raise UsageError(
+                f'line {number}: the target prefix has {len(ids)} tokens but at most '
+                f'{limit - 1} fit (the output bound: {len(source_ids)} source tokens + '
+                f'max_extra_length {s.max_extra_length}, at most max_position '
+                f'{self.decoder.max_position}, EOS counted)')
+        return ids
+
+    def __call__(self, lines: list[tuple[int, str]],
+                 prefixes: list[str] | None = None) -> list[list[Hypothesis]]:
         """The hypotheses of (line number, text) pairs, in the given order: settings.outputs
         of each (fewer when fewer exist), best first for beam search, in the order drawn for
-        samples, whose keys derive from the line numbers. A blank line gets none."""
+        samples, whose keys derive from the line numbers. A blank line gets none. Each line's
+        hypotheses start with its target prefix's tokens when `prefixes` (one text a line,
+        '' for none) are given."""
         out: list[list[Hypothesis]] = [[] for _ in lines]
-        work = [(position, number, self._encode(text, f'line {number}'))
-                for position, (number, text) in enumerate(lines) if text.strip()]
+        prefixes = prefixes or [''] * len(lines)
+        work = []
+        for position, ((number, text), prefix) in enumerate(zip(lines, prefixes)):
+            if text.strip():
+                ids = self._encode(text, f'line {number}')
+                work.append((position, number, ids, self._prefix_ids(number, ids, prefix)))
         work.sort(key=lambda item: len(item[2]))
         for start in range(0, len(work), self.batch_sentences):
             group = work[start:start + self.batch_sentences]
-            found = self.decoder(_pad_rows([ids for _, _, ids in group]),
-                                 [number for _, number, _ in group])
+            inputs = _pad_rows([ids for _, _, ids, _ in group])
+            found = self.decoder(inputs, [number for _, number, _, _ in group],
+                                 [p for _, _, _, p in group])
             lengths = np.asarray(search.hypothesis_lengths(found.tokens))
-            for row, (position, _, _) in enumerate(group):
+            aligned = self._alignments(inputs, group, found, lengths)
+            for row, (position, _, _, _) in enumerate(group):
                 for k in range(found.tokens.shape[1]):
                     if found.scores[row, k] <= search.NEG_INF / 2:
                         continue  # fewer distinct hypotheses than asked for
@@ -312,8 +383,23 @@ class Translator:
                     out[position].append(Hypothesis(
                         text.replace('\r', ' ').replace('\n', ' '),
                         float(found.scores[row, k]), float(found.log_probs[row, k]),
-                        int(lengths[row, k])))
+                        int(lengths[row, k]), aligned[row][k] if aligned else None))
         return out
+
+    def _alignments(self, inputs, group, found, lengths) -> list[list[str]] | None:
+        """'i-j ...' of each hypothesis [row][k], from one teacher-forced pass a column k."""
+        if self.alignment_layer is None:
+            return None
+        pieces = self.tokenizer.pieces
+        texts: list[list[str]] = [[] for _ in group]
+        for k in range(found.tokens.shape[1]):
+            attention = self.decoder.cross_attention(inputs, found.tokens[:, k],
+                                                     self.alignment_layer)
+            for row, (_, _, ids, _) in enumerate(group):
+                target = found.tokens[row, k, :max(int(lengths[row, k]) - 1, 0)].tolist()
+                texts[row].append(alignment.pairs_text(alignment.hard_alignment(
+                    attention[row], pieces(ids[:-1]), pieces(target))))
+        return texts
 
 
 class Scorer:

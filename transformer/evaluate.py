@@ -13,7 +13,9 @@ included) are truncated, and their count is reported. Parameters are averaged ov
 `--ensemble=DIR[:STEP],...` decodes with several models at once (see `ensemble.py`); its files
 are named `<split>_ensembleN-<hash of the members>_...` and its JSON lists the members.
 `--limit=N` reads, tokenizes and decodes only the first N sentences (a quick look, not the
-split's score).
+split's score). `--no_repeat_ngram_size=N` decodes without repeated N-grams (file names get
+`_norepeatN`). Target prefixes and alignments are translate's: a prefix taken from the
+reference would leak it into the score.
 
 Writes DIR/eval/<name>.hyp (one hypothesis per source line, in the split's official order:
 newstest2014's SGML order for WMT14, file order for local data), .src and .ref beside it (the
@@ -69,7 +71,7 @@ def evaluate_split(workdir: str | None, *, split: str, average: int | None, step
                                                batch_sentences)
 
     label = workdir_lib.eval_name(split, loaded.members, settings.beam_size, settings.alpha,
-                                  limit)
+                                  limit, settings.no_repeat_ngram_size)
     out_dir = workdir_lib.path(workdir, workdir_lib.EVAL_DIR)
     os.makedirs(out_dir, exist_ok=True)
     hypotheses = distributed.merge(hypotheses, out_dir, label)
@@ -86,6 +88,7 @@ def evaluate_split(workdir: str | None, *, split: str, average: int | None, step
            if len(loaded.members) == 1 else {'ensemble': loaded.members}),
         'beam_size': settings.beam_size, 'alpha': settings.alpha,
         'max_extra_length': settings.max_extra_length,
+        'no_repeat_ngram_size': settings.no_repeat_ngram_size or None,
         'direction': f'{config.source_lang}->{config.target_lang}',
         **bleu.all_scores(ordered, references, config.target_lang),
         'decode_seconds': stats['decode_seconds'],
@@ -123,7 +126,8 @@ def main():
                             step=d.step.value, batch_sentences=d.batch_sentences.value,
                             limit=_LIMIT.value, ensemble=_ENSEMBLE.value,
                             decoding=dict(beam_size=d.beam_size.value, alpha=d.alpha.value,
-                                          max_extra_length=d.max_extra_length.value))
+                                          max_extra_length=d.max_extra_length.value,
+                                          no_repeat_ngram_size=d.no_repeat_ngram_size.value))
     if distributed.is_main():
         print(json.dumps(result, indent=2))
 

@@ -12,7 +12,9 @@ corpus perplexity exp(-sum log_prob / sum tokens), and the models used.
 
 Pairs come from two files of as many lines (`--source`, `--target`), or from stdin as
 `source<TAB>target` lines. Parameters are averaged as for evaluate (`--average`, `--step`), and
-`--ensemble=DIR[:STEP],...` scores under an ensemble (the mean of its members' probabilities at
+A translation made with a target prefix is scored whole: its log-probability counts the
+prefix's tokens, as translate's n-best scores do. `--ensemble=DIR[:STEP],...` scores under an
+ensemble (the mean of its members' probabilities at
 each token, as its search uses). The log-probability of a beam search's own output equals the
 log-probability the search reported for it (the text is tokenized afresh, so a hypothesis
 whose pieces are not the tokenizer's own segmentation of its text, which is rare, is scored as
@@ -68,7 +70,7 @@ def main():
     if (_SOURCE.value is None) != (_TARGET.value is None):
         raise UsageError('--source and --target go together (or give neither and pairs on '
                          'stdin as source<TAB>target)')
-    for name in ('beam_size', 'alpha', 'max_extra_length'):
+    for name in ('beam_size', 'alpha', 'max_extra_length', 'no_repeat_ngram_size'):
         if getattr(d, name).value is not None:
             raise UsageError(f'--{name} does not apply to score: nothing is searched')
     members, home = cli.models_to_load(_WORKDIR.value, _ENSEMBLE.value, d.step.value)

@@ -142,13 +142,18 @@ def _start(models, inputs, bound: int, repeat: int):
     return crosses, selves, segmentation
 
 
-def _step(models, crosses, selves, tokens, index, segmentation, max_len):
-    """The decoding step every search shares: feeds `tokens` [N] at position `index` through
-    each member with its own cache.
+def _step(models, crosses, selves, history, index, segmentation, max_len, prefix=None,
+          no_repeat_ngram_size: int = 0):
+    """The decoding step every search shares: feeds each hypothesis's token at position
+    `index` of `history` [N, T + 1] (column 0 the start symbol) through each member with its
+    own cache.
 
-    Returns (log-probabilities [N, V] of the ensemble's next token, with PAD forbidden and only
-    EOS allowed where the new token reaches `max_len` [N]; the new self-attention caches).
+    Returns (log-probabilities [N, V] of the ensemble's next token, with PAD forbidden, only
+    EOS allowed where the new token reaches `max_len` [N], no token that would repeat an
+    n-gram of `no_repeat_ngram_size` (0: no such rule), and only the prefix's token where
+    `prefix` [N, P] (PAD-padded) still forces one; the new self-attention caches).
     """
+    tokens = jax.lax.dynamic_index_in_dim(history, index, axis=1, keepdims=False)
     log_probs, new_selves = [], []
     for model, cross, own in zip(models, crosses, selves):
         logits, cache = model.decode_step(tokens, index, {'self': own, 'cross': cross},
@@ -159,7 +164,40 @@ def _step(models, crosses, selves, tokens, index, segmentation, max_len):
     vocab = jnp.arange(logp.shape[-1])
     forbidden = (vocab == PAD_ID)[None, :] | (
         (index + 1 >= max_len)[:, None] & (vocab != EOS_ID)[None, :])
+    if no_repeat_ngram_size:
+        forbidden |= _repeated_ngrams(history, index, logp.shape[-1], no_repeat_ngram_size)
+    if prefix is not None:
+        # A forced token overrides every other rule: the prefix is the user's.
+        forced = _forced_tokens(prefix, index)
+        forbidden = jnp.where((forced != PAD_ID)[:, None], vocab[None, :] != forced[:, None],
+                              forbidden)
     return jnp.where(forbidden, NEG_INF, logp), new_selves
+
+
+def _forced_tokens(prefix, index):
+    """[N] the token the prefix [N, P] forces at output position `index`; PAD where none."""
+    width = prefix.shape[1]
+    token = jax.lax.dynamic_index_in_dim(prefix, jnp.minimum(index, width - 1), axis=1,
+                                         keepdims=False)
+    return jnp.where(index < width, token, PAD_ID)
+
+
+def _repeated_ngrams(history, index, vocab: int, n: int):
+    """[N, V] True for each token that would complete an n-gram the hypothesis already holds
+    (its tokens are history[:, 1:index + 1]; column 0 is the start symbol, which no n-gram
+    can repeat). Fixed-size work a step: the n-1 last tokens are compared with every window
+    of the history, and the tokens that followed a match are scattered into the mask."""
+    rows, width = history.shape
+    start = jnp.arange(width)
+    # Earlier n-grams start at 1 <= j and end by position `index`, before the new token.
+    match = jnp.broadcast_to((start >= 1) & (start + n - 1 <= index), (rows, width))
+    for m in range(n - 1):
+        last = jax.lax.dynamic_index_in_dim(history, index - n + 2 + m, axis=1)  # [N, 1]
+        # Wrapped-around columns of the roll lie past `index`, where match is False.
+        match &= jnp.roll(history, -m, axis=1) == last
+    follower = jnp.where(match, jnp.roll(history, -(n - 1), axis=1), vocab)
+    banned = jnp.zeros((rows, vocab), bool)
+    return banned.at[jnp.arange(rows)[:, None], follower].set(True, mode='drop')
 
 
 def _mix(log_probs: list):
@@ -228,10 +266,11 @@ def _row_keys(seed, sentence_ids, num_samples: int):
     return jax.vmap(sentence)(sentence_ids).reshape(-1)
 
 
-def _draw(graphdefs, params, inputs, sentence_ids, seed, temperature, top_p, *,
+def _draw(graphdefs, params, inputs, sentence_ids, seed, temperature, top_p, prefix=None, *,
           num_samples: int, top_k: int, nucleus: bool, greedy: bool, alpha: float,
-          max_extra_length: int) -> Found:
-    """Greedy decoding (`greedy`) or `num_samples` samples of each sentence."""
+          max_extra_length: int, no_repeat_ngram_size: int = 0) -> Found:
+    """Greedy decoding (`greedy`) or `num_samples` samples of each sentence, each starting
+    with its row of `prefix` [B, P] when given."""
     models = _members(graphdefs, params)
     batch, src_len = inputs.shape
     rows = batch * num_samples
@@ -239,14 +278,15 @@ def _draw(graphdefs, params, inputs, sentence_ids, seed, temperature, top_p, *,
     max_len = jnp.repeat(max_output_lengths(inputs, max_extra_length, bound), num_samples)
     crosses, selves, segmentation = _start(models, inputs, bound, num_samples)
     keys = None if greedy else _row_keys(seed, sentence_ids, num_samples)
+    if prefix is not None:
+        prefix = jnp.repeat(prefix, num_samples, axis=0)
 
     def cond(s: _DrawState):
         return (s.index < bound) & ~jnp.all(s.done)
 
     def body(s: _DrawState):
-        previous = jax.lax.dynamic_index_in_dim(s.tokens, s.index, axis=1, keepdims=False)
-        logp, new_selves = _step(models, crosses, s.selves, previous, s.index, segmentation,
-                                 max_len)
+        logp, new_selves = _step(models, crosses, s.selves, s.tokens, s.index, segmentation,
+                                 max_len, prefix, no_repeat_ngram_size)
         if greedy:
             token = jnp.argmax(logp, axis=-1)
         else:
@@ -298,13 +338,18 @@ def _gather_cache(cache, beam_index, beam_size):
 
 
 def _beam_search(graphdefs, params, inputs, beam_size: int, alpha: float,
-                 max_extra_length: int, nbest: int = 1, early_stop: bool = True) -> Found:
+                 max_extra_length: int, nbest: int = 1, early_stop: bool = True, prefix=None,
+                 no_repeat_ngram_size: int = 0) -> Found:
     models = _members(graphdefs, params)
     batch, src_len = inputs.shape
     K = beam_size
     bound = output_bound(src_len, max_extra_length, _max_position(models))
     max_len = max_output_lengths(inputs, max_extra_length, bound)  # [B]
     crosses, selves, segmentation = _start(models, inputs, bound, K)
+    if prefix is not None:
+        # While a prefix forces tokens, each beam has one candidate, so only the first slot
+        # (the only live one at the start) is live until the prefix ends.
+        prefix = jnp.repeat(prefix, K, axis=0)
     # The largest length penalty open to a live hypothesis: at the next length or at the
     # maximum one (the penalty is monotonic in the length, whatever the sign of alpha).
     final_penalty = length_penalty(max_len, alpha)
@@ -327,9 +372,9 @@ def _beam_search(graphdefs, params, inputs, beam_size: int, alpha: float,
         return (s.index < bound) & ~jnp.all(row_done(s))
 
     def body(s: _BeamState):
-        previous = jax.lax.dynamic_index_in_dim(s.live_seqs, s.index, axis=2, keepdims=False)
-        logp, new_selves = _step(models, crosses, s.selves, previous.reshape(-1), s.index,
-                                 segmentation, jnp.repeat(max_len, K))
+        logp, new_selves = _step(models, crosses, s.selves,
+                                 s.live_seqs.reshape(batch * K, -1), s.index, segmentation,
+                                 jnp.repeat(max_len, K), prefix, no_repeat_ngram_size)
         vocab = logp.shape[-1]
         length = s.index + 1
         logp = logp.reshape(batch, K, vocab)
@@ -398,42 +443,63 @@ def _forced(graphdefs, params, inputs, targets):
 
 
 _jit_draw = jax.jit(_draw, static_argnames=('graphdefs', 'num_samples', 'top_k', 'nucleus',
-                                            'greedy', 'alpha', 'max_extra_length'))
+                                            'greedy', 'alpha', 'max_extra_length',
+                                            'no_repeat_ngram_size'))
 _jit_beam_search = jax.jit(
     _beam_search, static_argnames=('graphdefs', 'beam_size', 'alpha', 'max_extra_length',
-                                   'nbest', 'early_stop'))
+                                   'nbest', 'early_stop', 'no_repeat_ngram_size'))
 _jit_forced = jax.jit(_forced, static_argnames=('graphdefs',))
 
 
 def _searcher(graphdefs, params, inputs, *, beam_size: int, alpha: float,
-              max_extra_length: int, nbest: int = 1, early_stop: bool = True):
-    """(the jitted search, its arguments) of `search`: greedy decoding for beam 1."""
+              max_extra_length: int, nbest: int = 1, early_stop: bool = True, prefix=None,
+              no_repeat_ngram_size: int = 0):
+    """(the jitted search, its arguments) of `search`: greedy decoding for beam 1. The
+    constraints' defaults (no prefix, no n-gram rule) constrain nothing and compile nothing
+    for them."""
     if not 1 <= nbest <= beam_size:
         raise ValueError(f'nbest={nbest} must be between 1 and beam_size={beam_size}')
+    if no_repeat_ngram_size < 0:
+        raise ValueError(f'no_repeat_ngram_size={no_repeat_ngram_size} must be >= 0')
+    constraints = dict(no_repeat_ngram_size=no_repeat_ngram_size)
     if beam_size == 1:
         zeros = jax.ShapeDtypeStruct(inputs.shape[:1], jnp.int32, sharding=inputs.sharding) \
             if isinstance(inputs, jax.ShapeDtypeStruct) else jnp.zeros(inputs.shape[:1], jnp.int32)
-        return _jit_draw, (graphdefs, params, inputs, zeros, jnp.uint32(0), 1.0, 1.0), dict(
-            num_samples=1, top_k=0, nucleus=False, greedy=True, alpha=float(alpha),
-            max_extra_length=max_extra_length)
+        return _jit_draw, (graphdefs, params, inputs, zeros, jnp.uint32(0), 1.0, 1.0,
+                           prefix), dict(num_samples=1, top_k=0, nucleus=False, greedy=True,
+                                         alpha=float(alpha), max_extra_length=max_extra_length,
+                                         **constraints)
     return _jit_beam_search, (graphdefs, params, inputs, beam_size, float(alpha),
-                              max_extra_length, nbest, early_stop), {}
+                              max_extra_length, nbest, early_stop, prefix), constraints
 
 
 def search(graphdefs, params, inputs, *, beam_size: int, alpha: float, max_extra_length: int,
-           nbest: int = 1, early_stop: bool = True) -> Found:
+           nbest: int = 1, early_stop: bool = True, prefix=None,
+           no_repeat_ngram_size: int = 0) -> Found:
     """Beam search of `inputs` [B, S] (EOS-terminated, PAD-padded token ids) on split model
     state (see `split`): the `nbest` best hypotheses of each sentence, best first.
 
     T is min(S + max_extra_length, the members' smallest max_position). beam_size 1 is greedy
     (its score is then length-penalised too, for comparison). `early_stop=False` runs every
     sentence to its maximum length (for tests: the result must not change).
+
+    Constraints: `prefix` [B, P] (PAD-padded, no EOS) forces the first tokens of every
+    hypothesis of a row, which then continues as searched; its tokens' log-probabilities
+    count in the scores. Each row's prefix must be shorter than its maximum length (the
+    caller checks: decode.Decoder). `no_repeat_ngram_size` N > 0 forbids any hypothesis from
+    holding the same N tokens in a row twice (the prefix's n-grams count; its own tokens are
+    forced regardless).
     """
     fn, args, kwargs = _searcher(graphdefs, params, jnp.asarray(inputs, jnp.int32),
                                  beam_size=beam_size, alpha=alpha,
                                  max_extra_length=max_extra_length, nbest=nbest,
-                                 early_stop=early_stop)
+                                 early_stop=early_stop, prefix=_as_prefix(prefix),
+                                 no_repeat_ngram_size=no_repeat_ngram_size)
     return fn(*args, **kwargs)
+
+
+def _as_prefix(prefix):
+    return None if prefix is None else jnp.asarray(prefix, jnp.int32)
 
 
 def lower_search(graphdefs, params, inputs, **settings) -> jax.stages.Lowered:
@@ -446,19 +512,21 @@ def lower_search(graphdefs, params, inputs, **settings) -> jax.stages.Lowered:
 
 def sample(graphdefs, params, inputs, sentence_ids, *, seed: int, num_samples: int = 1,
            temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, alpha: float = 0.6,
-           max_extra_length: int = 50) -> Found:
+           max_extra_length: int = 50, prefix=None, no_repeat_ngram_size: int = 0) -> Found:
     """`num_samples` samples of each sentence of `inputs` [B, S], drawn with the keys of
     (`seed`, `sentence_ids` [B], sample number): the same sentence id and seed give the same
     samples in any batch. top_k 0 and top_p 1 cut nothing.
 
     Scores and log-probabilities are the model's own (temperature 1, nothing cut), as for beam
-    search, so that samples and beam hypotheses compare.
+    search, so that samples and beam hypotheses compare. `prefix` and `no_repeat_ngram_size`
+    constrain every sample as they constrain `search`'s hypotheses.
     """
     return _jit_draw(graphdefs, params, jnp.asarray(inputs, jnp.int32),
                      jnp.asarray(sentence_ids, jnp.int32), jnp.uint32(seed),
-                     jnp.float32(temperature), jnp.float32(top_p), num_samples=num_samples,
-                     top_k=top_k, nucleus=top_p < 1.0, greedy=False, alpha=float(alpha),
-                     max_extra_length=max_extra_length)
+                     jnp.float32(temperature), jnp.float32(top_p), _as_prefix(prefix),
+                     num_samples=num_samples, top_k=top_k, nucleus=top_p < 1.0, greedy=False,
+                     alpha=float(alpha), max_extra_length=max_extra_length,
+                     no_repeat_ngram_size=no_repeat_ngram_size)
 
 
 def forced(graphdefs, params, inputs, targets) -> tuple[jax.Array, jax.Array]:
@@ -469,11 +537,13 @@ def forced(graphdefs, params, inputs, targets) -> tuple[jax.Array, jax.Array]:
 
 
 def beam_search(models, inputs, *, beam_size: int = 4, alpha: float = 0.6,
-                max_extra_length: int = 50, nbest: int = 1, early_stop: bool = True) -> Found:
+                max_extra_length: int = 50, nbest: int = 1, early_stop: bool = True,
+                prefix=None, no_repeat_ngram_size: int = 0) -> Found:
     """`search` on a model or a sequence of models (an ensemble)."""
     graphdefs, params = split(models)
     return search(graphdefs, params, inputs, beam_size=beam_size, alpha=alpha,
-                  max_extra_length=max_extra_length, nbest=nbest, early_stop=early_stop)
+                  max_extra_length=max_extra_length, nbest=nbest, early_stop=early_stop,
+                  prefix=prefix, no_repeat_ngram_size=no_repeat_ngram_size)
 
 
 def greedy(models, inputs, *, max_extra_length: int = 50) -> Found:

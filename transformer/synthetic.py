@@ -50,7 +50,7 @@ def lexicon() -> dict[str, list[tuple[str, str]]]:
 
 
 def _sentence(rng, num_words, lex):
-    """One (source, target) pair of `num_words` words."""
+    """One (source, target, word alignment) triple of `num_words` words."""
     # Noun phrases fill num_words - 1 slots; a verb follows the first one.
     phrases, remaining = [], num_words - 1
     while remaining > 0:
@@ -62,20 +62,23 @@ def _sentence(rng, num_words, lex):
         remaining -= 2 if two else 1
     verb = lex['verb'][rng.integers(len(lex['verb']))]
 
-    def src_np(p):
-        return ([p[0][0]] if p[0] else []) + [p[1][0]]
+    # Each word carries its phrase and role, so that the word alignment is known.
+    def src_np(k, p):
+        return ([(k, 'adjective', p[0][0])] if p[0] else []) + [(k, 'noun', p[1][0])]
 
-    def tgt_np(p):
-        return [p[1][1]] + ([p[0][1]] if p[0] else [])
+    def tgt_np(k, p):
+        return [(k, 'noun', p[1][1])] + ([(k, 'adjective', p[0][1])] if p[0] else [])
 
-    source = src_np(phrases[0]) if phrases else []
-    source += [verb[0]] + [w for p in phrases[1:] for w in src_np(p)]
-    target = [w for p in phrases for w in tgt_np(p)] + [verb[1]]
-    return ' '.join(source), ' '.join(target)
+    source = src_np(0, phrases[0]) if phrases else []
+    source += [(-1, 'verb', verb[0])] + [w for k, p in enumerate(phrases[1:], 1)
+                                          for w in src_np(k, p)]
+    target = [w for k, p in enumerate(phrases) for w in tgt_np(k, p)] + [(-1, 'verb', verb[1])]
+    where = {w[:2]: i for i, w in enumerate(source)}
+    alignment = [(where[w[:2]], j) for j, w in enumerate(target)]
+    return ' '.join(w[2] for w in source), ' '.join(w[2] for w in target), sorted(alignment)
 
 
-def generate(config, split: str) -> tuple[list[str], list[str]]:
-    """Source and target sentences of a split ('train', 'validation' or 'test')."""
+def _triples(config, split: str) -> list[tuple[str, str, list[tuple[int, int]]]]:
     if split not in _SPLITS:
         raise ValueError(f'unknown synthetic split {split!r}; valid: {", ".join(_SPLITS)}')
     d = config.data
@@ -87,5 +90,16 @@ def generate(config, split: str) -> tuple[list[str], list[str]]:
     rng = np.random.default_rng([d.seed, _SPLITS.index(split)])
     lex = lexicon()
     lengths = rng.integers(d.synthetic_min_words, d.synthetic_max_words + 1, size=size)
-    pairs = [_sentence(rng, int(n), lex) for n in lengths]
-    return [p[0] for p in pairs], [p[1] for p in pairs]
+    return [_sentence(rng, int(n), lex) for n in lengths]
+
+
+def generate(config, split: str) -> tuple[list[str], list[str]]:
+    """Source and target sentences of a split ('train', 'validation' or 'test')."""
+    triples = _triples(config, split)
+    return [t[0] for t in triples], [t[1] for t in triples]
+
+
+def alignments(config, split: str) -> list[list[tuple[int, int]]]:
+    """The true word alignment of each pair `generate(config, split)` gives: sorted (source
+    word, target word) pairs, 0-based, one per word (the task translates word by word)."""
+    return [t[2] for t in _triples(config, split)]

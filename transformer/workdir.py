@@ -79,12 +79,13 @@ def merge_part_name(label: str, process: int) -> str:
 
 
 def eval_name(split: str, members: list[dict], beam_size: int, alpha: float,
-              limit: int | None = None) -> str:
+              limit: int | None = None, no_repeat_ngram_size: int = 0) -> str:
     """The name of evaluate's files (EVAL_DIR/<name>.hyp, .src, .ref, .json) for `split`
     decoded by `members` (per model: its workdir and checkpoint steps, averaged when several)
     with these settings: '<split>_<models>_beam<B>_alpha<A>[_first<N>]', <models> being
     'step<S>[_avg<K>]' for one model, 'ensemble<M>-<hash of the members>' for several (two
-    ensembles never overwrite each other's files)."""
+    ensembles never overwrite each other's files); '_norepeat<N>' after the alpha for a
+    search without repeated N-grams."""
     if len(members) == 1:
         steps = members[0]['steps']
         which = f'step{steps[0]}' if len(steps) == 1 else f'step{steps[-1]}_avg{len(steps)}'
@@ -92,6 +93,7 @@ def eval_name(split: str, members: list[dict], beam_size: int, alpha: float,
         spec = json.dumps([[os.path.realpath(m['workdir']), m['steps']] for m in members])
         which = f'ensemble{len(members)}-{hashlib.sha256(spec.encode()).hexdigest()[:8]}'
     name = f'{split}_{which}_beam{beam_size}_alpha{alpha:g}'
+    name += f'_norepeat{no_repeat_ngram_size}' if no_repeat_ngram_size else ''
     return name + (f'_first{limit}' if limit is not None else '')
 
 
