@@ -10,9 +10,9 @@ import shutil
 import jax
 import numpy as np
 import pytest
-from conftest import error_line, run_program
+from conftest import error_line, load_config, run_program
 
-from transformer import batching, cli, data, decode, ensemble, errors
+from transformer import alignment, batching, cli, data, decode, ensemble, errors, synthetic
 from transformer import tokenizer as tokenizer_lib
 from transformer import workdir as workdir_lib
 from transformer.model import create_model
@@ -291,6 +291,8 @@ def test_bad_decoding_input_is_refused_in_one_line(workdir, tmp_path):
          'has 3 lines but --target'),
         ('score', [f'--workdir={workdir}', f'--source={latin1}', f'--target={latin1}'],
          'l.txt:3: line is not valid UTF-8'),
+        ('translate', [f'--workdir={workdir}', f'--prefix={target}'],
+         't.txt has 2 lines but stdin has 1'),
     ]
     for module, args, message in cases:
         proc = run_program(module, *args, stdin=b'zofu\n', check=False)
@@ -309,7 +311,8 @@ def test_flag_values_are_refused_naming_the_flag(workdir):
             (dict(sampling=True, top_p=0.0), '--top_p=0.0 must be in (0, 1]'),
             (dict(sampling=True, beam_size=4), '--beam_size=4 is for beam search'),
             (dict(temperature=0.5), '--temperature=0.5 applies to sampling only'),
-            (dict(beam_size=0), '--beam_size=0 must be >= 1')]:
+            (dict(beam_size=0), '--beam_size=0 must be >= 1'),
+            (dict(no_repeat_ngram_size=0), '--no_repeat_ngram_size=0 must be >= 1')]:
         with pytest.raises(errors.UsageError) as raised:
             cli.decoding_settings(config, **given)
         assert str(raised.value).startswith(message), (given, str(raised.value))
@@ -318,3 +321,69 @@ def test_flag_values_are_refused_naming_the_flag(workdir):
     members, home = cli.models_to_load(None, f'{workdir}:5, {workdir}', None)
     assert members == [ensemble.Member(str(workdir), 5), ensemble.Member(str(workdir))]
     assert home == str(workdir)
+
+
+# -- constraints and alignments: target prefixes, no repeated n-grams, --alignment -------------
+
+
+def test_translate_with_prefixes_no_repeated_ngrams_and_alignments(workdir):
+    """One run with every new output: source<TAB>prefix lines, an n-best list, no repeated
+    bigrams, alignments. Each hypothesis starts with its line's prefix, and its alignment
+    pairs name words of the source and of the hypothesis."""
+    lines = ['zofu kabemi\tjewer', 'tolarin zepa kabemi', '', 'kabemi zofu\t']
+    proc = run_program('translate', f'--workdir={workdir}', '--beam_size=2', '--nbest=2',
+                       '--no_repeat_ngram_size=2', '--alignment', '--max_extra_length=6',
+                       stdin=('\n'.join(lines) + '\n').encode())
+    assert 'no repeated 2-grams' in proc.stderr.decode()
+    assert 'alignments from decoder layer 0' in proc.stderr.decode()
+    entries = [line.split(' ||| ') for line in proc.stdout.decode().splitlines()]
+    assert [int(e[0]) for e in entries] == [0, 0, 1, 1, 2, 3, 3]
+    assert entries[4] == ['2', '', '', 'log_prob= 0 tokens= 0', '0']
+    for index, hypothesis, pairs, _, _ in entries:
+        source, _, prefix = lines[int(index)].partition('\t')
+        assert hypothesis.startswith(prefix)
+        for i, j in alignment.parse_pairs(pairs):
+            assert i < len(source.split()) and j < len(hypothesis.split()), (pairs, hypothesis)
+    assert all(e[2] for e in entries if e[1])
+
+
+def test_translator_prefixes_repeats_and_refusals(workdir):
+    """In process, with a random model (which repeats itself): a prefix too long for the
+    line's length bound is refused naming the line; no output repeats a bigram of pieces."""
+    model, config, tokenizer = random_model(workdir)
+    settings = decode.Settings(beam_size=2, max_extra_length=3, no_repeat_ngram_size=2)
+    translator = decode.Translator(model, config, tokenizer, settings, batch_sentences=4,
+                                   devices=jax.devices()[:1], alignment_layer=1)
+    with pytest.raises(errors.UsageError, match=r'^line 7: the target prefix has \d+ tokens '
+                       r'but at most \d+ fit'):
+        translator([(7, 'zofu')], ['jewer ' * 10])
+    sources, _ = data.load_text(config, 'test')
+    for hyps, source in zip(translator([(i, s) for i, s in enumerate(sources[:4])]), sources):
+        ids = tokenizer.encode(hyps[0].text)
+        assert len(set(zip(ids, ids[1:]))) == len(ids) - 1, hyps[0].text
+        assert all(i < len(source.split()) for i, _ in
+                   alignment.parse_pairs(hyps[0].alignment))
+    with pytest.raises(ValueError, match='the model has 2 decoder layers'):
+        alignment.resolve_layer(2, 2)
+    assert alignment.resolve_layer(None, 6) == 4 and alignment.resolve_layer(-1, 2) == 1
+
+
+def test_alignment_error_rate_and_the_demo_tasks_true_alignment():
+    """AER by hand, and the synthetic task's true alignments: one source word per target
+    word, with the reordering rules (adjectives after their noun, the verb last)."""
+    sure = [{(0, 0), (1, 2), (2, 1)}]
+    assert alignment.alignment_error_rate(sure, sure) == 0.0
+    assert alignment.alignment_error_rate([{(0, 0)}], sure) == pytest.approx(1 - 2 / 4)
+    assert alignment.diagonal(3, 3) == {(0, 0), (1, 1), (2, 2)}
+    assert alignment.hard_alignment(np.array([[0.1, 0.8, 0.1], [0.7, 0.2, 0.1]]),
+                                    ['\u2581ab', 'c', '\u2581d'], ['\u2581x', '\u2581y']) == [
+                                        (0, 0), (0, 1)]
+    config = load_config('demo')
+    sources, targets = synthetic.generate(config, 'test')
+    truth = synthetic.alignments(config, 'test')
+    assert len(truth) == len(sources)
+    for source, target, pairs in zip(sources, targets, truth):
+        words = len(source.split())
+        assert len(target.split()) == words and len(pairs) == words
+        assert sorted(i for i, _ in pairs) == sorted(j for _, j in pairs) == list(range(words))
+        assert (1, words - 1) in pairs or (2, words - 1) in pairs  # the verb goes last
