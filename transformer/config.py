@@ -65,7 +65,10 @@ def base_config() -> ml_collections.ConfigDict:
     # noise, benchmarks/defaults.py), so auto stays, for GPUs' fused kernel.
     m.attention_impl = 'auto'
     # Rematerialisation: 'block' recomputes each layer's activations in the backward pass
-    # (about a third more compute, far less activation memory); 'none' keeps them.
+    # (about a third more compute, far less activation memory); 'none' keeps them. 'none' on
+    # every platform: the compiled plans hold the paper's batch without it on every target we
+    # plan for (one H100: base 12.4 GiB, big 19.1; 8 v5e chips: base 2.5; preflight.py,
+    # benchmarks/results/2026-12-02-preflight.json), where 'block' would cost compute.
     m.remat = 'none'
     # The layers of a stack: True runs them in a lax.scan (one layer traced and compiled per
     # stack), False unrolls that loop over the same stacked parameters (either reads the
