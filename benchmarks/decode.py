@@ -6,7 +6,8 @@ key/value cache and never re-runs the prefix).
 
     python benchmarks/decode.py [--preset=small|base] [--batch_sizes=8,32,128]
         [--source_length=16] [--max_extra_length=16] [--repeats=3]
-        [--sections=throughput,limit[,step_index,marginal]]
+        [--sections=throughput,limit[,step_index,marginal,constraints,alignment]]
+        [--workdir=DIR]  # a trained demo, for the alignment section
 
 Prints ONE JSON object. The models have random parameters (speed does not depend on
 training); a random model rarely emits EOS, so every sentence runs to its maximum length,
@@ -14,6 +15,12 @@ source length + max_extra_length: the worst case for early stopping, and the sam
 every search, so that the searches compare. The defaults (16 + 16 = 32 steps a sentence) keep
 the run to about two minutes on a 2-core CPU; `--source_length=24 --max_extra_length=50` is the
 paper's + 50 on the sources of the 2026-11-25 figures.
+
+`constraints` times beam 4 and sampling with a forced target prefix and with
+--no_repeat_ngram_size against the same search without them (interleaved). `alignment`
+measures, on a trained demo work directory (`--workdir`, configs/demo.py), the alignment error
+rate of each decoder layer's alignments of the test references against the synthetic task's
+true alignment and a diagonal baseline's, and the cost of the alignment pass.
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from transformer import batching, decode, search
+from transformer import alignment, batching, decode, search, synthetic, trained
 from transformer import config as config_lib
 from transformer.model import create_model
 from transformer.tokenizer import EOS_ID, PAD_ID
@@ -284,7 +291,68 @@ def marginal_step_time(model, batch, beam, source_width, extra, lengths, repeats
     return {'loops': [{'steps': s, 'seconds': t} for s, t in timings], 'marginal': ranges}
 
 
-SECTIONS = ('throughput', 'limit', 'step_index', 'marginal')
+def constraint_cost(model, batch, source_length, max_extra, repeats) -> list[dict]:
+    """Seconds of beam 4 and of sampling without constraints, with an 8-token target prefix
+    and with no repeated 2- and 4-grams, timed interleaved (one row per search)."""
+    x = jnp.asarray(random_sources(batch, source_length, model.vocab_size, seed=7))
+    prefix = jnp.asarray(random_sources(batch, 8, model.vocab_size, seed=8))
+    prefix = prefix.at[:, -1].set(prefix[:, 0])  # no EOS in a prefix
+    graphdefs, params = search.split(model)
+    variants = {'none': {}, 'prefix8': dict(prefix=prefix),
+                'no_repeat_2': dict(no_repeat_ngram_size=2),
+                'no_repeat_4': dict(no_repeat_ngram_size=4)}
+    calls = {}
+    for name, extra in variants.items():
+        calls[('beam4', name)] = functools.partial(
+            search.search, graphdefs, params, x, beam_size=4, alpha=0.6,
+            max_extra_length=max_extra, **extra)
+        calls[('sample_top_p0.9', name)] = functools.partial(
+            search.sample, graphdefs, params, x, np.arange(batch), seed=0, top_p=0.9,
+            max_extra_length=max_extra, **extra)
+    seconds = interleaved(calls, repeats)
+    return [{'search': s, 'constraint': c, 'batch': batch, 'seconds': t,
+             'over_unconstrained': t / seconds[(s, 'none')]} for (s, c), t in seconds.items()]
+
+
+def alignment_quality(workdir: str, sentences: int, repeats: int) -> dict:
+    """AER of each decoder layer's alignments of the first `sentences` test references
+    (teacher-forced) against synthetic.alignments, the diagonal baseline's, and the seconds of
+    the alignment pass against beam 4's on the same batch."""
+    model, config, tokenizer, steps = trained.load_model(workdir)
+    sources, targets = synthetic.generate(config, 'test')
+    truth = [set(a) for a in synthetic.alignments(config, 'test')[:sentences]]
+    sources, targets = sources[:sentences], targets[:sentences]
+    src = [tokenizer.encode(s) + [EOS_ID] for s in sources]
+    tgt = [tokenizer.encode(t) + [EOS_ID] for t in targets]
+
+    def pad(rows):
+        width = max(len(r) for r in rows)
+        return jnp.asarray([r + [PAD_ID] * (width - len(r)) for r in rows], jnp.int32)
+
+    graphdefs, params = search.split(model)
+    x, y = pad(src), pad(tgt)
+    layers = {}
+    for layer in range(config.model.num_decoder_layers):
+        attention = np.asarray(alignment.cross_attention(graphdefs, params, x, y, layer))
+        found = [set(alignment.hard_alignment(attention[i], tokenizer.pieces(src[i][:-1]),
+                                              tokenizer.pieces(tgt[i][:-1])))
+                 for i in range(sentences)]
+        layers[str(layer)] = round(alignment.alignment_error_rate(found, truth), 4)
+    diagonal = [alignment.diagonal(len(s.split()), len(t.split()))
+                for s, t in zip(sources, targets)]
+    seconds = interleaved({
+        'alignment_pass': lambda: alignment.cross_attention(graphdefs, params, x, y, 0),
+        'beam4': lambda: search.search(graphdefs, params, x, beam_size=4, alpha=0.6,
+                                       max_extra_length=50)}, repeats)
+    return {'workdir': workdir, 'steps': steps, 'sentences': sentences,
+            'aer_by_decoder_layer': layers,
+            'default_layer': alignment.resolve_layer(None, config.model.num_decoder_layers),
+            'aer_diagonal': round(alignment.alignment_error_rate(diagonal, truth), 4),
+            'seconds': seconds,
+            'alignment_pass_over_beam4': seconds['alignment_pass'] / seconds['beam4']}
+
+
+SECTIONS = ('throughput', 'limit', 'step_index', 'marginal', 'constraints', 'alignment')
 
 
 def main():
@@ -299,11 +367,16 @@ def main():
     parser.add_argument('--limits', default='64')
     parser.add_argument('--sections', default='throughput,limit',
                         help=f'any of {",".join(SECTIONS)}')
+    parser.add_argument('--workdir', default=None,
+                        help='a trained configs/demo.py work directory (alignment section)')
+    parser.add_argument('--alignment_sentences', type=int, default=200)
     args = parser.parse_args()
     sections = args.sections.split(',')
     unknown = set(sections) - set(SECTIONS)
     if unknown:
         parser.error(f'unknown sections {sorted(unknown)}; valid: {", ".join(SECTIONS)}')
+    if 'alignment' in sections and not args.workdir:
+        parser.error('the alignment section needs --workdir=a trained configs/demo.py run')
 
     config = make_config(args.preset)
     models = [create_model(config, seed=0), create_model(config, seed=1)]
@@ -346,6 +419,12 @@ def main():
         result['beam4_marginal_step_time'] = marginal_step_time(
             model, batch=8, beam=4, source_width=64, extra=16, lengths=[8, 24, 40, 64],
             repeats=args.repeats)
+    if 'constraints' in sections:
+        result['constraints'] = constraint_cost(model, 32, args.source_length,
+                                                args.max_extra_length, args.repeats)
+    if 'alignment' in sections:
+        result['alignment'] = alignment_quality(args.workdir, args.alignment_sentences,
+                                                args.repeats)
     result['load_average_at_end'] = [round(x, 2) for x in os.getloadavg()]
     print(json.dumps(result, indent=1))
 

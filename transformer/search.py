@@ -28,6 +28,12 @@ How a search runs, per batch of sentences:
   decoder's start symbol, is never produced. Forbidden tokens get NEG_INF after the softmax, so
   allowed tokens keep the model's own log-probabilities (no renormalisation), and forced
   decoding of a search's output gives the search's own log-probability.
+* Constraints are masks of the same step, never other searches: a target prefix forces each
+  hypothesis's first tokens (only the prefix's token is allowed while it lasts, with the
+  model's own log-probability, so a beam holds one live hypothesis until the prefix ends);
+  `no_repeat_ngram_size` forbids every token that would complete an n-gram the hypothesis
+  already holds (compared on the device against the hypothesis's history, fixed-size work a
+  step). Without them (None, 0) nothing of theirs is compiled.
 * A `lax.while_loop` stops as soon as, for every sentence, no live hypothesis can enter the
   n best finished ones even with the largest length bonus still open to it (the step cost is
   flat, so stopping early saves time in proportion). For the 1-best this is the paper's early
