@@ -406,20 +406,18 @@ def has_repeated_ngram(hypothesis, n):
     return len(grams) != len(set(grams))
 
 
-@pytest.mark.parametrize('ensemble', [False, True])
-def test_a_prefix_gives_the_exhaustive_best_continuations_and_an_empty_one_changes_nothing(
-        ensemble):
-    """Exhaustive beam search (27 wide) with a prefix of 0, 1 or 2 words per sentence: its
-    3-best list is the 3 best of every hypothesis that starts with the prefix, its
-    log-probabilities count the prefix's tokens; rows without a prefix are the search without
-    one. Greedy decoding and samples start with the prefix too."""
-    models = [tiny_model(seed=24), tiny_model(seed=22)][:1 + ensemble]
+def test_a_prefix_gives_the_exhaustive_best_continuations_and_an_empty_one_changes_nothing():
+    """Exhaustive beam search (27 wide) of an ensemble with a prefix of 0, 1 or 2 words per
+    sentence: its 3-best list is the 3 best of every hypothesis that starts with the prefix,
+    its log-probabilities count the prefix's tokens; a row without a prefix gets the
+    unconstrained exhaustive 3-best. Samples start with the prefix too (greedy decoding is the
+    same loop, test_evaluate_cli runs it)."""
+    models = [tiny_model(seed=24), tiny_model(seed=22)]
     inputs = sources(6, 3, seed=5)
     prefixes = [[], [2], [4, 3], [], [3, 3], [4]]
     prefix = prefix_rows(prefixes, 4)
     found = search.beam_search(models, inputs, beam_size=27, max_extra_length=1, nbest=3,
                                prefix=prefix)
-    free = search.beam_search(models, inputs, beam_size=27, max_extra_length=1, nbest=3)
     for r, p in enumerate(prefixes):
         hyps, scores, log_probs = all_hypotheses(models, inputs[r],
                                                  int(max_lengths(inputs, 1)[r]), 0.6)
@@ -431,15 +429,10 @@ def test_a_prefix_gives_the_exhaustive_best_continuations_and_an_empty_one_chang
         np.testing.assert_allclose(found.log_probs[r, :k], log_probs[order], rtol=1e-5,
                                    atol=1e-5)
         assert np.all(np.asarray(found.scores[r, k:]) <= search.NEG_INF / 2)
-        if not p:
-            np.testing.assert_array_equal(found.tokens[r], free.tokens[r])
-            np.testing.assert_allclose(found.scores[r], free.scores[r], rtol=1e-6)
-    one = search.beam_search(models, inputs, beam_size=1, max_extra_length=3, prefix=prefix)
     graphdefs, params = search.split(models)
     drawn = search.sample(graphdefs, params, inputs, np.arange(6), seed=1, num_samples=3,
                           max_extra_length=3, prefix=prefix)
     for r, p in enumerate(prefixes):
-        assert as_list(one.tokens[r, 0])[:len(p)] == p
         for j in range(3):
             assert as_list(drawn.tokens[r, j])[:len(p)] == p
     np.testing.assert_allclose(
@@ -460,18 +453,19 @@ def test_no_repeated_ngrams_in_any_search_of_a_repeating_model():
     inputs = sources(4, 6, seed=12, words=range(2, 11))
     graphdefs, params = search.split(model)
 
-    def outputs(n):
-        found = [search.beam_search(model, inputs, beam_size=b, max_extra_length=12, nbest=b,
-                                    no_repeat_ngram_size=n) for b in (1, 4)]
-        found.append(search.sample(graphdefs, params, inputs, np.arange(4), seed=3,
-                                   num_samples=4, max_extra_length=12, no_repeat_ngram_size=n))
+    def outputs(n, sampled=True):
+        found = [search.beam_search(model, inputs, beam_size=4, max_extra_length=12, nbest=4,
+                                    no_repeat_ngram_size=n)]
+        if sampled:  # the loop greedy decoding runs too
+            found.append(search.sample(graphdefs, params, inputs, np.arange(4), seed=3,
+                                       num_samples=4, max_extra_length=12,
+                                       no_repeat_ngram_size=n))
         return [as_list(t) for f in found
                 for t in np.asarray(f.tokens).reshape(-1, f.tokens.shape[-1])]
 
-    assert any(has_repeated_ngram(h, 2) for h in outputs(0)), 'the model does not repeat'
-    for n in (1, 2, 3):
-        for h in outputs(n):
-            assert not has_repeated_ngram(h, n), (n, h)
+    assert any(has_repeated_ngram(h, 2) for h in outputs(0, False)), 'the model does not repeat'
+    for h in outputs(2):
+        assert not has_repeated_ngram(h, 2), h
 
 
 @pytest.mark.parametrize('n, beam, extra', [(1, 27, 2), (2, 81, 2)])

@@ -2,6 +2,7 @@
 average, translate and attention through their command lines, and the decoding helpers they
 share in process."""
 
+import io
 import json
 import os
 import pathlib
@@ -291,8 +292,6 @@ def test_bad_decoding_input_is_refused_in_one_line(workdir, tmp_path):
          'has 3 lines but --target'),
         ('score', [f'--workdir={workdir}', f'--source={latin1}', f'--target={latin1}'],
          'l.txt:3: line is not valid UTF-8'),
-        ('translate', [f'--workdir={workdir}', f'--prefix={target}'],
-         't.txt has 2 lines but stdin has 1'),
     ]
     for module, args, message in cases:
         proc = run_program(module, *args, stdin=b'zofu\n', check=False)
@@ -347,10 +346,12 @@ def test_translate_with_prefixes_no_repeated_ngrams_and_alignments(workdir):
     assert all(e[2] for e in entries if e[1])
 
 
-def test_translator_prefixes_repeats_and_refusals(workdir):
+def test_translator_prefixes_repeats_and_refusals(workdir, tmp_path):
     """In process, with a random model (which repeats itself): a prefix too long for the
     line's length bound is refused naming the line; no output repeats a bigram of pieces."""
     model, config, tokenizer = random_model(workdir)
+    target = tmp_path / 't.txt'
+    target.write_text('x\n\n')
     settings = decode.Settings(beam_size=2, max_extra_length=3, no_repeat_ngram_size=2)
     translator = decode.Translator(model, config, tokenizer, settings, batch_sentences=4,
                                    devices=jax.devices()[:1], alignment_layer=1)
@@ -363,6 +364,10 @@ def test_translator_prefixes_repeats_and_refusals(workdir):
         assert len(set(zip(ids, ids[1:]))) == len(ids) - 1, hyps[0].text
         assert all(i < len(source.split()) for i, _ in
                    alignment.parse_pairs(hyps[0].alignment))
+    with pytest.raises(errors.UsageError, match='t.txt has 2 lines but stdin has 3'):
+        list(cli.prefixed_chunks(io.BytesIO(b'a\nb\nc\n'), str(target), 2))
+    chunks = list(cli.prefixed_chunks(io.BytesIO(b'a\nb\n'), str(target), 1))
+    assert chunks == [([(1, 'a')], ['x']), ([(2, 'b')], [''])]
     with pytest.raises(ValueError, match='the model has 2 decoder layers'):
         alignment.resolve_layer(2, 2)
     assert alignment.resolve_layer(None, 6) == 4 and alignment.resolve_layer(-1, 2) == 1

@@ -25,7 +25,7 @@ from ml_collections import config_flags
 from tqdm import tqdm
 
 from transformer import config as config_lib
-from transformer import decode, ensemble, errors
+from transformer import data, decode, ensemble, errors
 
 # -- flags --------------------------------------------------------------------------------------
 
@@ -160,6 +160,19 @@ def read_lines(stream: BinaryIO, chunk: int) -> Iterator[list[tuple[int, str]]]:
             lines = []
     if lines:
         yield lines
+
+
+def prefixed_chunks(stream: BinaryIO, path: str, chunk: int):
+    """Chunks of (lines, prefixes) of a program's stdin (sources, read whole) and the target
+    prefixes of --prefix=FILE, refused in one line before anything is decoded unless they
+    have as many lines."""
+    prefixes = data.read_lines(path)
+    lines = [line for part in read_lines(stream, chunk) for line in part]
+    if len(lines) != len(prefixes):
+        raise errors.UsageError(f'--prefix={path} has {len(prefixes)} lines but stdin has '
+                                f'{len(lines)}; give one prefix a line (an empty line for none)')
+    for start in range(0, len(lines), chunk):
+        yield lines[start:start + chunk], prefixes[start:start + chunk]
 
 
 def batch_sentences(value: int | None, config) -> int:

@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import sys
 
-from transformer import alignment, cli, data, decode, ensemble
+from transformer import alignment, cli, decode, ensemble
 from transformer import workdir as workdir_lib
 from transformer.errors import UsageError
 
@@ -84,18 +84,6 @@ def split_prefixes(lines: list[tuple[int, str]]) -> tuple[list[tuple[int, str]],
     return ([(p[0], p[1]) for p in pairs], [p[2] if len(p) > 2 else '' for p in pairs])
 
 
-def prefixed_chunks(path: str, chunk: int):
-    """(lines, prefixes) of stdin (sources) and --prefix=FILE, checked to have as many
-    lines before anything is decoded."""
-    prefixes = data.read_lines(path)
-    lines = [line for part in cli.read_lines(sys.stdin.buffer, chunk) for line in part]
-    if len(lines) != len(prefixes):
-        raise UsageError(f'--prefix={path} has {len(prefixes)} lines but stdin has '
-                         f'{len(lines)}; give one prefix a line (an empty line for none)')
-    for start in range(0, len(lines), chunk):
-        yield lines[start:start + chunk], prefixes[start:start + chunk]
-
-
 def main():
     d, s = _DECODING, _SEARCH
     members, home = cli.models_to_load(_WORKDIR.value, _ENSEMBLE.value, d.step.value)
@@ -115,7 +103,7 @@ def main():
     batch_sentences = cli.batch_sentences(d.batch_sentences.value, config)
     chunk = 1 if sys.stdin.isatty() else batch_sentences * CHUNK_BATCHES
     if s.prefix.value is not None:  # read and checked before any model is
-        chunks = prefixed_chunks(s.prefix.value, chunk)
+        chunks = cli.prefixed_chunks(sys.stdin.buffer, s.prefix.value, chunk)
     else:
         chunks = (split_prefixes(lines) for lines in cli.read_lines(sys.stdin.buffer, chunk))
     loaded = ensemble.load(members, average=d.average.value, home=home)
