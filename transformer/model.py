@@ -32,7 +32,7 @@ from transformer.tokenizer import PAD_ID  # also the decoder's start symbol
 # What 'auto' model settings become on each platform: the platform of the devices a run's mesh
 # spans, which for a pre-flight plan compiled on a CPU host is not the host's. scan_layers by
 # compiled memory per device at the paper's batch (python -m transformer.preflight,
-# benchmarks/results/2026-12-02-preflight.json): base unrolled needs 2.50 GiB a chip on
+# benchmarks/results/2026-12-03-preflight.json): base unrolled needs 2.50 GiB a chip on
 # tpu:v5e:2x4 against 4.07 scanned, 12.4 GiB on gpu:h100 against 17.0, and unrolled steps run
 # faster; on the CPU scanned needs less (31.1 against 38.7 GiB, XLA:CPU keeps each unrolled
 # layer's buffers apart) and compiles faster.
