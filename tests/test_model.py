@@ -128,6 +128,9 @@ def test_forward_returns_the_attention_it_used(norm):
     targets = random_tokens(rng, (2, 5), pad_from=[5, 3])
     logits, weights = model_lib.attention_weights(m, inputs, targets)
     np.testing.assert_allclose(logits, m(inputs, targets), atol=1e-5)
+    # Only the view sows: the model itself (what training runs) computes no weights.
+    _, sown = nnx.capture(m, nnx.Intermediate)(inputs, targets)
+    assert not jax.tree.leaves(sown)
     layers, heads = c.model.num_encoder_layers, c.model.num_heads
     assert weights['encoder'].shape == (layers, 2, heads, 7, 7)
     assert weights['decoder'].shape == (c.model.num_decoder_layers, 2, heads, 5, 5)
