@@ -56,3 +56,11 @@ def test_no_import_cycle():
 
     for module in sorted(graph):
         visit(module, [])
+
+
+def test_the_ground_floor_imports_no_project_module():
+    # errors.py is what every module may import; the supervisor, which starts before JAX,
+    # imports only it.
+    graph = imports()
+    assert graph['errors'] == set()
+    assert graph['supervisor'] == {'errors'}

@@ -17,10 +17,8 @@ import os
 import shutil
 import sys
 
-import jax
-from tqdm import tqdm
-
-from transformer import supervisor
+# The ground floor: no project module, and JAX and tqdm only where a function needs them (the
+# supervisor, which starts before JAX, imports this module for its one line).
 
 EXIT_RUNTIME = 1
 EXIT_BAD_INPUT = 2
@@ -107,12 +105,19 @@ class Interrupted(KeyboardInterrupt):
         return EXIT_SIGNAL + self.signum
 
 
+def lost_peer_line(where: str, why: str) -> str:
+    """The one line of a process (`where`: 'process I of N') whose peer is gone, or that failed
+    itself; the supervisor's and cli.run's alike."""
+    return f'{where} stopped: {why} (a lost peer process, or see its own error)'
+
+
 def lost_peer(reason: str, index: int | None = None, count: int | None = None) -> str:
-    """The one line of a process whose peer process is gone (or failed itself); `index` and
-    `count` default to JAX's process index and count."""
+    """lost_peer_line for this process; `index` and `count` default to JAX's process index and
+    count."""
+    import jax
     index = jax.process_index() if index is None else index
     count = jax.process_count() if count is None else count
-    return supervisor.lost_peer(f'process {index} of {count}', reason)
+    return lost_peer_line(f'process {index} of {count}', reason)
 
 
 # Errors of a full disk: the message then says how much room is left.
@@ -214,6 +219,8 @@ def close_all(closers, failing: bool) -> None:
 
 def warn(message: str) -> None:
     """One line `warning: message` on stderr, above any progress bar (process 0 only)."""
+    import jax
+    from tqdm import tqdm
     if jax.process_index() == 0:
         tqdm.write(f'warning: {message}', file=sys.stderr)
 

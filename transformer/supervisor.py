@@ -33,10 +33,11 @@ import sys
 import time
 from collections.abc import Mapping
 
+from transformer.errors import EXIT_RUNTIME, EXIT_SIGNAL, lost_peer_line
+
 OFF = 'TRANSFORMER_SUPERVISE'
 CHILD = 'TRANSFORMER_SUPERVISED'  # set in the child's environment
 PROGRAMS = ('transformer.train',)  # the programs that call jax.distributed.initialize
-EXIT_RUNTIME, EXIT_SIGNAL = 1, 128  # as errors.py (which imports JAX) defines them
 
 # JAX's fatal error, and the lines of its coordination client that come just before it: held
 # back until it is clear whether the child aborts (then they are dropped) or carries on.
@@ -176,7 +177,7 @@ def exit_status(returncode: int, fatal: bytes | None, said_error: bool,
         return EXIT_RUNTIME if fatal is not None else EXIT_SIGNAL - returncode
     where = _process(environ)
     if fatal is not None:
-        line = lost_peer(where, reason(fatal))
+        line = lost_peer_line(where, reason(fatal))
         status = EXIT_RUNTIME
     else:
         name = signal.Signals(-returncode).name
@@ -185,12 +186,6 @@ def exit_status(returncode: int, fatal: bytes | None, said_error: bool,
     sys.stderr.write(f'error: {line}\n')
     sys.stderr.flush()
     return status
-
-
-def lost_peer(where: str, why: str) -> str:
-    """The one line of a process (`where`: 'process I of N') whose peer is gone, or that failed
-    itself; the supervisor's and cli.run's alike (errors.lost_peer)."""
-    return f'{where} stopped: {why} (a lost peer process, or see its own error)'
 
 
 def _process(environ: Mapping[str, str]) -> str:
