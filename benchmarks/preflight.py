@@ -56,13 +56,20 @@ def label(name: str) -> str:
     return ' '.join([config, *overrides])
 
 
+def order(name: str) -> tuple:
+    """Rows by model, target (as TARGETS lists them), overrides, then remat."""
+    config, target, remat, *overrides = name.split()
+    rank = TARGETS.index(target) if target in TARGETS else len(TARGETS)
+    return config, rank, target, overrides, remat != 'none'
+
+
 def markdown(table: dict) -> str:
     """The README's table of a results file: a row per point."""
     gib = 2 ** 30
     rows = ['| model | target | mesh | remat | batch rows x length | params + Adam | '
             'activations, temporaries | code | total per chip | of | fits | beam search | '
             'collectives per step | step at 30 % / 50 % MFU |', '|' + '---|' * 14]
-    for name, p in table['points'].items():
+    for name, p in sorted(table['points'].items(), key=lambda item: order(item[0])):
         if 'error' in p:
             rows.append(f'| {name} | error: {p["error"]} |')
             continue
