@@ -25,7 +25,7 @@ from transformer.layers import (
     layer_stack,
     scan_layers,
 )
-from transformer.multi_head_attention import attention_mask, resolve_implementation
+from transformer.multi_head_attention import attention_mask, einsum_f32, resolve_implementation
 from transformer.sharding import constrain_batch
 from transformer.tokenizer import PAD_ID  # also the decoder's start symbol
 
@@ -169,8 +169,7 @@ class Transformer(nnx.Module):
             weights, spec = self.embed.embedding[...], 'btd,vd->btv'
         else:
             weights, spec = self.output_projection.kernel[...], 'btd,dv->btv'
-        return jnp.einsum(spec, x.astype(self.dtype), weights.astype(self.dtype),
-                          preferred_element_type=jnp.float32)
+        return einsum_f32(spec, x.astype(self.dtype), weights.astype(self.dtype))
 
     # -- full passes --------------------------------------------------------------------------
 
