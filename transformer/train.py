@@ -543,8 +543,10 @@ def main():
             best_steps.add(at)
             if last_saved != at:
                 save(at, data_state)
-                with clocks.apart('save'):
-                    saver.wait()  # best.json names only a checkpoint that is there
+        # best.json names only a checkpoint that is there, and never runs ahead of the
+        # checkpoints (a resumed run takes it when it is the newest one's evaluation).
+        with clocks.apart('save'):
+            saver.wait()
         if is_main:
             workdir_lib.atomic_write(workdir_lib.path(workdir, workdir_lib.BEST_FILE),
                                      json.dumps(tracker.record()).encode(),
