@@ -43,8 +43,11 @@ def _restore(workdir: str, steps: list[int], count: int, abstract, minimum=None)
 def weights(config, raw_weights: bool = False) -> str:
     """Which weights of a checkpoint are decoded with: 'ema', the moving average that runs
     with train.ema_decay > 0 keep (Marian and fairseq users' expectation: the smoothed model
-    is the model), or 'raw', the parameters themselves (--raw_weights, and runs without)."""
-    return 'ema' if config.train.ema_decay > 0 and not raw_weights else 'raw'
+    is the model), 'raw', the parameters of such a run (--raw_weights), or 'params', those of
+    a run without."""
+    if config.train.ema_decay <= 0:
+        return 'params'
+    return 'raw' if raw_weights else 'ema'
 
 
 def _state_item(which: str) -> str:
