@@ -422,6 +422,9 @@ def main():
     cli.say(f'Training data: {train_iter.stats}; tokenizer threads: {tokenizer.threads} (the '
             'CPU cores this process may use)')
     validation = validation_data(config, tokenizer)
+    if t.early_stop_patience and validation is None:
+        raise UsageError('train.early_stop_patience needs a validation split: set '
+                         'config.data.validation')
     _fault_injection('data-ready')
 
     # --- state, created already sharded --------------------------------------------------------
