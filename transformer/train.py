@@ -545,6 +545,7 @@ def main():
             best_steps.clear()
             best_steps.add(at)
             if last_saved != at:
+                window.add_metrics(late.fetch())  # never save a state whose loss was not finite
                 save(at, data_state)
         # best.json names only a checkpoint that is there, and never runs ahead of the
         # checkpoints (a resumed run takes it when it is the newest one's evaluation).
@@ -598,6 +599,7 @@ def main():
             elif tracker.exhausted and not stop:
                 stop = True
                 if last_saved != step:
+                    window.add_metrics(late.fetch())
                     save(step, data_state)
         late.fetch()
         with clocks.apart('save'):
