@@ -797,10 +797,10 @@ def test_a_checkpoint_deleted_while_read_is_picked_again(run, monkeypatch, capsy
                     run / workdir_lib.CHECKPOINTS_DIR / '16')  # "train" saves step 16 ...
     read = checkpoint._restore_params
 
-    def deleted_first(manager, step, abstract):
+    def deleted_first(manager, step, *args):
         if step == 4:  # ... and deletes step 4 (keep_checkpoints) while it is being read
             shutil.rmtree(os.path.join(directory, '4'))
-        return read(manager, step, abstract)
+        return read(manager, step, *args)
 
     monkeypatch.setattr(checkpoint, '_restore_params', deleted_first)
     config = workdir_lib.load_config(str(run))
