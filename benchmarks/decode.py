@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from transformer import alignment, batching, decode, search, synthetic, trained
+from transformer import alignment, batching, host_decode, search, synthetic, trained
 from transformer import config as config_lib
 from transformer.model import create_model
 from transformer.tokenizer import EOS_ID, PAD_ID
@@ -186,17 +186,17 @@ def limited_decode(model, config, sentences, batch_sentences, limits, max_extra,
     batched), and against the old way of limiting; medians of `repeats`, interleaved, after a
     warm-up call of each (which compiles its shapes)."""
     split = synthetic_split(sentences, model.vocab_size)
-    settings = decode.Settings(beam_size=1, max_extra_length=max_extra)
-    decoder = decode.make_decoder(model, config, settings, batch_sentences,
-                                  devices=jax.devices()[:1])
+    settings = host_decode.Settings(beam_size=1, max_extra_length=max_extra)
+    decoder = host_decode.make_decoder(model, config, settings, batch_sentences,
+                                       devices=jax.devices()[:1])
 
     def full():
-        decode.translate_split(decoder, config, _Ids, split, batch_sentences)
+        host_decode.translate_split(decoder, config, _Ids, split, batch_sentences)
 
     calls = {'full': full}
     for limit in limits:
         calls[f'limit{limit}'] = functools.partial(
-            decode.translate_split, decoder, config, _Ids, split, batch_sentences, limit=limit)
+            host_decode.translate_split, decoder, config, _Ids, split, batch_sentences, limit=limit)
         calls[f'before{limit}'] = functools.partial(
             _old_limited_decode, decoder, config, split, batch_sentences, limit)
     batches = {}

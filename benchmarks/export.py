@@ -29,7 +29,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import versus_flax as vf  # noqa: E402 - the benchmarks' shared JSON header
-from transformer import data, decode, exported, exporting, trained  # noqa: E402
+from transformer import data, exported, exporting, host_decode, trained  # noqa: E402
 
 
 def main():
@@ -61,8 +61,8 @@ def main():
     lines = list(enumerate(sources, 1))
 
     def ours(alpha=alpha):
-        translator = ours.translators.setdefault(alpha, decode.Translator(
-            [model], config, tokenizer, decode.settings(config, alpha=alpha), args.batch))
+        translator = ours.translators.setdefault(alpha, host_decode.Translator(
+            [model], config, tokenizer, host_decode.settings(config, alpha=alpha), args.batch))
         return [h[0].text if h else '' for h in translator(lines)]
     ours.translators = {}
 

@@ -2,7 +2,7 @@
 with and without remat, per chip; prints one JSON object and merges it into --out.
 
     python benchmarks/preflight.py [--configs=base,big] [--targets=tpu:v5e:2x4,...]
-        [--remat=none,block] [--out=benchmarks/results/2026-12-02-preflight.json]
+        [--remat=none,block] [--out=benchmarks/results/2026-12-03-preflight.json]
 
 Each point is `python -m transformer.preflight --config=configs/wmt14_ende.py:NAME
 --target=T --config.model.remat=R --json` in a process of its own (libtpu loads in one process
@@ -50,6 +50,12 @@ def key(config: str, target: str, remat: str, overrides: list[str]) -> str:
     return ' '.join([config, target, f'remat={remat}', *overrides])
 
 
+def label(name: str) -> str:
+    """A point's model column: the config and its overrides (target and remat have columns)."""
+    config, _, _, *overrides = name.split()
+    return ' '.join([config, *overrides])
+
+
 def markdown(table: dict) -> str:
     """The README's table of a results file: a row per point."""
     gib = 2 ** 30
@@ -72,7 +78,7 @@ def markdown(table: dict) -> str:
         search = p.get('beam_search', {}).get('memory_analysis', {}).get('total')
         steps = p.get('step_seconds', {})
         rows.append(
-            f"| {name.split()[0]} | {p['target']} | "
+            f"| {label(name)} | {p['target']} | "
             f"{'x'.join(f'{k} {v}' for k, v in p['mesh'].items() if v > 1) or '1 device'} | "
             f"{p['settings']['remat']} | {p['batch']['rows']} x {p['batch']['length']} | "
             f"{(m['parameters'] + m['optimizer_state']) / gib:.2f} | "
@@ -97,7 +103,7 @@ def main():
     parser.add_argument('--no_search', action='store_true',
                         help='compile no beam search (an unrolled TPU one takes minutes)')
     parser.add_argument('--out', default=str(ROOT / 'benchmarks/results/'
-                                             '2026-12-02-preflight.json'))
+                                             '2026-12-03-preflight.json'))
     args = parser.parse_args()
     out = pathlib.Path(args.out)
     table = json.loads(out.read_text()) if out.exists() else {

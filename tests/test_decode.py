@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 from transformer import config as config_lib
-from transformer import decode, search, sharding
+from transformer import host_decode, search, sharding
 from transformer.model import create_model
 from transformer.tokenizer import EOS_ID, PAD_ID
 
@@ -307,16 +307,16 @@ def test_samples_do_not_depend_on_the_batch():
     model = tiny_model(seed=9, vocab=11)
     inputs = sources(5, 6, seed=7, words=range(2, 11))
     ids = np.array([10, 11, 12, 13, 14])
-    settings = decode.Settings(sampling=True, num_samples=3, seed=4, max_extra_length=3)
-    decoder = decode.Decoder(model, settings, batch_size=8)
+    settings = host_decode.Settings(sampling=True, num_samples=3, seed=4, max_extra_length=3)
+    decoder = host_decode.Decoder(model, settings, batch_size=8)
     batch8 = decoder(inputs, ids)
     part = decoder(inputs[[3, 1]], ids[[3, 1]])  # other rows around them, other positions
     n = min(part.tokens.shape[2], batch8.tokens.shape[2])  # each shape has its own bound
     np.testing.assert_array_equal(part.tokens[:, :, :n], batch8.tokens[[3, 1], :, :n])
-    more = decode.Decoder(model, dataclasses.replace(settings, num_samples=5),
-                          batch_size=8)(inputs, ids)
+    more = host_decode.Decoder(model, dataclasses.replace(settings, num_samples=5),
+                               batch_size=8)(inputs, ids)
     np.testing.assert_array_equal(more.tokens[:, :3, :batch8.tokens.shape[2]], batch8.tokens)
-    other = decode.Decoder(model, dataclasses.replace(settings, seed=5), batch_size=8)
+    other = host_decode.Decoder(model, dataclasses.replace(settings, seed=5), batch_size=8)
     assert not np.array_equal(other(inputs, ids).tokens, batch8.tokens)
 
 
@@ -327,8 +327,8 @@ def test_samples_do_not_depend_on_the_batch():
 def test_forced_decoding_gives_the_beams_own_scores(ensemble):
     models = [tiny_model(seed=13, vocab=11), tiny_model(seed=14, vocab=11)][:1 + ensemble]
     inputs = sources(6, 6, seed=15, words=range(2, 11))
-    decoder = decode.Decoder(models, decode.Settings(beam_size=3, nbest=3, max_extra_length=3),
-                             batch_size=18)
+    decoder = host_decode.Decoder(
+        models, host_decode.Settings(beam_size=3, nbest=3, max_extra_length=3), batch_size=18)
     found = decoder(inputs)
     targets = found.tokens.reshape(18, -1)
     log_probs, tokens = decoder.score(np.repeat(inputs, 3, axis=0), targets)
@@ -349,8 +349,9 @@ def test_sharded_decoding_matches_unsharded():
     mesh = sharding.make_mesh()
     for beam in (1, 3):
         want = search.beam_search(model, inputs, beam_size=beam, alpha=0.6, max_extra_length=5)
-        decoder = decode.Decoder(model, decode.Settings(beam_size=beam, max_extra_length=5),
-                                 batch_size=8, mesh=mesh)
+        decoder = host_decode.Decoder(
+            model, host_decode.Settings(beam_size=beam, max_extra_length=5), batch_size=8,
+            mesh=mesh)
         got = decoder(inputs)
         n = min(got.tokens.shape[2], want.tokens.shape[2])
         np.testing.assert_array_equal(got.tokens[..., :n], np.asarray(want.tokens)[..., :n])
@@ -359,8 +360,8 @@ def test_sharded_decoding_matches_unsharded():
 
 def test_decoder_buckets_lengths_and_pads_rows():
     model = tiny_model(seed=15, vocab=11, max_position=64)
-    decoder = decode.Decoder(model, decode.Settings(beam_size=2, max_extra_length=3),
-                             batch_size=4)
+    decoder = host_decode.Decoder(model, host_decode.Settings(beam_size=2, max_extra_length=3),
+                                  batch_size=4)
     a = sources(3, 5, seed=16)
     b = sources(2, 7, seed=17)
     ta = decoder(a).tokens
@@ -384,11 +385,11 @@ def test_settings_name_the_field_out_of_range():
             (dict(top_k=3), 'top_k=3 applies to sampling only'),
             (dict(sampling=True, nbest=2), 'nbest=2 is for beam search'),
             (dict(sampling=True, top_k=999), 'top_k=999 must be at most the vocabulary size')]:
-        with pytest.raises(decode.SettingError, match=message.replace('(', r'\(').replace(
+        with pytest.raises(host_decode.SettingError, match=message.replace('(', r'\(').replace(
                 ')', r'\)')):
-            decode.settings(config, **given)
-    with pytest.raises(decode.SettingError, match=r'top_k=20 must be at most the vocabulary'):
-        decode.Decoder(tiny_model(vocab=11), decode.Settings(sampling=True, top_k=20))
+            host_decode.settings(config, **given)
+    with pytest.raises(host_decode.SettingError, match=r'top_k=20 must be at most the vocabulary'):
+        host_decode.Decoder(tiny_model(vocab=11), host_decode.Settings(sampling=True, top_k=20))
 
 
 # -- constraints: a forced target prefix, no repeated n-grams -----------------------------------

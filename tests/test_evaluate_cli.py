@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from conftest import error_line, load_config, run_program
 
-from transformer import alignment, batching, cli, data, decode, ensemble, errors, synthetic
+from transformer import alignment, batching, cli, data, ensemble, errors, host_decode, synthetic
 from transformer import tokenizer as tokenizer_lib
 from transformer import workdir as workdir_lib
 from transformer.model import create_model
@@ -85,7 +85,7 @@ def test_translate_refuses_non_utf8_with_its_line_number(workdir):
 
 def test_attention_plot(workdir, tmp_path):
     out = tmp_path / 'attention.png'
-    proc = run_program('attention', f'--workdir={workdir}', '--text=zofu kabemi tolarin',
+    proc = run_program('plot_attention', f'--workdir={workdir}', '--text=zofu kabemi tolarin',
                f'--out={out}', '--average=1', '--beam_size=1')
     assert out.stat().st_size > 10_000
     assert json.loads(proc.stdout.decode().strip().splitlines()[-1])['out'] == str(out)
@@ -114,9 +114,9 @@ def random_model(workdir):
 
 def test_translator_keeps_order_and_matches_one_by_one(workdir):
     model, config, tokenizer = random_model(workdir)
-    settings = decode.Settings(beam_size=2, alpha=0.6, max_extra_length=4)
-    translator = decode.Translator(model, config, tokenizer, settings, batch_sentences=4,
-                                   devices=jax.devices()[:1])
+    settings = host_decode.Settings(beam_size=2, alpha=0.6, max_extra_length=4)
+    translator = host_decode.Translator(model, config, tokenizer, settings, batch_sentences=4,
+                                        devices=jax.devices()[:1])
     sources, _ = data.load_text(config, 'test')
     lines = [(i + 1, s) for i, s in enumerate(sources[:6])]
     lines.insert(2, (99, ''))
@@ -134,8 +134,8 @@ def test_translator_keeps_order_and_matches_one_by_one(workdir):
 
 def test_sampled_translations_do_not_depend_on_batches_or_order(workdir):
     model, config, tokenizer = random_model(workdir)
-    settings = decode.Settings(sampling=True, num_samples=2, top_p=0.9, seed=7,
-                               max_extra_length=4)
+    settings = host_decode.Settings(sampling=True, num_samples=2, top_p=0.9, seed=7,
+                                    max_extra_length=4)
     sources, _ = data.load_text(config, 'test')
     # Sentences of one length bucket: each batch size compiles one shape.
     width = {i: int(batching.bucket_length(len(tokenizer.encode(s)) + 1, config.data))
@@ -145,8 +145,8 @@ def test_sampled_translations_do_not_depend_on_batches_or_order(workdir):
     assert len(lines) == 4
     got = []
     for batch, order in ((1, 1), (4, -1)):
-        translator = decode.Translator(model, config, tokenizer, settings, batch_sentences=batch,
-                                       devices=jax.devices()[:1])
+        translator = host_decode.Translator(model, config, tokenizer, settings,
+                                            batch_sentences=batch, devices=jax.devices()[:1])
         got.append([[h.text for h in hyps] for hyps in translator(lines[::order])][::order])
     assert got[0] == got[1]
     assert all(len(hyps) == 2 for hyps in got[0])
@@ -155,11 +155,11 @@ def test_sampled_translations_do_not_depend_on_batches_or_order(workdir):
 
 def test_evaluate_translates_every_sentence_in_order(workdir):
     model, config, tokenizer = random_model(workdir)
-    settings = decode.Settings(beam_size=2, alpha=0.6, max_extra_length=3)
+    settings = host_decode.Settings(beam_size=2, alpha=0.6, max_extra_length=3)
     split = batching.encode_split(config, tokenizer, 'test')
     n = len(split)
-    decoder = decode.make_decoder(model, config, settings, n, devices=jax.devices()[:1])
-    hypotheses, stats = decode.translate_split(decoder, config, tokenizer, split, n)
+    decoder = host_decode.make_decoder(model, config, settings, n, devices=jax.devices()[:1])
+    hypotheses, stats = host_decode.translate_split(decoder, config, tokenizer, split, n)
     assert sorted(hypotheses) == list(range(n))
     assert stats['generated_tokens'] > 0 and len(set(hypotheses.values())) > 2
     # The longest sentence alone (the same compiled shape) gets the same translation.
@@ -168,8 +168,8 @@ def test_evaluate_translates_every_sentence_in_order(workdir):
     assert hypotheses[longest] == tokenizer.decode(tokens[0, 0].tolist())
     assert len(decoder.shapes_compiled) == 1
     # A limited decode chooses its sentences first: the first 5, in one batch of them.
-    decoder = decode.make_decoder(model, config, settings, n, devices=jax.devices()[:1])
-    first, _ = decode.translate_split(decoder, config, tokenizer, split, n, limit=5)
+    decoder = host_decode.make_decoder(model, config, settings, n, devices=jax.devices()[:1])
+    first, _ = host_decode.translate_split(decoder, config, tokenizer, split, n, limit=5)
     assert first == {i: hypotheses[i] for i in range(5)}
     assert decoder.batches == 1
 
@@ -352,9 +352,9 @@ def test_translator_prefixes_repeats_and_refusals(workdir, tmp_path):
     model, config, tokenizer = random_model(workdir)
     target = tmp_path / 't.txt'
     target.write_text('x\n\n')
-    settings = decode.Settings(beam_size=2, max_extra_length=3, no_repeat_ngram_size=2)
-    translator = decode.Translator(model, config, tokenizer, settings, batch_sentences=4,
-                                   devices=jax.devices()[:1], alignment_layer=1)
+    settings = host_decode.Settings(beam_size=2, max_extra_length=3, no_repeat_ngram_size=2)
+    translator = host_decode.Translator(model, config, tokenizer, settings, batch_sentences=4,
+                                        devices=jax.devices()[:1], alignment_layer=1)
     with pytest.raises(errors.UsageError, match=r'^line 7: the target prefix has \d+ tokens '
                        r'but at most \d+ fit'):
         translator([(7, 'zofu')], ['jewer ' * 10])

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import error_line, run_program, run_train, tiny_config
 
-from transformer import data, decode, ensemble, exported, exporting, search, trained
+from transformer import data, ensemble, exported, exporting, host_decode, search, trained
 from transformer import export_ctranslate2 as ect
 from transformer import export_huggingface as ehf
 from transformer.errors import UsageError
@@ -39,10 +39,10 @@ def reference(trained_dir):
     model, config, tokenizer, steps = trained.load_model(str(trained_dir))
     sources, targets = data.load_text(config, 'test')
     pairs = list(zip(sources, targets))
-    scorer = decode.Scorer([model], config, tokenizer, 16)
+    scorer = host_decode.Scorer([model], config, tokenizer, 16)
     scores = [lp for lp, _ in scorer([(n, s, t) for n, (s, t) in enumerate(pairs, 1)])]
-    translator = decode.Translator([model], config, tokenizer,
-                                   decode.settings(config, beam_size=1), 16)
+    translator = host_decode.Translator([model], config, tokenizer,
+                                        host_decode.settings(config, beam_size=1), 16)
     greedy = [h[0].text if h else '' for h in translator(list(enumerate(sources, 1)))]
     return dict(config=config, pairs=pairs, sources=sources, targets=targets, scores=scores,
                 greedy=greedy, steps=steps)

@@ -126,8 +126,11 @@ def test_forward_returns_the_attention_it_used(norm):
     rng = np.random.default_rng(3)
     inputs = random_tokens(rng, (2, 7), pad_from=[7, 4])
     targets = random_tokens(rng, (2, 5), pad_from=[5, 3])
-    logits, weights = m(inputs, targets, return_attention=True)
+    logits, weights = model_lib.attention_weights(m, inputs, targets)
     np.testing.assert_allclose(logits, m(inputs, targets), atol=1e-5)
+    # Only the view sows: the model itself (what training runs) computes no weights.
+    _, sown = nnx.capture(m, nnx.Intermediate)(inputs, targets)
+    assert not jax.tree.leaves(sown)
     layers, heads = c.model.num_encoder_layers, c.model.num_heads
     assert weights['encoder'].shape == (layers, 2, heads, 7, 7)
     assert weights['decoder'].shape == (c.model.num_decoder_layers, 2, heads, 5, 5)
@@ -222,7 +225,7 @@ def test_fused_attention_path_equals_the_formula():
     for causal in (False, True):
         mask = attention_mask(seg, seg, causal=causal)
         fused = mha.dot_product_attention(q, k, v, mask, implementation='xla')
-        explicit, weights = mha.dot_product_attention(q, k, v, mask, return_weights=True)
+        explicit, weights = mha.explicit_attention(q, k, v, mask)
         logits = np.einsum('bqhd,bkhd->bhqk', q, k) / np.sqrt(8)
         logits = np.where(mask, logits, -np.inf)
         with np.errstate(invalid='ignore'):  # rows with no visible key: NaN, not compared
@@ -297,7 +300,7 @@ def test_explicit_attention_accumulates_logits_in_float32_under_bfloat16():
     k = jnp.asarray(rng.normal(size=(2, 7, 2, 16)) * 8, jnp.bfloat16)
     v = jnp.asarray(rng.normal(size=(2, 7, 2, 16)), jnp.bfloat16)
     mask = jnp.ones((2, 1, 5, 7), bool)
-    out, weights = mha.dot_product_attention(q, k, v, mask, return_weights=True)
+    out, weights = mha.explicit_attention(q, k, v, mask)
     logits = jnp.einsum('bqhd,bkhd->bhqk', q.astype(jnp.float32), k.astype(jnp.float32)) / 4.0
     assert float(jnp.abs(logits).max()) > 50  # large enough for bfloat16 rounding to matter
     np.testing.assert_allclose(weights, jax.nn.softmax(logits, axis=-1), atol=1e-5)

@@ -2,6 +2,8 @@
 what the plan says of it. The only test file that loads libtpu (one process at a time)."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 from conftest import error_line, program_env, run_program
@@ -110,6 +112,19 @@ def test_target_names():
             targets.parse(bad)
     text = targets.gpu_target_config('h100')
     assert 'core_count: 132' in text and 'major: 9' in text
+
+
+def test_every_tpu_generation_has_one_device_per_chip():
+    # libtpu describes a v4 slice with a device per TensorCore unless asked for megacore.
+    code = ('from transformer import targets\n'
+            'for name in ("tpu:v4:2x2x2", "tpu:v5p:2x2x2", "tpu:v5e:2x4", "tpu:v6e:2x4"):\n'
+            '    t = targets.parse(name); targets.prepare_host(t)\n'
+            '    print(name, len(targets.devices(t)), targets.devices(t)[0].device_kind)\n')
+    proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                          env=program_env(), timeout=300, check=True)
+    assert proc.stdout.splitlines() == [
+        'tpu:v4:2x2x2 8 TPU v4', 'tpu:v5p:2x2x2 8 TPU v5', 'tpu:v5e:2x4 8 TPU v5 lite',
+        'tpu:v6e:2x4 8 TPU v6 lite']
 
 
 def test_the_batch_of_a_pod_grows_and_is_said():

@@ -6,10 +6,11 @@ whitespace-separated words of the source line and of the hypothesis (0-based).
 
 How an alignment is read off the model:
 
-* The model's own teacher-forced pass over (source, hypothesis), with `return_attention` (the
-  path the attention plot uses: `forward_with_attention`), gives the encoder-decoder attention
-  of every layer and head. One layer's, averaged over its heads (and over an ensemble's
-  members), is the soft alignment.
+* The model's own teacher-forced pass over (source, hypothesis), its attention weights sown
+  and captured (`model.attention_weights`, the pass the attention plot uses:
+  `forward_with_attention`), gives the encoder-decoder attention of every layer and head.
+  One layer's, averaged over its heads (and over an ensemble's members), is the soft
+  alignment.
 * The layer is the penultimate decoder layer by default (the first of a 2-layer decoder):
   Garg et al. (2019, "Jointly Learning to Align and Translate with Transformer Models") found
   the penultimate layer's head-averaged attention the best aligner of a Transformer's layers,
@@ -34,14 +35,16 @@ import jax
 import numpy as np
 from flax import nnx
 
+from transformer import model as model_lib
+
 WORD_START = '\u2581'  # SentencePiece's whitespace mark
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def forward_with_attention(graphdef, params, inputs, targets):
     """(logits, attention weights of every layer and head) of the model's teacher-forced pass
-    (model.Transformer.__call__ with return_attention)."""
-    return nnx.merge(graphdef, params)(inputs, targets, return_attention=True)
+    (model.attention_weights), compiled apart from any other pass."""
+    return model_lib.attention_weights(nnx.merge(graphdef, params), inputs, targets)
 
 
 @functools.partial(jax.jit, static_argnames=('graphdefs', 'layer'))

@@ -22,8 +22,8 @@ from collections.abc import Callable, Mapping
 from transformer import supervisor
 
 OFF = 'TRANSFORMER_TCMALLOC'
-PROGRAMS = ('train', 'evaluate', 'translate', 'average', 'summary', 'attention', 'report',
-            'prepare', 'score', 'export', 'preflight')
+PROGRAMS = ('train', 'evaluate', 'translate', 'average', 'summary', 'plot_attention',
+            'report', 'prepare', 'score', 'export', 'preflight')
 _NAMES = ('tcmalloc_minimal', 'tcmalloc')
 
 

@@ -45,17 +45,11 @@ BATCH_KEYS = ('inputs', 'targets', 'inputs_segmentation', 'targets_segmentation'
 _PACK_OPEN_ROWS = 16
 
 
-def sentence_limit(model_config) -> int:
-    """The most tokens of one sentence the model reads, before its EOS (positions count from 0
-    to max_position - 1)."""
-    return model_config.max_position - 1
-
-
 def fit_sentences(ids: list[list[int]], max_position: int, where: str):
     """Each sentence's ids cut to the max_position - 1 tokens a model of `max_position` reads
-    (sentence_limit) and ended with EOS, and a mask of the ones cut; one warning naming `where`
-    when any was. Evaluation splits are never filtered, so this is how every program reports
-    truncation (splits, lines, the attention plot)."""
+    before its EOS (positions count from 0) and ended with EOS, and a mask of the ones cut; one
+    warning naming `where` when any was. Evaluation splits are never filtered, so this is how
+    every program reports truncation (splits, lines, the attention plot)."""
     limit = max_position - 1
     cut = np.fromiter((len(x) > limit for x in ids), bool, len(ids))
     if cut.any():
@@ -330,7 +324,7 @@ class TrainIterator:
 @dataclasses.dataclass(frozen=True)
 class EncodedSplit:
     """A split for evaluation, read and tokenized once: the raw sentences and references in file
-    order (never filtered) and their token ids, each side truncated to sentence_limit() and ended
+    order (never filtered) and their token ids, each side truncated by fit_sentences and ended
     with EOS; `*_truncated` mark the sides that were cut."""
 
     name: str

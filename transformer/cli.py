@@ -25,7 +25,7 @@ from ml_collections import config_flags
 from tqdm import tqdm
 
 from transformer import config as config_lib
-from transformer import data, decode, ensemble, errors
+from transformer import data, ensemble, errors, host_decode
 
 # -- flags --------------------------------------------------------------------------------------
 
@@ -131,11 +131,11 @@ def define_ensemble_flag():
 
 
 def decoding_settings(config, **given):
-    """decode.settings from flag values (None: not given); a value out of range is refused
+    """host_decode.settings from flag values (None: not given); a value out of range is refused
     naming its flag."""
     try:
-        return decode.settings(config, **given)
-    except decode.SettingError as e:
+        return host_decode.settings(config, **given)
+    except host_decode.SettingError as e:
         if given.get(e.name) is None:
             raise  # the config's own value: the message names its field
         raise errors.UsageError(f'--{e.name}={e.value} {e.rule}') from None

@@ -70,14 +70,14 @@ def base_config() -> ml_collections.ConfigDict:
     # (about a third more compute, far less activation memory); 'none' keeps them. 'none' on
     # every platform: the compiled plans hold the paper's batch without it on every target we
     # plan for (one H100: base 12.4 GiB, big 19.1; 8 v5e chips: base 2.5; preflight.py,
-    # benchmarks/results/2026-12-02-preflight.json), where 'block' would cost compute.
+    # benchmarks/results/2026-12-03-preflight.json), where 'block' would cost compute.
     m.remat = 'none'
     # The layers of a stack: True runs them in a lax.scan (one layer traced and compiled per
     # stack), False unrolls that loop over the same stacked parameters (either reads the
     # other's checkpoints). 'auto' decides by the platform of the run's devices, by compiled
     # memory per device at the paper's batch (model.PLATFORM_DEFAULTS): unrolled on TPUs and
     # GPUs (base: 2.50 GiB a chip on tpu:v5e:2x4 against 4.07 scanned, 12.4 GiB on gpu:h100
-    # against 17.0; benchmarks/results/2026-12-02-preflight.json), scanned on CPUs. On the
+    # against 17.0; benchmarks/results/2026-12-03-preflight.json), scanned on CPUs. On the
     # CPU (benchmarks/defaults.py, 2-core, tcmalloc, 9 paired runs,
     # results/2026-12-01-cpu-defaults-scan_layers-quiet.json) unrolled steps are 1.07x faster
     # on base and 1.11x on a 2-layer model, but at the paper's batch on one device the

@@ -32,7 +32,7 @@ import os
 import jax
 from absl import flags
 
-from transformer import batching, bleu, cli, data, decode, distributed
+from transformer import batching, bleu, cli, data, distributed, host_decode
 from transformer import ensemble as ensemble_lib
 from transformer import workdir as workdir_lib
 from transformer.errors import RunError, UsageError
@@ -67,9 +67,9 @@ def evaluate_split(workdir: str | None, *, split: str, average: int | None,
     sources, references = encoded.sources, encoded.references
     truncated = int(encoded.source_truncated.sum())
 
-    decoder = decode.make_decoder(loaded.models, config, settings, batch_sentences)
-    hypotheses, stats = decode.translate_split(decoder, config, tokenizer, encoded,
-                                               batch_sentences)
+    decoder = host_decode.make_decoder(loaded.models, config, settings, batch_sentences)
+    hypotheses, stats = host_decode.translate_split(decoder, config, tokenizer, encoded,
+                                                    batch_sentences)
 
     label = workdir_lib.eval_name(split, loaded.members, settings.beam_size, settings.alpha,
                                   limit, settings.no_repeat_ngram_size)

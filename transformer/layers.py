@@ -5,6 +5,8 @@ multi-head attention (3.2), and stacks of identical layers run in a scan.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 from flax import nnx
 
@@ -44,6 +46,10 @@ class Residual(nnx.Module):
 
     post-LN (the paper): LayerNorm(x + Dropout(Sublayer(x))).
     pre-LN (option):     x + Dropout(Sublayer(LayerNorm(x))).
+
+    A layer reads its sub-layer's input from `sublayer_input(x)` and adds the sub-layer's
+    output with `residual(x, y)`: a sub-layer returns whatever it returns (a decoding step's
+    cache too), and nothing passes through a callback.
     """
 
     def __init__(self, cfg, dtype, param_dtype, rngs):
@@ -51,8 +57,11 @@ class Residual(nnx.Module):
         self.norm = layer_norm(cfg, dtype, param_dtype, rngs)
         self.dropout = nnx.Dropout(cfg.dropout_rate)
 
-    def __call__(self, x, sublayer, rngs=None):
-        y = sublayer(self.norm(x) if self.pre else x)
+    def sublayer_input(self, x):
+        return self.norm(x) if self.pre else x
+
+    def __call__(self, x, y, rngs=None):
+        """x + Dropout(y), normalised after (post-LN) or not (pre-LN); y = Sublayer(..)."""
         if rngs is not None:
             y = self.dropout(y, rngs=rngs)
         return x + y if self.pre else self.norm(x + y)
@@ -75,19 +84,10 @@ class EncoderLayer(nnx.Module):
                                rngs)
         self.ffn_residual = Residual(cfg, dtype, param_dtype, rngs)
 
-    def __call__(self, x, mask, rngs=None, return_attention=False):
-        """The layer's output and, with `return_attention`, {'encoder': weights}."""
-        weights = {}
-
-        def attend(h):
-            out = self.self_attention(h, h, mask, rngs=rngs, return_weights=return_attention)
-            if not return_attention:
-                return out
-            weights['encoder'] = out[1]
-            return out[0]
-
-        x = self.attention_residual(x, attend, rngs)
-        return self.ffn_residual(x, lambda h: self.ffn(h, rngs), rngs), weights
+    def __call__(self, x, mask, rngs=None):
+        h = self.attention_residual.sublayer_input(x)
+        x = self.attention_residual(x, self.self_attention(h, h, mask, rngs=rngs), rngs)
+        return self.ffn_residual(x, self.ffn(self.ffn_residual.sublayer_input(x), rngs), rngs)
 
 
 class DecoderLayer(nnx.Module):
@@ -100,38 +100,23 @@ class DecoderLayer(nnx.Module):
                                rngs)
         self.ffn_residual = Residual(cfg, dtype, param_dtype, rngs)
 
-    def __call__(self, x, encoded, self_mask, cross_mask, rngs=None, return_attention=False):
-        """The layer's output and, with `return_attention`, {'decoder': .., 'cross': ..}."""
-        weights = {}
-
-        def attend(kind, attention, kv_input, mask):
-            def sublayer(h):
-                out = attention(h, h if kv_input is None else kv_input, mask, rngs=rngs,
-                                return_weights=return_attention)
-                if not return_attention:
-                    return out
-                weights[kind] = out[1]
-                return out[0]
-            return sublayer
-
-        x = self.self_residual(x, attend('decoder', self.self_attention, None, self_mask), rngs)
-        x = self.cross_residual(
-            x, attend('cross', self.cross_attention, encoded, cross_mask), rngs)
-        return self.ffn_residual(x, lambda h: self.ffn(h, rngs), rngs), weights
+    def __call__(self, x, encoded, self_mask, cross_mask, rngs=None):
+        h = self.self_residual.sublayer_input(x)
+        x = self.self_residual(x, self.self_attention(h, h, self_mask, rngs=rngs), rngs)
+        h = self.cross_residual.sublayer_input(x)
+        x = self.cross_residual(x, self.cross_attention(h, encoded, cross_mask, rngs=rngs), rngs)
+        return self.ffn_residual(x, self.ffn(self.ffn_residual.sublayer_input(x), rngs), rngs)
 
     def step(self, x, self_cache, cross_kv, cross_mask, index):
-        """One cached decoding step (no dropout): x is [batch, 1, d_model]."""
-        new_cache = []
-
-        def self_attn(h):
-            out, cache = self.self_attention.cached_self_attention(h, self_cache, index)
-            new_cache.append(cache)
-            return out
-
-        x = self.self_residual(x, self_attn)
-        x = self.cross_residual(
-            x, lambda h: self.cross_attention.cached_cross_attention(h, cross_kv, cross_mask))
-        return self.ffn_residual(x, self.ffn), new_cache[0]
+        """One cached decoding step (no dropout): x is [batch, 1, d_model]. Returns (x, this
+        layer's self-attention cache with the step's key and value written in)."""
+        y, self_cache = self.self_attention.cached_self_attention(
+            self.self_residual.sublayer_input(x), self_cache, index)
+        x = self.self_residual(x, y)
+        y = self.cross_attention.cached_cross_attention(
+            self.cross_residual.sublayer_input(x), cross_kv, cross_mask)
+        x = self.cross_residual(x, y)
+        return self.ffn_residual(x, self.ffn(self.ffn_residual.sublayer_input(x))), self_cache
 
 
 # -- stacks of identical layers -------------------------------------------------------------------
@@ -159,24 +144,32 @@ def each_layer(stack) -> list:
     return [nnx.merge(graphdef, jax.tree.map(lambda p, i=i: p[i], state)) for i in range(count)]
 
 
-def scan_layers(stack, x, body, xs=None, *, rngs=None, remat: bool = False,
-                 unroll: bool = False):
-    """Runs `body(layer, x, layer_xs, layer_rngs) -> (x, layer_ys)` over the layers of `stack`.
+def scan_layers(stack, x, body, *, rngs=None, remat: bool = False, unroll: bool = False):
+    """Runs `body(layer, x, layer_rngs) -> x` over the layers of `stack`, each layer with its
+    own dropout key when `rngs` is given; returns the last layer's x.
 
-    `xs` (a pytree with a leading layer axis, or None) gives each layer its slice; `rngs`
-    gives each layer its own dropout key. Returns (x, ys stacked on a leading layer axis).
+    What the layers sow (nnx.Intermediate: the attention weights of a model viewed with
+    sow_weights=True) comes out of the scan stacked on a leading layer axis and is sown on
+    `stack`'s own sub-modules, where an nnx.capture of the whole model finds it. A model that
+    sows nothing (training, decoding) scans exactly what it scanned before sowing existed.
     """
     graphdef, state = nnx.split(stack)
     count = jax.tree.leaves(state)[0].shape[0]
     keys = jax.random.split(rngs.dropout(), count) if rngs is not None else None
 
     def step(carry, layer_inputs):
-        layer_state, layer_xs, key = layer_inputs
+        layer_state, key = layer_inputs
         layer_rngs = nnx.Rngs(dropout=key) if key is not None else None
-        return body(nnx.merge(graphdef, layer_state), carry, layer_xs, layer_rngs)
+        return nnx.capture(body, nnx.Intermediate)(nnx.merge(graphdef, layer_state), carry,
+                                                    layer_rngs)
 
     if remat:  # keep only each layer's input for the backward pass; recompute the rest
         # Unrolled, XLA's common-subexpression elimination would merge the recomputation with
         # the forward pass and keep every activation (prevent_cse=False suits a scan only).
         step = jax.checkpoint(step, prevent_cse=unroll)
-    return jax.lax.scan(step, x, (state, xs, keys), unroll=count if unroll else 1)
+    x, sown = jax.lax.scan(step, x, (state, keys), unroll=count if unroll else 1)
+    for path, stacked in nnx.to_flat_state(sown):
+        module = functools.reduce(getattr, path[:-1], stack)
+        module.sow(nnx.Intermediate, path[-1], stacked.get_value(),
+                   reduce_fn=lambda _, value: value)  # already a tuple, as sow makes it
+    return x

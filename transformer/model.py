@@ -25,14 +25,19 @@ from transformer.layers import (
     layer_stack,
     scan_layers,
 )
-from transformer.multi_head_attention import attention_mask, einsum_f32, resolve_implementation
+from transformer.multi_head_attention import (
+    MultiHeadAttention,
+    attention_mask,
+    einsum_f32,
+    resolve_implementation,
+)
 from transformer.sharding import constrain_batch
 from transformer.tokenizer import PAD_ID  # also the decoder's start symbol
 
 # What 'auto' model settings become on each platform: the platform of the devices a run's mesh
 # spans, which for a pre-flight plan compiled on a CPU host is not the host's. scan_layers by
 # compiled memory per device at the paper's batch (python -m transformer.preflight,
-# benchmarks/results/2026-12-02-preflight.json): base unrolled needs 2.50 GiB a chip on
+# benchmarks/results/2026-12-03-preflight.json): base unrolled needs 2.50 GiB a chip on
 # tpu:v5e:2x4 against 4.07 scanned, 12.4 GiB on gpu:h100 against 17.0, and unrolled steps run
 # faster; on the CPU scanned needs less (31.1 against 38.7 GiB, XLA:CPU keeps each unrolled
 # layer's buffers apart) and compiles faster.
@@ -173,34 +178,24 @@ class Transformer(nnx.Module):
 
     # -- full passes --------------------------------------------------------------------------
 
-    def encode(self, inputs, inputs_segmentation=None, inputs_position=None, *, rngs=None,
-               return_attention: bool = False):
-        """Encoder stack: token ids [batch, src_len] -> representations [batch, src_len, d_model].
-
-        With `return_attention`, also {'encoder': weights [layers, batch, heads, src, src]}.
-        """
+    def encode(self, inputs, inputs_segmentation=None, inputs_position=None, *, rngs=None):
+        """Encoder stack: token ids [batch, src_len] -> representations [batch, src_len,
+        d_model]."""
         seg, pos = segments_and_positions(inputs, inputs_segmentation, inputs_position)
         x = constrain_batch(self.embed_tokens(inputs, pos, target=False, rngs=rngs))
         mask = attention_mask(seg, seg)
+        x = scan_layers(self.encoder_layers, x,
+                        lambda layer, x, layer_rngs: constrain_batch(layer(x, mask, layer_rngs)),
+                        rngs=rngs, remat=self.cfg.remat == 'block',
+                        unroll=not resolve_scan(self.cfg.scan_layers))
+        return self.encoder_norm(x) if self.cfg.norm == 'pre' else x
 
-        def body(layer, x, _, layer_rngs):
-            x, weights = layer(x, mask, layer_rngs, return_attention)
-            return constrain_batch(x), weights
-
-        x, weights = scan_layers(self.encoder_layers, x, body, rngs=rngs,
-                                  remat=self._remat(return_attention),
-                                  unroll=not resolve_scan(self.cfg.scan_layers))
-        if self.cfg.norm == 'pre':
-            x = self.encoder_norm(x)
-        return (x, weights) if return_attention else x
-
-    def decode(self, encoded, inputs_segmentation, targets, targets_segmentation=None,
-               targets_position=None, *, rngs=None, return_attention: bool = False):
+    def decode_teacher_forced(self, encoded, inputs_segmentation, targets,
+                              targets_segmentation=None, targets_position=None, *, rngs=None):
         """Decoder stack with teacher forcing: logits [batch, tgt_len, vocab] in float32.
 
-        `targets` are the outputs to predict; the decoder reads them shifted right. With
-        `return_attention`, also {'decoder': [layers, batch, heads, tgt, tgt], 'cross':
-        [layers, batch, heads, tgt, src]}.
+        `targets` are the outputs to predict; the decoder reads them shifted right, all
+        positions at once (decode_step is the autoregressive, one-position-a-step decoder).
         """
         seg, pos = segments_and_positions(targets, targets_segmentation, targets_position)
         x = self.embed_tokens(shift_right(targets, pos), pos, target=True, rngs=rngs)
@@ -208,40 +203,24 @@ class Transformer(nnx.Module):
         self_mask = attention_mask(seg, seg, causal=True)
         cross_mask = attention_mask(seg, inputs_segmentation)
 
-        def body(layer, x, _, layer_rngs):
-            x, weights = layer(x, encoded, self_mask, cross_mask, layer_rngs, return_attention)
-            return constrain_batch(x), weights
+        def body(layer, x, layer_rngs):
+            return constrain_batch(layer(x, encoded, self_mask, cross_mask, layer_rngs))
 
-        x, weights = scan_layers(self.decoder_layers, x, body, rngs=rngs,
-                                  remat=self._remat(return_attention),
-                                  unroll=not resolve_scan(self.cfg.scan_layers))
+        x = scan_layers(self.decoder_layers, x, body, rngs=rngs,
+                        remat=self.cfg.remat == 'block',
+                        unroll=not resolve_scan(self.cfg.scan_layers))
         if self.cfg.norm == 'pre':
             x = self.decoder_norm(x)
-        logits = constrain_batch(self.output_logits(x))
-        return (logits, weights) if return_attention else logits
-
-    def _remat(self, return_attention: bool) -> bool:
-        return self.cfg.remat == 'block' and not return_attention
+        return constrain_batch(self.output_logits(x))
 
     def __call__(self, inputs, targets, inputs_segmentation=None, targets_segmentation=None,
-                 inputs_position=None, targets_position=None, *, rngs=None,
-                 return_attention: bool = False):
-        """Teacher-forced forward pass: logits [batch, tgt_len, vocab] in float32.
-
-        With `return_attention`, also the attention weights of every layer and head:
-        {'encoder': [layers, batch, heads, src, src], 'decoder': [layers, batch, heads, tgt,
-        tgt], 'cross': [layers, batch, heads, tgt, src]}.
-        """
+                 inputs_position=None, targets_position=None, *, rngs=None):
+        """Teacher-forced forward pass: logits [batch, tgt_len, vocab] in float32
+        (attention_weights(model, ...) also gives the attention of every layer and head)."""
         in_seg, _ = segments_and_positions(inputs, inputs_segmentation, inputs_position)
-        encoded = self.encode(inputs, in_seg, inputs_position, rngs=rngs,
-                              return_attention=return_attention)
-        if not return_attention:
-            return self.decode(encoded, in_seg, targets, targets_segmentation,
-                               targets_position, rngs=rngs)
-        encoded, weights = encoded
-        logits, more = self.decode(encoded, in_seg, targets, targets_segmentation,
-                                   targets_position, rngs=rngs, return_attention=True)
-        return logits, {**weights, **more}
+        encoded = self.encode(inputs, in_seg, inputs_position, rngs=rngs)
+        return self.decode_teacher_forced(encoded, in_seg, targets, targets_segmentation,
+                                          targets_position, rngs=rngs)
 
     # -- cached autoregressive decoding ------------------------------------------------------
 
@@ -280,6 +259,28 @@ class Transformer(nnx.Module):
         if self.cfg.norm == 'pre':
             x = self.decoder_norm(x)
         return self.output_logits(x)[:, 0], {'self': tuple(new_self), 'cross': cache['cross']}
+
+
+def attention_weights(model: Transformer, inputs, targets):
+    """(logits, weights) of `model`'s teacher-forced pass over `inputs` [batch, src_len] and
+    `targets` [batch, tgt_len] (the attention plot's and the alignments' pass), with the
+    attention weights of every layer and head: {'encoder': [layers, batch, heads, src, src],
+    'decoder': [layers, batch, heads, tgt, tgt], 'cross': [layers, batch, heads, tgt, src]},
+    in float32.
+
+    A view of the model whose attention sows its weights (MultiHeadAttention.sow_weights),
+    run under nnx.capture: `model` itself is left as it is, and the training step, which never
+    asks, neither computes nor keeps a weight.
+    """
+    viewed = nnx.with_attributes(model, only=MultiHeadAttention, sow_weights=True)
+    logits, sown = nnx.capture(viewed, nnx.Intermediate)(inputs, targets)
+
+    def sown_by(stack, attention):
+        return sown[stack][attention]['attention_weights'][0]
+
+    return logits, {'encoder': sown_by('encoder_layers', 'self_attention'),
+                    'decoder': sown_by('decoder_layers', 'self_attention'),
+                    'cross': sown_by('decoder_layers', 'cross_attention')}
 
 
 def create_model(config: ml_collections.ConfigDict, seed: int = 0) -> Transformer:

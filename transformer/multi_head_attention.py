@@ -4,7 +4,9 @@ Attention goes through `jax.nn.dot_product_attention`, so that GPUs can run cuDN
 (flash) kernel: `model.attention_impl` 'auto' picks 'cudnn' where the backend, dtype and head
 width allow it and 'xla' otherwise. Two cases need the attention weights themselves and take
 the explicit formula below: attention-probability dropout (an option, off by default) and
-returning the weights (the attention plot).
+a module built or viewed with `sow_weights=True`, which sows them (`nnx.Intermediate`
+'attention_weights', as Flax's own attention does) for `nnx.capture` to collect: the
+attention plot and the alignments (model.attention_weights). Nothing else computes them.
 """
 
 from __future__ import annotations
@@ -74,23 +76,23 @@ def attention_weights(q, k, mask, dropout: nnx.Dropout | None = None, rngs=None)
     return weights
 
 
-def dot_product_attention(q, k, v, mask, *, implementation: str = 'xla',
-                          dropout: nnx.Dropout | None = None, rngs=None,
-                          return_weights: bool = False):
-    """Attention output [batch, q_len, heads, d_v] of q, k [.., d_k], v [.., d_v] under `mask`.
+def explicit_attention(q, k, v, mask, dropout: nnx.Dropout | None = None, rngs=None):
+    """(output [batch, q_len, heads, d_v], weights [batch, heads, q_len, k_len]) by the
+    formula of section 3.2.1, for q, k [.., d_k], v [.., d_v] under `mask`."""
+    weights = attention_weights(q, k, mask, dropout, rngs)
+    return jnp.einsum('bhqk,bkhd->bqhd', weights.astype(v.dtype), v), weights
 
-    With `return_weights`, (output, weights [batch, heads, q_len, k_len]).
-    """
-    explicit = (implementation == 'explicit' or return_weights
-                or (dropout is not None and rngs is not None)
+
+def dot_product_attention(q, k, v, mask, *, implementation: str = 'xla',
+                          dropout: nnx.Dropout | None = None, rngs=None):
+    """Attention output [batch, q_len, heads, d_v] of q, k [.., d_k], v [.., d_v] under `mask`."""
+    explicit = (implementation == 'explicit' or (dropout is not None and rngs is not None)
                 or q.shape[-1] != v.shape[-1]  # jax's function wants one head width
                 # and on the CPU multiplies float16 into float32, which XLA:CPU lacks
                 or (q.dtype == jnp.float16 and jax.default_backend() == 'cpu'))
     if not explicit:
         return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
-    weights = attention_weights(q, k, mask, dropout, rngs)
-    out = jnp.einsum('bhqk,bkhd->bqhd', weights.astype(v.dtype), v)
-    return (out, weights) if return_weights else out
+    return explicit_attention(q, k, v, mask, dropout, rngs)[0]
 
 
 def attend_step(q, k, v, mask):
@@ -113,9 +115,12 @@ class MultiHeadAttention(nnx.Module):
 
     def __init__(self, d_model: int, num_heads: int, d_k: int, d_v: int, *, dropout_rate=0.0,
                  implementation: str = 'xla', use_bias: bool = False, dtype=jnp.float32,
-                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 param_dtype=jnp.float32, sow_weights: bool = False, rngs: nnx.Rngs):
         self.num_heads, self.d_k, self.d_v = num_heads, d_k, d_v
         self.implementation = implementation
+        # Static: a module that sows its weights is another graph, compiled apart from the
+        # training step's (nnx.with_attributes(model, sow_weights=True) makes one).
+        self.sow_weights = sow_weights
         init = nnx.initializers.xavier_uniform()
         zeros = nnx.initializers.zeros
 
@@ -147,18 +152,20 @@ class MultiHeadAttention(nnx.Module):
         k, v = self.project_kv(x)
         return jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
 
-    def __call__(self, x, kv_input, mask, *, rngs=None, return_weights=False):
+    def __call__(self, x, kv_input, mask, *, rngs=None):
         """Attends from `x` [batch, q_len, d_model] to `kv_input` [batch, k_len, d_model].
 
-        With `return_weights`, (output, weights [batch, heads, q_len, k_len]).
+        With `sow_weights`, also sows the weights [batch, heads, q_len, k_len] as
+        nnx.Intermediate 'attention_weights'.
         """
         q = self._split(self.query(x), self.d_k)
         k, v = self.project_kv(kv_input)
-        out = dot_product_attention(q, k, v, mask, implementation=self.implementation,
-                                    dropout=self.dropout, rngs=rngs,
-                                    return_weights=return_weights)
-        if return_weights:
-            return self._merge(out[0]), out[1]
+        if not self.sow_weights:
+            return self._merge(dot_product_attention(
+                q, k, v, mask, implementation=self.implementation, dropout=self.dropout,
+                rngs=rngs))
+        out, weights = explicit_attention(q, k, v, mask, self.dropout, rngs)
+        self.sow(nnx.Intermediate, 'attention_weights', weights)
         return self._merge(out)
 
     def cached_self_attention(self, x, cache, index):

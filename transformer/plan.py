@@ -84,7 +84,7 @@ def decode_batch(config, devices: int) -> dict:
 
 def compile_beam_search(config, mesh, sentences: int, source_length: int):
     """The beam search `evaluate` runs (decode settings of the config), compiled for `mesh`:
-    rows split over every device, parameters replicated (decode.Decoder's layout)."""
+    rows split over every device, parameters replicated (host_decode.Decoder's layout)."""
     config = resolved(config, mesh.devices.flat[0].platform)
     graphdef, state = abstract_model(config)
     params = abstract(state, jax.tree.map(lambda _: sharding.replicated(mesh), state))

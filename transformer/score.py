@@ -30,7 +30,7 @@ import sys
 
 from absl import flags
 
-from transformer import cli, data, decode, ensemble
+from transformer import cli, data, ensemble, host_decode
 from transformer import workdir as workdir_lib
 from transformer.errors import UsageError
 
@@ -84,7 +84,7 @@ def main():
         chunks = stdin_pairs(1 if sys.stdin.isatty() else batch_sentences * CHUNK_BATCHES)
     loaded = ensemble.load(members, average=d.average.value, home=home,
                            raw_weights=d.raw_weights.value)
-    scorer = decode.Scorer(loaded.models, config, loaded.tokenizer, batch_sentences)
+    scorer = host_decode.Scorer(loaded.models, config, loaded.tokenizer, batch_sentences)
     total_log_prob, total_tokens, sentences = 0.0, 0, 0
     out = sys.stdout
     for chunk in chunks:

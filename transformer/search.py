@@ -492,7 +492,7 @@ def search(graphdefs, params, inputs, *, beam_size: int, alpha: float, max_extra
     Constraints: `prefix` [B, P] (PAD-padded, no EOS) forces the first tokens of every
     hypothesis of a row, which then continues as searched; its tokens' log-probabilities
     count in the scores. Each row's prefix must be shorter than its maximum length (the
-    caller checks: decode.Decoder). `no_repeat_ngram_size` N > 0 forbids any hypothesis from
+    caller checks: host_decode.Decoder). `no_repeat_ngram_size` N > 0 forbids any hypothesis from
     holding the same N tokens in a row twice (the prefix's n-grams count; its own tokens are
     forced regardless).
     """

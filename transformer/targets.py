@@ -183,8 +183,13 @@ def devices(target: Target) -> list:
     with _quiet_stderr() as printed:
         try:
             if target.platform == 'tpu':
+                # v4 and v5p chips hold two TensorCores that JAX drives as one device
+                # (megacore); libtpu's default description of a v4 slice has one per core.
+                megacore = ({'chip_config_name': 'megacore'}
+                            if target.topology.split(':')[0] in ('v4', 'v5p') else {})
                 topology = topologies.get_topology_desc(platform='tpu',
-                                                        topology_name=target.topology)
+                                                        topology_name=target.topology,
+                                                        **megacore)
             else:
                 topology = topologies.get_topology_desc(
                     'deviceless', 'cuda', target_config=gpu_target_config(target.topology),

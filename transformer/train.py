@@ -28,10 +28,10 @@ from transformer import (
     checkpoint,
     cli,
     data,
-    decode,
     distributed,
     early_stopping,
     errors,
+    host_decode,
     metrics,
     model_stats,
     plan,
@@ -206,11 +206,11 @@ def validation_bleu(config, tokenizer, graphdef, params, split: batching.Encoded
     """Greedy sacreBLEU on the first `sentences` validation sentences (a quick signal; the
     paper's beam search and checkpoint averaging belong to `evaluate`): only those sentences
     are batched and decoded, from the split read once per run."""
-    settings = decode.settings(config, beam_size=1)
+    settings = host_decode.settings(config, beam_size=1)
     batch = config.decode.batch_sentences
-    decoder = decode.make_decoder(nnx.merge(graphdef, params), config, settings, batch)
-    hypotheses, _ = decode.translate_split(decoder, config, tokenizer, split, batch,
-                                           limit=sentences)
+    decoder = host_decode.make_decoder(nnx.merge(graphdef, params), config, settings, batch)
+    hypotheses, _ = host_decode.translate_split(decoder, config, tokenizer, split, batch,
+                                                limit=sentences)
     ordered = [hypotheses[i] for i in sorted(hypotheses)]
     return bleu.sacrebleu_score(ordered, split.references[:len(ordered)])[0]
 

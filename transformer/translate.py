@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import sys
 
-from transformer import alignment, cli, decode, ensemble
+from transformer import alignment, cli, ensemble, host_decode
 from transformer import workdir as workdir_lib
 from transformer.errors import UsageError
 
@@ -63,14 +63,14 @@ _ENSEMBLE = cli.define_ensemble_flag()
 CHUNK_BATCHES = 8  # batches read ahead and sorted by length together
 
 
-def nbest_lines(number: int, hypotheses: list[decode.Hypothesis],
+def nbest_lines(number: int, hypotheses: list[host_decode.Hypothesis],
                 aligned: bool = False) -> list[str]:
     """The Moses n-best entries of input line `number` (1-based; written 0-based), with an
     alignment field after the hypothesis when `aligned`."""
     if not hypotheses:
-        hypotheses = [decode.Hypothesis('', 0.0, 0.0, 0, '')]
+        hypotheses = [host_decode.Hypothesis('', 0.0, 0.0, 0, '')]
 
-    def entry(h: decode.Hypothesis) -> str:
+    def entry(h: host_decode.Hypothesis) -> str:
         scores = (f'log_prob= {h.log_prob:.6f} tokens= {h.tokens} ||| {h.score:.6f}'
                   if h.tokens else 'log_prob= 0 tokens= 0 ||| 0')
         return f'{number - 1} ||| {h.text} ||| {h.alignment + " ||| " if aligned else ""}{scores}'
@@ -118,8 +118,8 @@ def main():
     print(f'translate: {config.source_lang}->{config.target_lang}, {settings.describe()}; '
           f'{"ensemble of " if len(loaded.models) > 1 else ""}{models}{aligned}',
           file=sys.stderr)
-    translator = decode.Translator(loaded.models, config, loaded.tokenizer, settings,
-                                   batch_sentences, alignment_layer=layer)
+    translator = host_decode.Translator(loaded.models, config, loaded.tokenizer, settings,
+                                        batch_sentences, alignment_layer=layer)
     scored = s.nbest.value is not None or settings.outputs > 1
     out = sys.stdout.buffer
     for lines, prefixes in chunks:

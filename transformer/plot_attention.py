@@ -1,4 +1,4 @@
-"""`python -m transformer.attention --workdir=DIR --text="..." --out=attention.png
+"""`python -m transformer.plot_attention --workdir=DIR --text="..." --out=attention.png
 [--target="..."] [--beam_size=4]`: attention maps of one sentence.
 
 The sentence is translated (beam search with the config's settings, or `--target` is taken

@@ -10,7 +10,7 @@ given translations to score (score).
   `search.sample`, and forced decoding (`score`).
 * `translate_split`, `Translator`, `Scorer` turn splits and text into those batches and back.
 
-The searches themselves are in `search.py`.
+The searches themselves, on the device, are in `search.py`.
 """
 
 from __future__ import annotations
