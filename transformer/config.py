@@ -143,7 +143,7 @@ def base_config() -> ml_collections.ConfigDict:
     # evaluate, translate, score and export then use it (--raw_weights: the parameters
     # themselves). 0 = off, as in the paper, which averages checkpoints instead (section 6.1).
     # Its anchors: fairseq --store-ema --ema-decay (0.9999), Marian --exponential-smoothing
-    # (1e-4 there, i.e. decay 0.9999, its transformer presets' choice), OpenNMT-py
+    # (1e-4 there, i.e. decay 0.9999, as WMT systems trained with Marian use it), OpenNMT-py
     # --average_decay (e.g. 1e-4). The decay of step k is min(ema_decay, (1 + k) / (10 + k))
     # (train_step.ema_decay_at), so short runs are not held back by the initial weights.
     t.ema_decay = 0.0
