@@ -4,6 +4,7 @@
                                   [--seq_len=32] [--runs=7] [--steps=1]
   python benchmarks/train_step.py --batch_tokens=25000 --seq_len=64   # on a GPU/TPU
   python benchmarks/train_step.py --configs=big --profile_dir=/tmp/trace   # then a trace
+  python benchmarks/train_step.py --sections=ema --configs=demo --runs=9   # EMA's cost
 
 Prints one JSON object on stdout (progress and JAX warnings go to stderr). For each model
 config (demo = configs/demo.py, base/big = configs/wmt14_ende.py:base/big) on a synthetic batch
@@ -25,6 +26,12 @@ target, as train.py logs them), FLOPs per step (model_stats.training_flops on th
 shapes), MFU where model_stats.peak_flops() knows the device, XLA's compiled memory analysis per
 variant, and the peak memory of the config's process. Each config runs in a subprocess of its
 own so that peak memory is per config.
+
+`--sections=ema` (alone or with `steps`, the section above) measures instead what a moving
+average of the weights (train.ema_decay) costs a step: the sharded step of each config with
+train.ema_decay 0 and 0.9999, compiled, warmed up and timed interleaved in one process, `--runs`
+runs of `--steps` steps each; reported per config: the median step time of each, the ratio of
+the medians (with / without) and the median of the per-run ratios, and the state's bytes.
 """
 
 from __future__ import annotations
@@ -245,6 +252,53 @@ def measure(name: str, batch_tokens: int, seq_len: int, runs: int, steps: int,
     return out
 
 
+def ema_cost(name: str, batch_tokens: int, seq_len: int, runs: int, steps: int,
+             decay: float = 0.9999, log=lambda s: print(s, file=sys.stderr, flush=True)) -> dict:
+    """Step time with and without train.ema_decay (see the module docstring)."""
+    n_dev = jax.device_count()
+    rows = -(-max(1, batch_tokens // seq_len) // n_dev) * n_dev
+    variants = {'without': 0.0, 'with': decay}
+    fns, states, batches = {}, {}, {}
+    for v, d in variants.items():
+        config = load_config(name)
+        config.train.ema_decay = d
+        s = train_step_lib.setup(config, sharding.make_mesh(config.train.mesh_data,
+                                                            config.train.mesh_fsdp))
+        batch = {k: jax.make_array_from_process_local_data(s.batch_sharding, x)
+                 for k, x in synthetic_batch(config.vocab_size, rows, seq_len).items()}
+        fn = train_step_lib.jit_sharded_step(s)
+        state = jax.jit(s.init_state, out_shardings=s.state_shardings)()
+        log(f'[{name}] ema {v}: compiling')
+        for _ in range(2):  # compilation, then a warm step
+            state, m = fn(state, batch)
+            jax.block_until_ready((state, m))
+        fns[v], states[v], batches[v] = fn, state, batch
+    times = {v: [] for v in variants}
+    for r in range(runs):
+        for v in (variants if r % 2 == 0 else tuple(reversed(variants))):
+            state = states[v]
+            start = time.perf_counter()
+            for _ in range(steps):
+                state, m = fns[v](state, batches[v])
+            jax.block_until_ready((state, m))
+            times[v].append((time.perf_counter() - start) / steps)
+            states[v] = state
+        log(f'[{name}] ema run {r + 1}/{runs}: ' +
+            ', '.join(f'{v} {times[v][-1]:.4f} s' for v in variants))
+    state_bytes = {v: sum(x.nbytes for x in jax.tree.leaves(states[v])) for v in variants}
+    return {
+        'config': CONFIGS.get(name, name), 'ema_decay': decay,
+        'batch': {'rows': rows, 'seq_len': seq_len},
+        'step_time_s': {v: statistics.median(times[v]) for v in variants},
+        'step_time_s_runs': {v: [round(x, 6) for x in times[v]] for v in variants},
+        'with_over_without': statistics.median(times['with']) / statistics.median(
+            times['without']),
+        'with_over_without_paired_median': statistics.median(
+            a / b for a, b in zip(times['with'], times['without'])),
+        'state_bytes': state_bytes,
+    }
+
+
 def environment() -> dict:
     import flax
     dev = jax.devices()[0]
@@ -318,9 +372,19 @@ def main():
                         help='after timing, trace --profile_steps steps of the first variant '
                         'of each config into DIR/CONFIG (TensorBoard profile plugin, Perfetto)')
     parser.add_argument('--profile_steps', type=int, default=3)
+    parser.add_argument('--sections', default='steps',
+                        help='comma-separated: steps (sharded against plain), ema (the cost '
+                        'of train.ema_decay, in this process)')
     parser.add_argument('--_child', default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     names = args.configs.split(',')
+    sections = args.sections.split(',')
+    if not set(sections) <= {'steps', 'ema'} or not sections:
+        parser.error(f'--sections={args.sections}: valid: steps, ema')
+    if 'ema' in sections:  # measured in this process (no child per config)
+        args.in_process = True
+        if 'steps' not in sections:
+            args.input_wait_steps = 0
     variants = tuple(args.variants.split(','))
     unknown = [v for v in variants if v not in VARIANTS + EXTRA_VARIANTS]
     if unknown:
@@ -350,7 +414,7 @@ def main():
         return
 
     env, results = None, {}
-    for n in names:
+    for n in names if 'steps' in sections else ():
         if args.in_process:
             results[n] = measure(n, batch_tokens[n], seq_lens[n], args.runs, args.steps, variants,
                                  profile_dir=args.profile_dir, profile_steps=args.profile_steps)
@@ -378,8 +442,13 @@ def main():
                 'seq_len': {n: r['batch']['seq_len'] for n, r in results.items() if 'batch' in r}}
     if args.input_wait_steps:
         results['demo_input_wait'] = demo_input_wait(args.input_wait_steps)
+    extra = {}
+    if 'ema' in sections:
+        extra['ema'] = {n: ema_cost(n, batch_tokens[n], seq_lens[n], args.runs, args.steps)
+                        for n in names}
+        env = env or environment()
     print(json.dumps({'benchmark': 'train_step', **(env or {}), 'settings': settings,
-                      'configs': results}))
+                      'configs': results, **extra}))
 
 
 if __name__ == '__main__':

@@ -27,7 +27,7 @@ from conftest import (
     two_process_env,
 )
 
-from transformer import checkpoint, data, errors, metrics, sharding, supervisor, train_step
+from transformer import checkpoint, cli, data, errors, metrics, sharding, supervisor, train_step
 from transformer import config as config_lib
 from transformer import tokenizer as tokenizer_lib
 from transformer import trained as trained_lib
@@ -572,6 +572,10 @@ def test_atomic_write_on_a_full_disk_raises_the_first_error_and_leaves_nothing(
     ('data.bucket_step', 0, 'must be >= 1'),
     ('decode.batch_sentences', 0, 'must be >= 1'),
     ('decode.average_last', 0, 'must be >= 1'),
+    ('train.ema_decay', 1.0, 'must be in [0, 1)'),
+    ('train.early_stop_patience', -1, 'must be an integer >= 0'),
+    ('train.loss_scale_init', 0.5, 'must be a finite number >= 1'),
+    ('train.loss_scale_period', 0, 'must be an integer >= 1'),
 ])
 def test_config_values_that_would_fail_later_are_refused(field, value, needle):
     config = config_lib.base_config()
@@ -580,6 +584,19 @@ def test_config_values_that_would_fail_later_are_refused(field, value, needle):
     with pytest.raises(errors.UsageError) as e:
         config_lib.validate(config)
     assert str(e.value).startswith(f'{field}={value}') and needle in str(e.value), str(e.value)
+
+
+def test_early_stopping_settings_that_cannot_work_are_refused():
+    config = config_lib.base_config()
+    config.train.update(early_stop_patience=3, early_stop_metric='bleu', eval_bleu_sentences=0)
+    with pytest.raises(errors.UsageError, match='early_stop_metric=bleu needs '
+                       'train.eval_bleu_sentences > 0'):
+        config_lib.validate(config)
+    config.train.early_stop_metric = 'accuracy'
+    with pytest.raises(errors.UsageError, match="early_stop_metric='accuracy'; valid: loss, bleu"):
+        config_lib.validate(config)
+    with pytest.raises(errors.UsageError, match='--step=last must be a step number or best'):
+        cli.step_value('last')
 
 
 def test_a_vocab_size_the_text_cannot_fill_is_refused_at_start(tmp_path):
@@ -780,10 +797,10 @@ def test_a_checkpoint_deleted_while_read_is_picked_again(run, monkeypatch, capsy
                     run / workdir_lib.CHECKPOINTS_DIR / '16')  # "train" saves step 16 ...
     read = checkpoint._restore_params
 
-    def deleted_first(manager, step, abstract):
+    def deleted_first(manager, step, *args):
         if step == 4:  # ... and deletes step 4 (keep_checkpoints) while it is being read
             shutil.rmtree(os.path.join(directory, '4'))
-        return read(manager, step, abstract)
+        return read(manager, step, *args)
 
     monkeypatch.setattr(checkpoint, '_restore_params', deleted_first)
     config = workdir_lib.load_config(str(run))

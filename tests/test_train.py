@@ -7,19 +7,41 @@ import subprocess
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import free_port, program_env, run_train, train_command, two_process_env
+from conftest import (
+    free_port,
+    program_env,
+    run_train,
+    tiny_config,
+    train_command,
+    two_process_env,
+)
 from flax import nnx
 
-from transformer import checkpoint, trained
+from transformer import checkpoint, cli, sharding, trained
+from transformer import train_step as train_step_lib
 from transformer import workdir as workdir_lib
 from transformer.schedule import learning_rate
 
 
-def final_params(workdir):
-    model, _, _, steps = trained.load_model(str(workdir), average=1)
+def final_params(workdir, raw_weights=False):
+    model, _, _, steps = trained.load_model(str(workdir), average=1, raw_weights=raw_weights)
     return steps[-1], [np.asarray(x) for x in jax.tree.leaves(nnx.state(model))]
+
+
+def newest_state(workdir):
+    """The training state of the newest checkpoint, read back as train restores it."""
+    config = workdir_lib.load_config(str(workdir))
+    setup = train_step_lib.setup(config, sharding.make_mesh(devices=jax.devices()[:1]))
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          setup.abstract_state, setup.state_shardings)
+    manager = checkpoint.make_manager(str(workdir / 'checkpoints'), keep=10, asynchronous=False)
+    try:
+        return checkpoint.restore_newest(manager, target, None)[1]
+    finally:
+        manager.close()
 
 
 def losses(workdir):
@@ -33,6 +55,24 @@ def reference(repo_root, tmp_path_factory):
     """The uninterrupted run that every resumed run must reproduce bitwise."""
     workdir = tmp_path_factory.mktemp('uninterrupted')
     run_train(workdir)
+    return workdir
+
+
+# The training features of issue 26 at once: a moving average of the weights, float16 with
+# dynamic loss scaling (doubling every 3 steps, so the scale changes within the run) and
+# early stopping after 2 evaluations without a lower validation loss, evaluating every 2
+# steps, keeping 1 checkpoint. The learning rate is tiny, so that the validation loss moves
+# only by rounding and early stopping ends the run (at step 8 on 2026-12-03, best step 4).
+FEATURES = ['--config.train.ema_decay=0.9', '--config.model.dtype=float16',
+            '--config.train.loss_scale_period=3', '--config.train.early_stop_patience=2',
+            '--config.train.eval_every_steps=2', '--config.train.keep_checkpoints=1',
+            '--config.decode.average_last=1', '--config.train.learning_rate_scale=1e-30']
+
+
+@pytest.fixture(scope='module')
+def features_reference(repo_root, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp('features')
+    run_train(workdir, *FEATURES)
     return workdir
 
 
@@ -74,6 +114,100 @@ def test_resume_after_kill_9_equals_uninterrupted(repo_root, tmp_path, reference
     assert step == ref_step == 12
     for a, b in zip(params, ref_params):
         np.testing.assert_array_equal(a, b)  # bitwise
+
+
+def test_ema_loss_scale_and_early_stopping_resume_exactly_after_kill_9(tmp_path,
+                                                                        features_reference):
+    """Killed between the evaluations of steps 4 and 6, after checkpoint 4 and the evaluation
+    of step 4: the resumed run remembers the best loss and the evaluations since it (from
+    best.json: checkpoint 4's info predates its evaluation) and stops where the uninterrupted
+    run stopped, with the same moving average, loss scale and best checkpoint, bitwise."""
+    workdir = tmp_path / 'run'
+    killed = run_train(workdir, *FEATURES, env=program_env(TRANSFORMER_FAULT='after-step:5'),
+                       check=False)
+    assert killed.returncode == -signal.SIGKILL
+    resumed = run_train(workdir, *FEATURES)
+    assert 'Resumed from step 4' in resumed.stderr
+    record = json.loads((workdir / 'best.json').read_text())
+    assert record == json.loads((features_reference / 'best.json').read_text())
+    stopped = [line for line in resumed.stderr.splitlines() if line.startswith('Stopped at')]
+    assert stopped == [f'Stopped at step {record["step"]}: validation cross-entropy has not '
+                       'improved for 2 evaluation(s) (train.early_stop_patience=2); best '
+                       f'{record["best_value"]:.4f} at step {record["best_step"]}; checkpoint '
+                       'saved.'], resumed.stderr
+    assert record['step'] < 12  # stopped early
+    # The best checkpoint is kept beside the last one (train.keep_checkpoints=1).
+    steps = workdir_lib.checkpoint_steps(str(workdir))
+    assert steps == workdir_lib.checkpoint_steps(str(features_reference))
+    assert steps == sorted({record['best_step'], record['step']})
+    state, want = newest_state(workdir), newest_state(features_reference)
+    assert set(state) == {'params', 'opt_state', 'step', 'rng', 'ema', 'loss_scale'}
+    assert float(state['loss_scale']['scale']) > 2 ** 7  # doubled since the start
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # bitwise
+    # --step=best and DIR:best read the best checkpoint; the moving average by default.
+    members, _ = cli.models_to_load(None, f'{workdir}:best,{workdir}:{record["step"]}', None)
+    assert [m.step for m in members] == ['best', record['step']]
+    _, _, _, used = trained.load_model(str(workdir), step='best')
+    assert used == [record['best_step']]
+    ema, raw = final_params(workdir)[1], final_params(workdir, raw_weights=True)[1]
+    assert any(not np.array_equal(a, b) for a, b in zip(ema, raw))
+
+
+@pytest.fixture
+def float16_step(monkeypatch):
+    """A tiny float16 model's jitted training step, on a loss 1e-9 times the true one: a
+    model close to convergence, whose gradients underflow float16 (smallest subnormal 6e-8)
+    unless the loss is scaled. Returns (step, state, batch)."""
+    true_loss = train_step_lib.cross_entropy
+    monkeypatch.setattr(train_step_lib, 'cross_entropy', lambda *a: (
+        lambda smoothed, nll, count: (smoothed * 1e-9, nll * 1e-9, count))(*true_loss(*a)))
+    config = tiny_config(dtype='float16')
+    setup = train_step_lib.setup(config, sharding.make_mesh(devices=jax.devices()[:1]))
+    state = jax.jit(setup.init_state, out_shardings=setup.state_shardings)()
+    tokens = np.random.default_rng(0).integers(3, 40, (8, 8)).astype(np.int32)
+    position = np.tile(np.arange(8, dtype=np.int32), (8, 1))
+    batch = dict(inputs=tokens, targets=tokens, inputs_segmentation=np.ones_like(tokens),
+                 targets_segmentation=np.ones_like(tokens), inputs_position=position,
+                 targets_position=position)
+    return jax.jit(setup.step_fn), state, batch
+
+
+def with_scale(state, scale):
+    return dict(state, loss_scale=dict(state['loss_scale'], scale=jnp.float32(scale)))
+
+
+def moved(new, old):
+    return [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(new['params']),
+                                                      jax.tree.leaves(old['params']))]
+
+
+def test_float16_loss_scaling_keeps_small_gradients_and_skips_overflows(float16_step):
+    step, state, batch = float16_step
+    # Unscaled (a scale of 1), every gradient underflows to zero: nothing moves.
+    unscaled, m = step(with_scale(state, 1.0), batch)
+    assert not any(moved(unscaled, state)) and float(m['grad_norm']) == 0.0
+    # Scaled by 2**15, every parameter moves; the gradient is the true one (whose norm is
+    # 2.13 on the unscaled loss) times 1e-9.
+    scaled, m = step(with_scale(state, 2.0 ** 15), batch)
+    assert all(moved(scaled, state)) and float(m['skipped']) == 0
+    assert float(m['grad_norm']) == pytest.approx(2.13e-9, rel=0.02)
+    assert float(scaled['loss_scale']['scale']) == 2.0 ** 15  # grows after 2000 such steps
+    assert int(scaled['loss_scale']['good_steps']) == 1
+    # An overflow skips the step and halves the scale (the same compiled step).
+    huge = 2.0 ** 126  # the scaled gradients overflow float16 (largest finite 65504)
+    skipped, m = step(with_scale(state, huge), batch)
+    assert float(m['skipped']) == 1 and int(m['skipped_steps']) == 1
+    assert float(skipped['loss_scale']['scale']) == huge / 2
+    for a, b in zip(jax.tree.leaves((skipped['params'], skipped['opt_state'])),
+                    jax.tree.leaves((state['params'], state['opt_state']))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert int(skipped['step']) == 1  # a step taken (its batch consumed), not an update
+    # Doubling after train.loss_scale_period finite steps in a row.
+    scale = {'scale': jnp.float32(8.0), 'good_steps': jnp.int32(1),
+             'skipped': jnp.int32(0)}
+    assert float(train_step_lib.next_loss_scale(scale, jnp.bool_(True), 2)['scale']) == 16.0
+    assert float(train_step_lib.next_loss_scale(scale, jnp.bool_(True), 3)['scale']) == 8.0
 
 
 @pytest.mark.parametrize('processes', [1, 2])

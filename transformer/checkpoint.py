@@ -29,13 +29,30 @@ from transformer.errors import CheckpointError, SaveError, UsageError
 DATA_STATE_BYTES = 1 << 16  # room for one process's JSON iterator state
 
 
+class _KeepSteps:
+    """Orbax preservation policy: the steps in a set the caller updates (the best one)."""
+
+    def __init__(self, steps: set[int]):
+        self.steps = steps
+
+    def should_preserve(self, checkpoints, *, context):
+        del context
+        return [c.step in self.steps for c in checkpoints]
+
+
 def make_manager(directory: str, keep: int, *, asynchronous: bool = True,
-                 read_only: bool = False) -> ocp.CheckpointManager:
-    """A CheckpointManager over `directory` keeping the last `keep` steps."""
+                 read_only: bool = False, protected: set[int] | None = None
+                 ) -> ocp.CheckpointManager:
+    """A CheckpointManager over `directory` keeping the last `keep` steps, and any step in
+    `protected` (a set the caller may change later: the best checkpoint of early stopping)."""
     # Readers (evaluate, translate, average) neither create nor clean anything: a training run
     # may be writing into the same directory. (Orbax's own read_only mode logs three warnings.)
+    keeping = dict(max_to_keep=None if read_only else keep)
+    if protected is not None and not read_only:
+        keeping = dict(preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(
+            [ocp.checkpoint_managers.LatestN(keep), _KeepSteps(protected)]))
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=None if read_only else keep, enable_async_checkpointing=asynchronous,
+        **keeping, enable_async_checkpointing=asynchronous,
         create=not read_only, cleanup_tmp_directories=not read_only)
     # Handlers named up front (Orbax warns when it meets an item it has none for); readers
     # restore parts of the state (the parameters), which takes the general PyTree handler.
@@ -302,18 +319,21 @@ def available_steps(directory: str) -> list[int]:
         manager.close()
 
 
-def _restore_params(manager: ocp.CheckpointManager, step: int, abstract_params):
-    item = {'params': abstract_params}
+def _restore_params(manager: ocp.CheckpointManager, step: int, abstract_params,
+                    weights: str = 'params'):
+    item = {weights: abstract_params}
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
         item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
         partial_restore=True)))
-    return restored['state']['params']
+    return restored['state'][weights]
 
 
 def restore_params(directory: str, steps: list[int], count: int, abstract_params,
-                   minimum: int | None = None, pick_again: bool = True):
+                   minimum: int | None = None, pick_again: bool = True,
+                   weights: str = 'params'):
     """Parameters only (no optimizer state) of the newest `count` checkpoints among `steps`
-    that read back whole: [(step, params, info)], oldest first.
+    that read back whole: [(step, params, info)], oldest first. `weights` is the state's
+    item read: 'params', or 'ema' (their moving average, train.ema_decay).
 
     A train running beside deletes old checkpoints (it keeps train.keep_checkpoints), maybe
     while they are read: such a step is not broken, and with `pick_again` the newest are
@@ -334,7 +354,7 @@ def restore_params(directory: str, steps: list[int], count: int, abstract_params
                     continue
                 if step not in loaded:
                     try:
-                        loaded[step] = _read_params(manager, step, abstract_params)
+                        loaded[step] = _read_params(manager, step, abstract_params, weights)
                     except UsageError:
                         raise
                     except Exception as e:  # noqa: BLE001 - broken, whatever broke it
@@ -366,21 +386,23 @@ def restore_params(directory: str, steps: list[int], count: int, abstract_params
 _PICKS = 3  # times restore_params picks checkpoints anew after some were deleted meanwhile
 
 
-def _read_params(manager: ocp.CheckpointManager, step: int, abstract_params):
+def _read_params(manager: ocp.CheckpointManager, step: int, abstract_params,
+                 weights: str = 'params'):
     """(params, info) of checkpoint `step`; UsageError if they do not fit `abstract_params`."""
-    problem = mismatch(manager, step, {'params': abstract_params}, prefix='params.')
+    problem = mismatch(manager, step, {weights: abstract_params}, prefix=f'{weights}.')
     if problem:
         raise UsageError(f'checkpoint {step} in {manager.directory} does not fit the run\'s '
                          f'config: {problem} (was config.json changed since training? restore '
                          'it)')
-    return _restore_params(manager, step, abstract_params), info(manager, step)
+    return _restore_params(manager, step, abstract_params, weights), info(manager, step)
 
 
-def keep_newest(manager: ocp.CheckpointManager, keep: int) -> list[int]:
-    """Deletes all but the newest `keep` checkpoints (Orbax does so after each save; a run
-    killed between a commit and that clean-up, its last one, leaves one more); returns the
-    steps deleted. Every process calls it (a collective)."""
-    old = sorted(manager.all_steps())[:-keep]
+def keep_newest(manager: ocp.CheckpointManager, keep: int,
+                protected: set[int] = frozenset()) -> list[int]:
+    """Deletes all but the newest `keep` checkpoints and those in `protected` (Orbax does so
+    after each save; a run killed between a commit and that clean-up, its last one, leaves
+    one more); returns the steps deleted. Every process calls it (a collective)."""
+    old = [step for step in sorted(manager.all_steps())[:-keep] if step not in protected]
     for step in old:
         manager.delete(step)
     return old

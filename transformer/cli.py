@@ -40,14 +40,36 @@ def define_workdir_flag(help_text: str = 'Work directory of a training run.'):
     return flags.DEFINE_string('workdir', None, help_text)
 
 
+def define_step_flag(what: str):
+    """--step=N, or --step=best (early stopping's best checkpoint); read with `step_value`."""
+    return flags.DEFINE_string('step', None, f'{what}: a step number, or "best", the best '
+                               'checkpoint by train.early_stop_metric.')
+
+
+def define_raw_weights_flag():
+    return flags.DEFINE_boolean(
+        'raw_weights', False, 'Of a run with train.ema_decay > 0, decode with the raw '
+        'parameters instead of their moving average (the default there).')
+
+
+def step_value(text: str | None, flag: str = '--step') -> int | str | None:
+    """A --step (or DIR:STEP) value: None, a step number, or 'best'."""
+    if text is None or text == 'best':
+        return text
+    if not text.isdigit():
+        raise errors.UsageError(f'{flag}={text} must be a step number or best')
+    return int(text)
+
+
 def define_decoding_flags() -> SimpleNamespace:
-    """--average, --step, --beam_size, --alpha, --max_extra_length, --no_repeat_ngram_size,
-    --batch_sentences."""
+    """--average, --step, --raw_weights, --beam_size, --alpha, --max_extra_length,
+    --no_repeat_ngram_size, --batch_sentences."""
     return SimpleNamespace(
         average=flags.DEFINE_integer(
             'average', None, 'Average the last K checkpoints (default: the config\'s '
             'decode.average_last, at most the checkpoints there).'),
-        step=flags.DEFINE_integer('step', None, 'Use this checkpoint step (no averaging).'),
+        step=define_step_flag('Use this checkpoint step (no averaging)'),
+        raw_weights=define_raw_weights_flag(),
         beam_size=flags.DEFINE_integer(
             'beam_size', None, 'Beam size (default: decode.beam_size; 1 = greedy).'),
         alpha=flags.DEFINE_float(
@@ -120,10 +142,12 @@ def decoding_settings(config, **given):
 
 
 def models_to_load(workdir: str | None, ensemble_spec: str | None,
-                   step: int | None) -> tuple[list, str | None]:
-    """(ensemble.Member list, home work directory) of --workdir (with --step) or of
-    --ensemble=DIR[:STEP],DIR[:STEP],... (--workdir, if given too, must be a member: the one
-    whose config is used)."""
+                   step: int | str | None) -> tuple[list, str | None]:
+    """(ensemble.Member list, home work directory) of --workdir (with --step: a number, its
+    text, or 'best') or of --ensemble=DIR[:STEP],DIR[:STEP],... (STEP a number or 'best';
+    --workdir, if given too, must be a member: the one whose config is used)."""
+    if isinstance(step, str):
+        step = step_value(step)
     if not ensemble_spec:
         return [ensemble.Member(workdir, step)], workdir
     if step is not None:
@@ -135,8 +159,8 @@ def models_to_load(workdir: str | None, ensemble_spec: str | None,
         if not part:
             raise errors.UsageError(f'--ensemble={ensemble_spec!r} has an empty member')
         directory, _, tail = part.rpartition(':')
-        members.append(ensemble.Member(directory, int(tail)) if directory and tail.isdigit()
-                       else ensemble.Member(part))
+        members.append(ensemble.Member(directory, step_value(tail)) if directory and (
+            tail.isdigit() or tail == 'best') else ensemble.Member(part))
     if workdir and not any(os.path.realpath(workdir) == os.path.realpath(m.workdir)
                            for m in members):
         raise errors.UsageError(f'--workdir={workdir} is not one of the --ensemble members; '

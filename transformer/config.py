@@ -28,6 +28,8 @@ TRAIN_PRESETS = {
 }
 
 DTYPES = ('float32', 'bfloat16', 'float16')
+# Validation metrics early stopping can follow: the loss (lower is better) and greedy BLEU.
+EARLY_STOP_METRICS = ('loss', 'bleu')
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -136,6 +138,35 @@ def base_config() -> ml_collections.ConfigDict:
     # measured on a GPU yet (rbg is the usual choice on accelerators): run benchmarks/defaults.py
     # there. Either is reproducible, run to run and across a resume.
     t.dropout_rng_impl = 'threefry2x32'
+    # An exponential moving average of the parameters, kept in the training state (float32,
+    # sharded like them), updated every step, saved in every checkpoint: validation,
+    # evaluate, translate, score and export then use it (--raw_weights: the parameters
+    # themselves). 0 = off, as in the paper, which averages checkpoints instead (section 6.1).
+    # Its anchors: fairseq --store-ema --ema-decay (0.9999), Marian --exponential-smoothing
+    # (1e-4 there, i.e. decay 0.9999, as WMT systems trained with Marian use it), OpenNMT-py
+    # --average_decay (e.g. 1e-4). The decay of step k is min(ema_decay, (1 + k) / (10 + k))
+    # (train_step.ema_decay_at), so short runs are not held back by the initial weights.
+    t.ema_decay = 0.0
+    # Early stopping: stop (save, say why, exit 0) after this many evaluations in a row
+    # without improvement of early_stop_metric on the validation split (of the EMA weights
+    # when train.ema_decay > 0); 0 = off (only train.steps and train.max_minutes stop a run).
+    # 'loss': the validation cross-entropy, lower is better (fairseq's default
+    # best_checkpoint_metric, Marian's first validation metric); 'bleu': the greedy BLEU of
+    # train.eval_bleu_sentences validation sentences, higher is better (single-process runs).
+    # The best checkpoint is kept beyond train.keep_checkpoints and is `--step=best` for
+    # evaluate, translate, score and export (fairseq --patience and checkpoint_best.pt, Marian
+    # --early-stopping, Hugging Face EarlyStoppingCallback with load_best_model_at_end).
+    t.early_stop_patience = 0
+    t.early_stop_metric = 'loss'
+    # Dynamic loss scaling, on only when model.dtype is float16 (bfloat16 has float32's range
+    # and needs none): the loss is multiplied by the scale, which starts at loss_scale_init,
+    # halves on a step whose gradient overflows (that step is skipped: counted in the
+    # metrics as train/skipped_steps) and doubles after loss_scale_period finite steps in a
+    # row. The scaled loss is the sum over the batch's target tokens (divided by their count
+    # after the backward pass), as fairseq's is, hence fairseq --fp16's initial 2**7;
+    # the period is PyTorch GradScaler's and jmp's 2000 (fairseq: 2**14 / devices).
+    t.loss_scale_init = 2.0 ** 7
+    t.loss_scale_period = 2000
 
     t.mesh_data = -1  # devices on the 'data' axis; -1 = all that the fsdp axis leaves
     t.mesh_fsdp = 1  # devices on the 'fsdp' axis (parameters and optimizer state sharded)
@@ -289,6 +320,21 @@ def validate(c: ml_collections.ConfigDict) -> None:
          f'train.eval_bleu_sentences={t.eval_bleu_sentences} must be >= 0 (0: none)')
     need(t.dropout_rng_impl in ('rbg', 'threefry2x32'),
          f'train.dropout_rng_impl={t.dropout_rng_impl!r}; valid: rbg, threefry2x32')
+    need(0.0 <= t.ema_decay < 1.0, f'train.ema_decay={t.ema_decay} must be in [0, 1) '
+         '(0: off; e.g. 0.9999)')
+    need(isinstance(t.early_stop_patience, int) and t.early_stop_patience >= 0,
+         f'train.early_stop_patience={t.early_stop_patience!r} must be an integer >= 0 (0: off)')
+    need(t.early_stop_metric in EARLY_STOP_METRICS,
+         f'train.early_stop_metric={t.early_stop_metric!r}; valid: '
+         f'{", ".join(EARLY_STOP_METRICS)}')
+    need(not (t.early_stop_patience and t.early_stop_metric == 'bleu'
+              and t.eval_bleu_sentences < 1),
+         'train.early_stop_metric=bleu needs train.eval_bleu_sentences > 0 (the greedy BLEU it '
+         'compares), or use early_stop_metric=loss')
+    need(math.isfinite(t.loss_scale_init) and t.loss_scale_init >= 1,
+         f'train.loss_scale_init={t.loss_scale_init} must be a finite number >= 1')
+    need(isinstance(t.loss_scale_period, int) and t.loss_scale_period >= 1,
+         f'train.loss_scale_period={t.loss_scale_period!r} must be an integer >= 1')
     need(c.decode.average_last >= 1, f'decode.average_last={c.decode.average_last} must be >= 1')
     need(t.keep_checkpoints >= c.decode.average_last,
          f'train.keep_checkpoints={t.keep_checkpoints} is fewer than '
@@ -321,6 +367,8 @@ RESUMABLE_CHANGES = ('train.steps', 'train.max_minutes', 'train.log_every_steps'
                      'train.checkpoint_every_minutes', 'train.eval_bleu_sentences',
                      'train.sync_every_steps', 'train.profile_steps',
                      'train.peer_timeout_seconds',
+                     # When to stop, not what is trained (a new metric starts its best anew).
+                     'train.early_stop_patience', 'train.early_stop_metric',
                      # How the same model is computed: the same parameters, the same function.
                      'model.scan_layers', 'model.remat', 'model.attention_impl')
 

@@ -22,7 +22,9 @@ from transformer.errors import UsageError
 
 class Member(NamedTuple):
     workdir: str
-    step: int | None = None  # None: the workdir's default (averaging over the last checkpoints)
+    # None: the workdir's default (averaging over the last checkpoints, or its moving average);
+    # 'best': early stopping's best checkpoint
+    step: int | str | None = None
 
 
 class Loaded(NamedTuple):
@@ -47,10 +49,13 @@ def _key(member: Member) -> tuple:
 
 
 def load(members: list[Member], *, average: int | None = None,
-         home: str | None = None) -> Loaded:
+         home: str | None = None, raw_weights: bool = False) -> Loaded:
     """Loads every member (`trained.load_model`: its `step`, or the average of the last
     `average` checkpoints, default the config's decode.average_last) and checks that they
     agree. `home` (default the first member) must be one of the members' directories.
+
+    A member that keeps a moving average of its weights (train.ema_decay) is decoded with it,
+    each member with its own; `raw_weights` takes every member's raw parameters instead.
 
     The same (workdir, step) twice is loaded once and used twice.
     """
@@ -67,7 +72,7 @@ def load(members: list[Member], *, average: int | None = None,
         key = _key(member)
         if key not in loaded:
             loaded[key] = trained.load_model(member.workdir, average=average,
-                                                 step=member.step)
+                                             step=member.step, raw_weights=raw_weights)
         model, config, tokenizer, steps = loaded[key]
         facts = dict(workdir=member.workdir,
                      direction=f'{config.source_lang}->{config.target_lang}',
@@ -78,7 +83,8 @@ def load(members: list[Member], *, average: int | None = None,
         else:
             _check_agrees(facts, first)
         models.append(model)
-        described.append(dict(workdir=member.workdir, steps=list(steps)))
+        described.append(dict(workdir=member.workdir, steps=list(steps),
+                              weights=trained.weights(config, raw_weights)))
     _, config, tokenizer, _ = loaded[_key(next(m for m in members if _same(home, m.workdir)))]
     return Loaded(models, config, tokenizer, home, described)
 

@@ -45,9 +45,10 @@ _DECODING = cli.define_decoding_flags()
 _ENSEMBLE = cli.define_ensemble_flag()
 
 
-def evaluate_split(workdir: str | None, *, split: str, average: int | None, step: int | None,
-                   decoding: dict, batch_sentences: int | None, limit: int | None,
-                   ensemble: str | None = None) -> dict:
+def evaluate_split(workdir: str | None, *, split: str, average: int | None,
+                   step: int | str | None, decoding: dict, batch_sentences: int | None,
+                   limit: int | None, ensemble: str | None = None,
+                   raw_weights: bool = False) -> dict:
     """Decodes and scores a split; writes the .hyp, .src, .ref and .json files; returns the
     JSON dict."""
     if split not in data.SPLITS:
@@ -58,7 +59,7 @@ def evaluate_split(workdir: str | None, *, split: str, average: int | None, step
     config = workdir_lib.load_config(workdir)  # flags are checked before any model is read
     settings = cli.decoding_settings(config, **decoding)
     batch_sentences = cli.batch_sentences(batch_sentences, config)
-    loaded = ensemble_lib.load(members, average=average, home=workdir)
+    loaded = ensemble_lib.load(members, average=average, home=workdir, raw_weights=raw_weights)
     config, tokenizer = loaded.config, loaded.tokenizer
     # Read and tokenized once (only the first `limit` sentences with --limit); the truncated
     # sources are counted in the same pass.
@@ -84,7 +85,8 @@ def evaluate_split(workdir: str | None, *, split: str, average: int | None, step
         'limit': limit,
         'sentences': len(sources),
         'truncated_sources': truncated,
-        **({'steps': loaded.steps, 'checkpoints_averaged': len(loaded.steps)}
+        **({'steps': loaded.steps, 'checkpoints_averaged': len(loaded.steps),
+            'weights': loaded.members[0]['weights']}
            if len(loaded.members) == 1 else {'ensemble': loaded.members}),
         'beam_size': settings.beam_size, 'alpha': settings.alpha,
         'max_extra_length': settings.max_extra_length,
@@ -125,6 +127,7 @@ def main():
     result = evaluate_split(_WORKDIR.value, split=_SPLIT.value, average=d.average.value,
                             step=d.step.value, batch_sentences=d.batch_sentences.value,
                             limit=_LIMIT.value, ensemble=_ENSEMBLE.value,
+                            raw_weights=d.raw_weights.value,
                             decoding=dict(beam_size=d.beam_size.value, alpha=d.alpha.value,
                                           max_extra_length=d.max_extra_length.value,
                                           no_repeat_ngram_size=d.no_repeat_ngram_size.value))

@@ -13,8 +13,9 @@ library loads and translates with.
   (default), float16 or bfloat16. A config Marian cannot hold is
   refused naming the field.
 
-The parameters are those `evaluate` decodes with (`--average`, `--step`, default the config's
-decode.average_last). Refused in one line, exit status 2, with nothing written: a work
+The parameters are those `evaluate` decodes with (`--average`, `--step` (a number or `best`),
+default the config's decode.average_last; of a run with train.ema_decay, its moving average
+unless `--raw_weights`). Refused in one line, exit status 2, with nothing written: a work
 directory without checkpoints, OUT not empty without `--overwrite`, an ensemble, a quantization
 the target does not take. Prints a JSON line of what was written (also in
 OUT/transformer_export.json).
@@ -33,7 +34,8 @@ _WORKDIR = cli.define_workdir_flag()
 _AVERAGE = flags.DEFINE_integer(
     'average', None, 'Average the last K checkpoints (default: the config\'s '
     'decode.average_last, at most the checkpoints there), as evaluate does.')
-_STEP = flags.DEFINE_integer('step', None, 'Export this checkpoint step (no averaging).')
+_STEP = cli.define_step_flag('Export this checkpoint (no averaging)')
+_RAW_WEIGHTS = cli.define_raw_weights_flag()
 _TO = flags.DEFINE_string('to', None, f'Target library: {" or ".join(exporting.TARGETS)}.')
 _OUT = flags.DEFINE_string('out', None, 'Directory to write the model to (new or empty).')
 _QUANTIZATION = flags.DEFINE_string(
@@ -56,6 +58,7 @@ def main():
             f'{_OUT.value}')
     info = exporting.export(home, to=_TO.value, out=_OUT.value, average=_AVERAGE.value,
                             step=members[0].step, quantization=_QUANTIZATION.value,
+                            raw_weights=_RAW_WEIGHTS.value,
                             overwrite=_OVERWRITE.value)
     print(json.dumps({k: info[k] for k in ('out', 'target', 'quantization', 'steps',
                                            'direction', 'vocab_sha256')}))

@@ -115,8 +115,8 @@ def write(model, config, tokenizer, vocab_model: str, directory: str, to: str,
 
 
 def export(workdir: str, *, to: str, out: str, average: int | None = None,
-           step: int | None = None, quantization: str | None = None,
-           overwrite: bool = False) -> dict:
+           step: int | str | None = None, quantization: str | None = None,
+           overwrite: bool = False, raw_weights: bool = False) -> dict:
     """Exports the model `evaluate --workdir=workdir [--average | --step]` would decode with
     to `out`; returns what was written (also stored in out/transformer_export.json)."""
     quantization = check_request(to, out, quantization, overwrite)
@@ -126,11 +126,12 @@ def export(workdir: str, *, to: str, out: str, average: int | None = None,
         if why:
             raise UsageError(f'--to=huggingface cannot hold this model: {why}; '
                              '--to=ctranslate2 holds every configuration')
-    model, config, tokenizer, steps = trained.load_model(workdir, average=average, step=step)
+    model, config, tokenizer, steps = trained.load_model(workdir, average=average, step=step,
+                                                         raw_weights=raw_weights)
     vocab_model = workdir_lib.path(workdir, workdir_lib.VOCAB_MODEL)
     info = dict(
         target=to, quantization=quantization, workdir=os.path.abspath(workdir), steps=steps,
-        checkpoints_averaged=len(steps),
+        checkpoints_averaged=len(steps), weights=trained.weights(config, raw_weights),
         direction=f'{config.source_lang}->{config.target_lang}',
         vocab_sha256=workdir_lib.vocabulary_fingerprint(workdir),
         vocab_size=int(config.vocab_size), model=config.model.to_dict(),

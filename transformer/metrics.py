@@ -250,6 +250,8 @@ class Window:
         if m is None:
             return
         loss = float(m['loss'])
+        if m.get('skipped') and not math.isfinite(loss):
+            return  # a float16 step skipped for its overflow: its loss would stay in the mean
         self.smoothed_loss = loss if self.smoothed_loss is None else (
             self.SMOOTHING * self.smoothed_loss + (1 - self.SMOOTHING) * loss)
         self.loss += loss

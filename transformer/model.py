@@ -28,6 +28,7 @@ from transformer.layers import (
 from transformer.multi_head_attention import (
     MultiHeadAttention,
     attention_mask,
+    einsum_f32,
     resolve_implementation,
 )
 from transformer.sharding import constrain_batch
@@ -173,8 +174,7 @@ class Transformer(nnx.Module):
             weights, spec = self.embed.embedding[...], 'btd,vd->btv'
         else:
             weights, spec = self.output_projection.kernel[...], 'btd,dv->btv'
-        return jnp.einsum(spec, x.astype(self.dtype), weights.astype(self.dtype),
-                          preferred_element_type=jnp.float32)
+        return einsum_f32(spec, x.astype(self.dtype), weights.astype(self.dtype))
 
     # -- full passes --------------------------------------------------------------------------
 

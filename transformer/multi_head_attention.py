@@ -52,13 +52,23 @@ def resolve_implementation(name: str, dtype, d_k: int, d_v: int,
     return 'cudnn' if fits else 'xla'
 
 
+def einsum_f32(spec: str, a, b):
+    """jnp.einsum accumulated and returned in float32. XLA:CPU has no float16 x float16 ->
+    float32 product ('F16_F16_F32 is not supported by dot_general on CPU'): there float16
+    operands are widened first, which gives the same numbers (a product of two float16
+    values is exact in float32), so float16 runs (and their tests) work on a CPU too."""
+    if jax.default_backend() == 'cpu' and jnp.float16 in (a.dtype, b.dtype):
+        a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+
+
 def attention_weights(q, k, mask, dropout: nnx.Dropout | None = None, rngs=None):
     """softmax(Q K^T / sqrt(d_k)) (section 3.2.1) as weights [batch, heads, q_len, k_len],
     in float32 whatever the compute dtype; q, k are [batch, len, heads, d_k]. Q K^T is
     accumulated and scaled in float32, as jax.nn.dot_product_attention does, not rounded to a
     16-bit compute dtype before the softmax."""
     depth = q.shape[-1]
-    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32)
+    logits = einsum_f32('bqhd,bkhd->bhqk', q, k)
     logits = jnp.where(mask, logits / np.sqrt(depth).astype(np.float32), MASK_VALUE)
     weights = jax.nn.softmax(logits, axis=-1)
     if dropout is not None and rngs is not None:
@@ -77,7 +87,9 @@ def dot_product_attention(q, k, v, mask, *, implementation: str = 'xla',
                           dropout: nnx.Dropout | None = None, rngs=None):
     """Attention output [batch, q_len, heads, d_v] of q, k [.., d_k], v [.., d_v] under `mask`."""
     explicit = (implementation == 'explicit' or (dropout is not None and rngs is not None)
-                or q.shape[-1] != v.shape[-1])  # jax's function wants one head width
+                or q.shape[-1] != v.shape[-1]  # jax's function wants one head width
+                # and on the CPU multiplies float16 into float32, which XLA:CPU lacks
+                or (q.dtype == jnp.float16 and jax.default_backend() == 'cpu'))
     if not explicit:
         return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
     return explicit_attention(q, k, v, mask, dropout, rngs)[0]
@@ -91,7 +103,7 @@ def attend_step(q, k, v, mask):
     [batch, heads, 1, len]; logits and softmax in float32, as jax.nn.dot_product_attention.
     Returns [batch, 1, heads, d_v]."""
     qh = jnp.swapaxes(q, 1, 2)  # [batch, heads, 1, d_k]: one query per row, a cheap transpose
-    logits = jnp.einsum('bhqd,bhkd->bhqk', qh, k, preferred_element_type=jnp.float32)
+    logits = einsum_f32('bhqd,bhkd->bhqk', qh, k)
     logits = jnp.where(mask, logits / np.sqrt(q.shape[-1]).astype(np.float32), MASK_VALUE)
     weights = jax.nn.softmax(logits, axis=-1)
     out = jnp.einsum('bhqk,bhkd->bhqd', weights.astype(v.dtype), v)

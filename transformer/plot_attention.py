@@ -41,7 +41,8 @@ def main():
     if not _OUT.value.lower().endswith('.png'):
         raise UsageError(f'--out={_OUT.value!r} must name a .png file')
     model, config, tokenizer, steps = trained.load_model(
-        _WORKDIR.value, average=_DECODING.average.value, step=_DECODING.step.value)
+        _WORKDIR.value, average=_DECODING.average.value,
+        step=cli.step_value(_DECODING.step.value), raw_weights=_DECODING.raw_weights.value)
     settings = cli.decoding_settings(config, beam_size=_DECODING.beam_size.value,
                                      alpha=_DECODING.alpha.value,
                                      max_extra_length=_DECODING.max_extra_length.value,

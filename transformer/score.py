@@ -82,7 +82,8 @@ def main():
                   for i in range(0, len(pairs), batch_sentences * CHUNK_BATCHES))
     else:
         chunks = stdin_pairs(1 if sys.stdin.isatty() else batch_sentences * CHUNK_BATCHES)
-    loaded = ensemble.load(members, average=d.average.value, home=home)
+    loaded = ensemble.load(members, average=d.average.value, home=home,
+                           raw_weights=d.raw_weights.value)
     scorer = host_decode.Scorer(loaded.models, config, loaded.tokenizer, batch_sentences)
     total_log_prob, total_tokens, sentences = 0.0, 0, 0
     out = sys.stdout

@@ -91,7 +91,7 @@ def _split_dims(spec: P, mesh: Mesh) -> list[tuple[int, tuple[str, ...]]]:
 
 
 def device_local(fn, mesh: Mesh, param_specs, compute_dtype=None):
-    """Runs fn(params, batch, rng) -> (gradient sums, sums) on each device's own rows and
+    """Runs fn(params, batch, rng, scale) -> (gradient sums, sums) on each device's own rows and
     returns the sums over all devices, gradients laid out like the parameters.
 
     Inside, every device holds the whole parameters: each is all-gathered once, after its
@@ -99,7 +99,8 @@ def device_local(fn, mesh: Mesh, param_specs, compute_dtype=None):
     the bytes). Gradients are cast to float32 on the device that computed them and only then
     summed: a reduce-scatter over the axes a parameter is split along ('fsdp'), an all-reduce
     over the others, so no sum over devices is rounded to 16 bits. `rng` (a key or None) is
-    folded with the device's index, for dropout masks of its own.
+    folded with the device's index, for dropout masks of its own; `scale` (the float16 loss
+    scale, a replicated scalar) is passed as it is.
     """
     narrow = compute_dtype is not None and jnp.dtype(compute_dtype).itemsize < 4
 
@@ -121,21 +122,22 @@ def device_local(fn, mesh: Mesh, param_specs, compute_dtype=None):
             g = jax.lax.psum_scatter(g, axes, scatter_dimension=dim, tiled=True)
         return g
 
-    def local(params, batch, rng):
+    def local(params, batch, rng, scale):
         full = jax.tree.map(gather, params, param_specs)
         if rng is not None and mesh.size > 1:
             rng = jax.random.fold_in(rng, jax.lax.axis_index(BATCH_AXES))
-        grads, sums = fn(full, batch, rng)
+        grads, sums = fn(full, batch, rng, scale)
         return jax.tree.map(reduce, grads, param_specs), jax.lax.psum(sums, BATCH_AXES)
 
     # check_vma=False: the sums above are over exactly the axes the out_specs need, skipping
     # those of size 1, which the check would still count as varying.
-    def run(params, batch, rng):
-        specs = (param_specs, P(BATCH_AXES), P())
+    def run(params, batch, rng, scale):
+        specs = (param_specs, P(BATCH_AXES), P(), P())
         if rng is None:
-            return jax.shard_map(lambda p, b: local(p, b, None), mesh=mesh, in_specs=specs[:2],
-                                 out_specs=(param_specs, P()), check_vma=False)(params, batch)
+            return jax.shard_map(lambda p, b, s: local(p, b, None, s), mesh=mesh,
+                                 in_specs=specs[:2] + specs[3:], out_specs=(param_specs, P()),
+                                 check_vma=False)(params, batch, scale)
         return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=(param_specs, P()),
-                             check_vma=False)(params, batch, rng)
+                             check_vma=False)(params, batch, rng, scale)
 
     return run

@@ -8,6 +8,7 @@ slice; it resumes by itself from the latest complete checkpoint in the work dire
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import signal
@@ -28,6 +29,7 @@ from transformer import (
     cli,
     data,
     distributed,
+    early_stopping,
     errors,
     host_decode,
     metrics,
@@ -237,7 +239,14 @@ def batch_stats(config, batch: dict) -> dict:
 
 
 def check_finite(step: int, m: dict, last_saved: int | None, workdir: str) -> None:
-    """A non-finite loss or gradient stops the run (nothing more is saved)."""
+    """A non-finite loss or gradient stops the run (nothing more is saved), unless float16's
+    loss scaling skipped that step; a loss scale halved below its floor stops it too."""
+    if m.get('skipped'):
+        if m['loss_scale'] / train_step_lib.LOSS_SCALE_FACTOR < train_step_lib.LOSS_SCALE_MIN:
+            raise RunError(f'the float16 loss scale fell below {train_step_lib.LOSS_SCALE_MIN:g}'
+                           f' at step {step} (the loss itself overflows float16); train with '
+                           'model.dtype=bfloat16 or float32, or a lower learning rate')
+        return
     if not (np.isfinite(m['loss']) and np.isfinite(m['grad_norm'])):
         kept = f'step {last_saved}' if last_saved is not None else 'none yet'
         raise RunError(f'non-finite loss ({m["loss"]}) at step {step}; last good '
@@ -313,6 +322,9 @@ def log_step(writer, progress, config, step: int, window: metrics.Window, m: dic
     progress bar (whose total follows a time bound)."""
     scalars = window.scalars(peak * jax.device_count() if peak else None)
     scalars.update(learning_rate=float(m['learning_rate']), grad_norm=float(m['grad_norm']))
+    if 'loss_scale' in m:  # float16: the scale and the steps it skipped, in all
+        scalars.update(loss_scale=float(m['loss_scale']),
+                       skipped_steps=int(m['skipped_steps']))
     record = {f'train/{k}': v for k, v in scalars.items()}
     record.update({f'time/{name}_seconds': v for name, v in clocks.totals().items()})
     writer.write(step, record)
@@ -391,6 +403,9 @@ def main():
     _fault_injection('initialized')
     is_main = distributed.is_main()
     mesh = sharding.make_mesh(t.mesh_data, t.mesh_fsdp)  # a bad mesh is refused before any work
+    if t.early_stop_patience and t.early_stop_metric == 'bleu' and jax.process_count() > 1:
+        raise UsageError('train.early_stop_metric=bleu: the in-training greedy BLEU is computed '
+                         'by single-process runs only; use train.early_stop_metric=loss')
     batch_warning = plan.batch_warning(config, mesh.size)  # e.g. on a pod: every device a row
     if batch_warning:
         errors.warn(batch_warning)
@@ -407,6 +422,9 @@ def main():
     cli.say(f'Training data: {train_iter.stats}; tokenizer threads: {tokenizer.threads} (the '
             'CPU cores this process may use)')
     validation = validation_data(config, tokenizer)
+    if t.early_stop_patience and validation is None:
+        raise UsageError('train.early_stop_patience needs a validation split: set '
+                         'config.data.validation')
     _fault_injection('data-ready')
 
     # --- state, created already sharded --------------------------------------------------------
@@ -416,7 +434,8 @@ def main():
                         out_shardings=setup.replicated)
 
     # --- restore or initialise -----------------------------------------------------------------
-    manager = checkpoint.make_manager(checkpoints, keep=t.keep_checkpoints)
+    best_steps: set[int] = set()  # early stopping's best checkpoint, kept beyond keep_checkpoints
+    manager = checkpoint.make_manager(checkpoints, keep=t.keep_checkpoints, protected=best_steps)
     saver = checkpoint.Saver(manager)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           setup.abstract_state, setup.state_shardings)
@@ -427,12 +446,17 @@ def main():
         saved_step, state, data_state, run_info = restored
         train_iter.set_state(data_state)
         cli.say(f'Resumed from step {saved_step} of {workdir} (data position {data_state})')
+        tracker = early_stopping.resumed(t.early_stop_metric, t.early_stop_patience, run_info,
+                                         workdir_lib.read_best(workdir), saved_step)
+        if tracker.best_step is not None:
+            best_steps.add(tracker.best_step)
         # A run killed between a save's commit and Orbax's clean-up after it keeps one more.
-        pruned = checkpoint.keep_newest(manager, t.keep_checkpoints)
+        pruned = checkpoint.keep_newest(manager, t.keep_checkpoints, best_steps)
         if pruned:
             cli.say(f'Deleted checkpoints {pruned}: train.keep_checkpoints={t.keep_checkpoints}')
     else:
         run_info = {}
+        tracker = early_stopping.Tracker(t.early_stop_metric, t.early_stop_patience)
         state = jax.jit(setup.init_state, out_shardings=setup.state_shardings)()
         m = model_lib.resolved(config, mesh.devices.flat[0].platform).model
         cli.say(f'New run in {workdir}: {jax.device_count()} devices, mesh {dict(mesh.shape)}; '
@@ -482,13 +506,14 @@ def main():
                 'vocab_sha256': fingerprint, 'data_sha256': data_sha256,
                 'config': workdir_lib.config_record(config),
                 'loss_smoothed': window.smoothed_loss, 'train_seconds': totals['train'],
-                'clocks': totals})
+                'clocks': totals, 'early_stop': tracker.record()})
         agreement.saved()
         last_saved = at
         _fault_injection('in-save', at)
 
     def evaluated(at: int) -> bool:
-        """Evaluates at step `at` and writes the row; False when a stop signal cut it short."""
+        """Evaluates at step `at`, writes the row and tells early stopping; False when a stop
+        signal cut it short."""
         jax.block_until_ready(state)
 
         def checked_eval_step(params, batch):
@@ -501,15 +526,39 @@ def main():
                 with stop_signal.evaluation():
                     cli.slow_for_tests('eval')
                     _fault_injection('in-eval', at)
-                    result = validate(config, tokenizer, setup.graphdef, state['params'],
-                                      checked_eval_step, validation, mesh, at)
+                    # The moving average when the run keeps one: the weights decoded later.
+                    result = validate(config, tokenizer, setup.graphdef,
+                                      state.get('ema', state['params']), checked_eval_step,
+                                      validation, mesh, at)
             except EvaluationStopped:
                 cli.say(f'Evaluation of step {at} stopped by the signal')
                 return False
         writer.write(at, result, prefix='eval/')
+        if t.early_stop_patience:
+            track(at, result)
         return True
 
-    stop = agreement.finished()  # a time-bounded run already done
+    def track(at: int, result: dict) -> None:
+        """Early stopping's bookkeeping after the evaluation of step `at`: the best step kept
+        (saved now if this step was not), the record in best.json."""
+        if tracker.update(at, result):
+            best_steps.clear()
+            best_steps.add(at)
+            if last_saved != at:
+                window.add_metrics(late.fetch())  # never save a state whose loss was not finite
+                save(at, data_state)
+        # best.json names only a checkpoint that is there, and never runs ahead of the
+        # checkpoints (a resumed run takes it when it is the newest one's evaluation).
+        with clocks.apart('save'):
+            saver.wait()
+        if is_main:
+            workdir_lib.atomic_write(workdir_lib.path(workdir, workdir_lib.BEST_FILE),
+                                     json.dumps(tracker.record()).encode(),
+                                     'the early-stopping record')
+
+    # a time-bounded run already done, or one that early stopping ended
+    stop = agreement.finished() or tracker.exhausted
+    data_state = None  # the position after the newest step (a save needs it)
     failing = True
     try:
         # A run killed while evaluating a step it had saved left no row for it: evaluate now.
@@ -519,6 +568,7 @@ def main():
             cli.say(f'Evaluating step {step}, whose evaluation the last run did not finish')
             if not evaluated(step):
                 agreement.signalled = stop = True
+            stop = stop or tracker.exhausted
         while step < t.steps and not stop:
             wait_start = time.perf_counter()
             (batch, stats), data_state = next(batches)
@@ -546,6 +596,11 @@ def main():
                 agreement.signalled = stop = True
                 if not due.save:
                     save(step, data_state)
+            elif tracker.exhausted and not stop:
+                stop = True
+                if last_saved != step:
+                    window.add_metrics(late.fetch())
+                    save(step, data_state)
         late.fetch()
         with clocks.apart('save'):
             saver.wait()
@@ -558,6 +613,8 @@ def main():
     del lock
     if agreement.signalled:
         cli.say(f'Stopped at step {step} after a signal; checkpoint saved.')
+    elif tracker.exhausted:
+        cli.say(f'Stopped at step {step}: {tracker.reason()}; checkpoint saved.')
     elif step < t.steps:
         cli.say(f'Stopped at step {step}: train.max_minutes={t.max_minutes:g} of training '
                 'reached; checkpoint saved.')

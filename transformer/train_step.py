@@ -7,6 +7,11 @@ The training state is a plain dict of arrays (so Orbax saves it as is):
   rng        the base dropout key's data (train.dropout_rng_impl); step k uses
              fold_in(rng, k), so a resumed run draws the same dropout masks as an
              uninterrupted one
+  ema        (train.ema_decay > 0 only) the exponential moving average of the parameters,
+             float32, laid out like them; what validation and the decoding programs use
+  loss_scale (model.dtype float16 only) the dynamic loss scale: {'scale' float32,
+             'good_steps' finite steps since it last changed, 'skipped' steps skipped in
+             all}; saved and restored with the rest, so a resumed run scales as before
 """
 
 from __future__ import annotations
@@ -30,6 +35,39 @@ from transformer.model import (
 )
 
 Batch = dict[str, jax.Array]
+
+# Dynamic loss scaling (float16 only), the scheme of fairseq's DynamicLossScaler, PyTorch's
+# GradScaler and jmp: the loss is multiplied by the scale before the backward pass, so that
+# small gradients do not underflow in float16 (smallest subnormal 6e-8), and the gradients
+# divided by it after; a non-finite gradient skips the update and halves the scale, and
+# LOSS_SCALE_FACTOR-fold growth follows train.loss_scale_period finite steps in a row.
+LOSS_SCALE_FACTOR = 2.0
+LOSS_SCALE_MIN = 1.0  # a scale halved below this means the loss itself overflows: stop
+
+
+def ema_decay_at(decay: float, step):
+    """The decay applied after update `step` (1-based): min(decay, (1 + step) / (10 + step)),
+    the warm-up of TensorFlow's ExponentialMovingAverage with num_updates and OpenNMT-py's
+    average_decay, so that the average is not dominated by the random initial weights in a
+    run shorter than 1 / (1 - decay) steps."""
+    step = jnp.asarray(step, jnp.float32)
+    return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+
+
+def initial_loss_scale(init: float) -> dict:
+    return {'scale': jnp.asarray(init, jnp.float32), 'good_steps': jnp.zeros((), jnp.int32),
+            'skipped': jnp.zeros((), jnp.int32)}
+
+
+def next_loss_scale(loss_scale: dict, finite, period: int) -> dict:
+    """The scale after a step: halved (and the step counted as skipped) when its gradient was
+    not finite, doubled after `period` finite steps in a row, unchanged otherwise."""
+    scale, good = loss_scale['scale'], loss_scale['good_steps'] + 1
+    grow = good >= period
+    return {'scale': jnp.where(finite, jnp.where(grow, scale * LOSS_SCALE_FACTOR, scale),
+                               scale / LOSS_SCALE_FACTOR),
+            'good_steps': jnp.where(finite & ~grow, good, 0).astype(jnp.int32),
+            'skipped': loss_scale['skipped'] + jnp.where(finite, 0, 1).astype(jnp.int32)}
 
 
 def cross_entropy(logits, targets, weights, label_smoothing: float):
@@ -72,8 +110,13 @@ def _forward_sums(graphdef, params, batch: Batch, rng, label_smoothing: float):
 def make_train_step(graphdef, optimizer: optax.GradientTransformation, *, label_smoothing: float,
                     grad_accum_steps: int = 1, dropout: bool = True, learning_rate=None,
                     rng_impl: str = 'threefry2x32', mesh=None, param_specs=None,
-                    compute_dtype=None):
+                    compute_dtype=None, ema_decay: float = 0.0, loss_scale_period: int = 0):
     """Returns step(state, batch) -> (state, metrics), to be jitted with the state donated.
+
+    With `ema_decay` > 0 the state's 'ema' follows the new parameters (ema_decay_at). With
+    `loss_scale_period` > 0 (float16 compute) the loss is scaled by the state's
+    'loss_scale' before the backward pass and a step whose gradient is not finite leaves the
+    parameters and Adam's state as they were (next_loss_scale); its metrics say `skipped`.
 
     The gradient is the mean over every real target token of the global batch, also when the
     batch is split into `grad_accum_steps` micro-batches that run one after the other.
@@ -87,17 +130,18 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, *, label_
     plans). Dropout masks then depend on (seed, step, device index).
     """
 
-    def grads_of(params, micro: Batch, rng):
+    def grads_of(params, micro: Batch, rng, scale):
         def loss(p):
             smoothed, nll, count = _forward_sums(graphdef, p, micro, rng, label_smoothing)
-            return smoothed, (nll, count)
-        (smoothed, (nll, count)), grads = jax.value_and_grad(loss, has_aux=True)(params)
+            return smoothed * scale, (smoothed, nll, count)
+        (_, (smoothed, nll, count)), grads = jax.value_and_grad(loss, has_aux=True)(params)
         return grads, jnp.stack([smoothed, nll, count])
 
-    def accumulated(params, batch: Batch, rng):
-        """Gradient sums and [smoothed, nll, count] sums of `batch`, in micro-batches."""
+    def accumulated(params, batch: Batch, rng, scale):
+        """Gradient sums (times `scale`) and [smoothed, nll, count] sums of `batch`, in
+        micro-batches."""
         if grad_accum_steps == 1:
-            return grads_of(params, batch, rng)
+            return grads_of(params, batch, rng, scale)
         # [rows, len] -> [accum, rows/accum, len]. Consecutive rows go to one micro-batch
         # index each, which keeps every device's rows on that device.
         micro = jax.tree.map(
@@ -106,7 +150,7 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, *, label_
         def body(carry, xs):
             index, mb = xs
             r = jax.random.fold_in(rng, index) if rng is not None else None
-            g, s = grads_of(params, mb, r)
+            g, s = grads_of(params, mb, r, scale)
             return jax.tree.map(jnp.add, carry, (g, s)), None
 
         zeros = (jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params),
@@ -123,15 +167,36 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, *, label_
         if dropout:
             key = jax.random.wrap_key_data(state['rng'], impl=rng_impl)
             rng = jax.random.fold_in(key, state['step'])
-        grads, sums = accumulated(params, batch, rng)
+        scale = state['loss_scale']['scale'] if loss_scale_period else jnp.float32(1.0)
+        grads, sums = accumulated(params, batch, rng, scale)
         count = jnp.maximum(sums[2], 1.0)
-        grads = jax.tree.map(lambda g, p: (g / count).astype(p.dtype), grads, params)
+        # Unscaled in float32 (the sums over devices already are), then cast.
+        grads = jax.tree.map(lambda g, p: (g.astype(jnp.float32) / (count * scale)).astype(
+            p.dtype), grads, params)
         updates, opt_state = optimizer.update(grads, state['opt_state'], params)
-        new_state = dict(state, params=optax.apply_updates(params, updates), opt_state=opt_state,
-                         step=state['step'] + 1)
-        metrics = {'loss': sums[0] / count, 'nll': sums[1] / count, 'target_tokens': sums[2],
-                   'source_tokens': (batch['inputs_segmentation'] > 0).sum().astype(jnp.float32),
-                   'grad_norm': optax.global_norm(grads)}
+        new_params = optax.apply_updates(params, updates)
+        new_state = dict(state, params=new_params, opt_state=opt_state, step=state['step'] + 1)
+        grad_norm = optax.global_norm(grads)
+        metrics = {}
+        if loss_scale_period:
+            finite = jnp.isfinite(grad_norm)
+            keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+            new_params = keep(new_params, params)
+            new_state.update(params=new_params, opt_state=keep(opt_state, state['opt_state']),
+                             loss_scale=next_loss_scale(state['loss_scale'], finite,
+                                                        loss_scale_period))
+            metrics.update(loss_scale=scale, skipped=(~finite).astype(jnp.float32),
+                           skipped_steps=new_state['loss_scale']['skipped'])
+            grad_norm = jnp.where(finite, grad_norm, 0.0)  # a skipped step is not a fault
+        if ema_decay:
+            d = ema_decay_at(ema_decay, state['step'] + 1)
+            new_state['ema'] = jax.tree.map(
+                lambda e, p: d * e + (1.0 - d) * p.astype(jnp.float32), state['ema'],
+                new_params)
+        metrics.update({
+            'loss': sums[0] / count, 'nll': sums[1] / count, 'target_tokens': sums[2],
+            'source_tokens': (batch['inputs_segmentation'] > 0).sum().astype(jnp.float32),
+            'grad_norm': grad_norm})
         if learning_rate is not None:  # for the metrics; the optimizer has its own
             metrics['learning_rate'] = learning_rate(state['step'] + 1)
         return new_state, metrics
@@ -179,12 +244,19 @@ def setup(config, mesh) -> Setup:
     param_shardings = nnx.to_pure_dict(sharding.state_shardings(abstract_model_state, mesh))
     replicated = sharding.replicated(mesh)
 
+    loss_scaling = config.model.dtype == 'float16'  # resolved: 'auto' is never float16
+
     def init_state():
         params = nnx.to_pure_dict(nnx.state(model_fn()))
-        return {'params': params, 'opt_state': optimizer.init(params),
-                'step': jnp.zeros((), jnp.int32),
-                'rng': jax.random.key_data(jax.random.key(t.seed + 1,
-                                                          impl=t.dropout_rng_impl))}
+        state = {'params': params, 'opt_state': optimizer.init(params),
+                 'step': jnp.zeros((), jnp.int32),
+                 'rng': jax.random.key_data(jax.random.key(t.seed + 1,
+                                                           impl=t.dropout_rng_impl))}
+        if t.ema_decay > 0:
+            state['ema'] = jax.tree.map(lambda p: p.astype(jnp.float32), params)
+        if loss_scaling:
+            state['loss_scale'] = initial_loss_scale(t.loss_scale_init)
+        return state
 
     abstract_state = jax.eval_shape(init_state)
     opt_shardings = optax.tree_map_params(
@@ -192,6 +264,11 @@ def setup(config, mesh) -> Setup:
         transform_non_params=lambda _: replicated)
     state_shardings = {'params': param_shardings, 'opt_state': opt_shardings,
                        'step': replicated, 'rng': replicated}
+    if t.ema_decay > 0:
+        state_shardings['ema'] = param_shardings
+    if loss_scaling:
+        state_shardings['loss_scale'] = jax.tree.map(lambda _: replicated,
+                                                     abstract_state['loss_scale'])
     m = config.model
     step_fn = make_train_step(
         graphdef, optimizer, label_smoothing=t.label_smoothing,
@@ -199,7 +276,8 @@ def setup(config, mesh) -> Setup:
         dropout=max(m.dropout_rate, m.attention_dropout_rate, m.relu_dropout_rate) > 0,
         learning_rate=schedule.rate(config), rng_impl=t.dropout_rng_impl, mesh=mesh,
         param_specs=jax.tree.map(lambda s: s.spec, param_shardings),
-        compute_dtype=resolve_dtype(m.dtype))
+        compute_dtype=resolve_dtype(m.dtype), ema_decay=t.ema_decay,
+        loss_scale_period=t.loss_scale_period if loss_scaling else 0)
     return Setup(graphdef, init_state, abstract_state, state_shardings,
                  sharding.batch_sharding(mesh), replicated, step_fn)
 

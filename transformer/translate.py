@@ -106,11 +106,14 @@ def main():
         chunks = cli.prefixed_chunks(sys.stdin.buffer, s.prefix.value, chunk)
     else:
         chunks = (split_prefixes(lines) for lines in cli.read_lines(sys.stdin.buffer, chunk))
-    loaded = ensemble.load(members, average=d.average.value, home=home)
+    loaded = ensemble.load(members, average=d.average.value, home=home,
+                           raw_weights=d.raw_weights.value)
     if layer is not None:  # members may be shallower than the config's model
         layer = alignment.resolve_layer(s.alignment_layer.value, min(
             m.cfg.num_decoder_layers for m in loaded.models))
-    models = ', '.join(f'{m["workdir"]} steps {m["steps"]}' for m in loaded.members)
+    models = ', '.join(f'{m["workdir"]} steps {m["steps"]}'
+                       + (' (moving average)' if m['weights'] == 'ema' else '')
+                       for m in loaded.members)
     aligned = f'; alignments from decoder layer {layer}' if layer is not None else ''
     print(f'translate: {config.source_lang}->{config.target_lang}, {settings.describe()}; '
           f'{"ensemble of " if len(loaded.models) > 1 else ""}{models}{aligned}',

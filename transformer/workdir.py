@@ -57,6 +57,9 @@ CACHE_TMP_PREFIX = TMP_PREFIX + 'train-'
 LOCK_FILE = 'train.lock'
 BROKEN_DIR = 'broken-checkpoints'
 PROFILE_DIR = 'profile'
+# Early stopping's record after each evaluation (train.early_stop_patience): the metric, the
+# step evaluated, the best step and value, the evaluations since; `--step=best` reads it.
+BEST_FILE = 'best.json'
 
 # Fields of vocab.json that must agree with the config for a stored vocabulary to be reused.
 _VOCAB_FIELDS = ('vocab_size', 'source_lang', 'target_lang')
@@ -84,14 +87,17 @@ def eval_name(split: str, members: list[dict], beam_size: int, alpha: float,
     decoded by `members` (per model: its workdir and checkpoint steps, averaged when several)
     with these settings: '<split>_<models>_beam<B>_alpha<A>[_first<N>]', <models> being
     'step<S>[_avg<K>]' for one model, 'ensemble<M>-<hash of the members>' for several (two
-    ensembles never overwrite each other's files); '_norepeat<N>' after the alpha for a
-    search without repeated N-grams."""
+    ensembles never overwrite each other's files), then '_raw' when a member's raw parameters
+    were asked for instead of its moving average; '_norepeat<N>' after the alpha for a search
+    without repeated N-grams."""
     if len(members) == 1:
         steps = members[0]['steps']
         which = f'step{steps[0]}' if len(steps) == 1 else f'step{steps[-1]}_avg{len(steps)}'
     else:
         spec = json.dumps([[os.path.realpath(m['workdir']), m['steps']] for m in members])
         which = f'ensemble{len(members)}-{hashlib.sha256(spec.encode()).hexdigest()[:8]}'
+    # The raw parameters of a run that keeps a moving average (--raw_weights) are another model.
+    which += '_raw' if any(m.get('weights') == 'raw' for m in members) else ''
     name = f'{split}_{which}_beam{beam_size}_alpha{alpha:g}'
     name += f'_norepeat{no_repeat_ngram_size}' if no_repeat_ngram_size else ''
     return name + (f'_first{limit}' if limit is not None else '')
@@ -407,6 +413,28 @@ def lock(workdir: str):
 
 
 # -- checkpoints ----------------------------------------------------------------------------------
+
+def read_best(workdir: str) -> dict | None:
+    """Early stopping's record (BEST_FILE), or None when the run has none."""
+    file = path(workdir, BEST_FILE)
+    if not os.path.exists(file):
+        return None
+    try:
+        with open(file) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise UsageError(f'{file} cannot be read ({errors.reason(e)}): it names the best '
+                         'checkpoint; give --step=N instead') from None
+
+
+def best_step(workdir: str) -> int:
+    """The step of the best checkpoint by train.early_stop_metric (`--step=best`)."""
+    record = read_best(workdir)
+    if record is None or record.get('best_step') is None:
+        raise UsageError(f'--step=best: {workdir} has no best checkpoint ({BEST_FILE} is '
+                         'written by runs with train.early_stop_patience > 0); give --step=N')
+    return int(record['best_step'])
+
 
 def checkpoint_steps(workdir: str) -> list[int]:
     """Complete checkpoint steps in the work directory, oldest first."""
