@@ -56,7 +56,9 @@ def einsum_f32(spec: str, a, b):
     """jnp.einsum accumulated and returned in float32. XLA:CPU has no float16 x float16 ->
     float32 product ('F16_F16_F32 is not supported by dot_general on CPU'): there float16
     operands are widened first, which gives the same numbers (a product of two float16
-    values is exact in float32), so float16 runs (and their tests) work on a CPU too."""
+    values is exact in float32), so float16 runs (and their tests) work on a CPU too. It
+    goes by the host's backend: a float16 pre-flight for a GPU planned on a CPU host compiles
+    the widened products (float16 only; bfloat16 is untouched)."""
     if jax.default_backend() == 'cpu' and jnp.float16 in (a.dtype, b.dtype):
         a, b = a.astype(jnp.float32), b.astype(jnp.float32)
     return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
