@@ -40,6 +40,9 @@ def main():
     parser.add_argument('--runs', type=int, default=5)
     parser.add_argument('--threads', type=int, default=os.cpu_count(),
                         help='CPU threads for CTranslate2 and PyTorch (JAX takes all cores)')
+    parser.add_argument('--no_hf', action='store_true',
+                        help='leave out Hugging Face (PyTorch beam search takes minutes on a '
+                        'base-size model)')
     args = parser.parse_args()
     log = lambda s: print(s, file=sys.stderr, flush=True)
     load_before = os.getloadavg()
@@ -52,12 +55,13 @@ def main():
     scratch = tempfile.mkdtemp(prefix='export-bench-')
     for name, to, quantization in (('ct2_float32', 'ctranslate2', 'float32'),
                                    ('ct2_int8', 'ctranslate2', 'int8'),
-                                   ('hf', 'huggingface', 'float32')):
+                                   ('hf', 'huggingface', 'float32'))[:2 if args.no_hf else 3]:
         exporting.export(args.workdir, to=to, out=os.path.join(scratch, name),
                          quantization=quantization)
     ct2_f32 = exported.ct2_load(os.path.join(scratch, 'ct2_float32'), threads=args.threads)
     ct2_int8 = exported.ct2_load(os.path.join(scratch, 'ct2_int8'), threads=args.threads)
-    hf = exported.hf_load(os.path.join(scratch, 'hf'), threads=args.threads)
+    hf = None if args.no_hf else exported.hf_load(os.path.join(scratch, 'hf'),
+                                                  threads=args.threads)
     lines = list(enumerate(sources, 1))
 
     def ours(alpha=alpha):
@@ -75,6 +79,8 @@ def main():
         'hf_marian': lambda: exported.hf_translate(*hf, sources, beam_size=beam, alpha=alpha,
                                                    **bounds),
     }
+    if args.no_hf:
+        del systems['hf_marian']
     seconds = {name: [] for name in systems}
     outputs = {}
     for round_ in range(args.runs + 1):  # round 0: compile, load, warm caches; not timed
@@ -100,8 +106,8 @@ def main():
     plain = {'ours_jax': ours(0.0),
              'ct2_float32': exported.ct2_translate(*ct2_f32, sources, beam_size=beam, alpha=0.0,
                                                    **bounds),
-             'hf_marian': exported.hf_translate(*hf, sources, beam_size=beam, alpha=0.0,
-                                                **bounds)}
+             **({} if args.no_hf else {'hf_marian': exported.hf_translate(
+                 *hf, sources, beam_size=beam, alpha=0.0, **bounds)})}
     length_penalty = {
         'ours': f'log p / ((5 + len) / 6) ** {alpha} (GNMT, section 6.1)',
         'ctranslate2_and_transformers': f'log p / len ** {alpha}',
