@@ -35,7 +35,7 @@ from absl import logging  # noqa: E402
 from transformer import batching as batching_lib  # noqa: E402
 from transformer import config as config_lib  # noqa: E402
 from transformer import data  # noqa: E402
-from transformer import workdir as workdir_lib  # noqa: E402
+from transformer import vocabulary as vocabulary_lib  # noqa: E402
 
 DATA = pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'data'
 CORPORA = {  # name: (train prefix, default vocabulary size)
@@ -61,12 +61,12 @@ def bench_corpus(prefix, vocab_size, args):
     out = {}
     with tempfile.TemporaryDirectory() as workdir:
         start = time.perf_counter()
-        tok = workdir_lib.vocabulary(c, workdir, lambda: data.vocab_text(c))
+        tok = vocabulary_lib.load_or_train(c, workdir, lambda: data.vocab_text(c))
         out['vocab_train_seconds'] = round(time.perf_counter() - start, 3)
         out['vocab_pieces'] = tok.vocab_size
         start = time.perf_counter()
         split = data.tokenized_train(c, tok, cache_dir=os.path.join(workdir, 'cache'),
-                                     vocab_fingerprint=workdir_lib.vocabulary_fingerprint(workdir))
+                                     vocab_fingerprint=vocabulary_lib.stored_fingerprint(workdir))
         out['tokenize_seconds'] = round(time.perf_counter() - start, 3)
         tokens = int(sum(split.lengths[side].sum() for side in ('source', 'target')))
         out['tokenize_tokens_per_second'] = round(tokens / out['tokenize_seconds'])

@@ -12,7 +12,7 @@ from conftest import hand_count, load_config
 
 from transformer import config as config_lib
 from transformer import model as model_lib
-from transformer import workdir as workdir_lib
+from transformer import run_config
 from transformer.model_stats import count_parameters, forward_flops
 
 TABLE3_ROWS = ['base', 'A1', 'A2', 'A3', 'A4', 'B1', 'B2', 'C1', 'C2', 'C3', 'C4', 'C5', 'C6',
@@ -155,6 +155,6 @@ def test_a_config_stored_before_a_field_existed_reads_as_it_was_trained(tmp_path
     old = config_lib.base_config().to_dict()
     del old['model']['attention_bias'], old['train']['profile_steps']
     (tmp_path / 'config.json').write_text(json.dumps(old))
-    stored = workdir_lib.load_config(str(tmp_path))
+    stored = run_config.load_config(str(tmp_path))
     assert stored.model.attention_bias is True and stored.train.profile_steps == ''
     assert config_lib.differences(stored, config_lib.base_config()) == ['model.attention_bias']

@@ -12,7 +12,7 @@ from transformer import batching as batching_lib
 from transformer import config as config_lib
 from transformer import data, synthetic
 from transformer import tokenizer as tk
-from transformer import workdir as workdir_lib
+from transformer import vocabulary as vocabulary_lib
 
 WORDS = 'the a man woman dog cat runs jumps over under red blue small big street park'.split()
 WORTER = ('der die Mann Frau Hund Katze läuft springt über unter rot blau klein groß '
@@ -43,7 +43,7 @@ def _config(prefix, batching='bucket', **data_fields):
 
 def vocabulary(config, directory):
     """The vocabulary train would make for `config` in the work directory `directory`."""
-    return workdir_lib.vocabulary(config, str(directory), lambda: data.vocab_text(config))
+    return vocabulary_lib.load_or_train(config, str(directory), lambda: data.vocab_text(config))
 
 
 def iterator(config, tok, **kwargs):

@@ -13,9 +13,19 @@ import numpy as np
 import pytest
 from conftest import error_line, load_config, run_program
 
-from transformer import alignment, batching, cli, data, ensemble, errors, host_decode, synthetic
+from transformer import (
+    alignment,
+    batching,
+    cli,
+    data,
+    ensemble,
+    errors,
+    host_decode,
+    run_config,
+    synthetic,
+)
 from transformer import tokenizer as tokenizer_lib
-from transformer import workdir as workdir_lib
+from transformer import vocabulary as vocabulary_lib
 from transformer.model import create_model
 
 
@@ -40,7 +50,7 @@ def test_evaluate_writes_hypotheses_and_scores(workdir):
     proc = run_program('evaluate', f'--workdir={workdir}', '--average=2', '--beam_size=2',
                        devices=8)
     result = json.loads(proc.stdout)
-    config = workdir_lib.load_config(str(workdir))
+    config = run_config.load_config(str(workdir))
     sources, _ = data.load_text(config, 'test')
     assert result['sentences'] == len(sources)
     assert result['steps'] == [5, 10] and result['checkpoints_averaged'] == 2
@@ -108,8 +118,8 @@ def test_workdir_without_checkpoint_is_refused(workdir, tmp_path):
 
 
 def random_model(workdir):
-    config = workdir_lib.load_config(str(workdir))
-    return create_model(config, seed=3), config, workdir_lib.load_vocabulary(str(workdir))
+    config = run_config.load_config(str(workdir))
+    return create_model(config, seed=3), config, vocabulary_lib.load(str(workdir))
 
 
 def test_translator_keeps_order_and_matches_one_by_one(workdir):
@@ -217,7 +227,7 @@ def test_nbest_of_an_ensemble_of_one_model_twice_and_scores_of_the_beam(workdir,
                        f'--target={target}')
     rows = [line.split('\t') for line in proc.stdout.decode().splitlines()]
     assert len(rows) == len(scored)
-    tokenizer = workdir_lib.load_vocabulary(str(workdir))
+    tokenizer = vocabulary_lib.load(str(workdir))
     pieces = [len(tokenizer.encode(e[1])) + 1 for e in scored]  # + EOS
     assert [int(row[1]) for row in rows] == pieces
     same_pieces = [(row, e) for row, e, n in zip(rows, scored, pieces) if n == e[3]]
@@ -258,11 +268,11 @@ def another_vocabulary(workdir, into):
     """A copy of the run in `into` that was trained, as far as every check can tell, with another
     vocabulary: a new vocab.model, its sha256 in vocab.json and in every checkpoint."""
     shutil.copytree(workdir, into, ignore=shutil.ignore_patterns('eval'))
-    config = workdir_lib.load_config(str(into))
+    config = run_config.load_config(str(into))
     sources, targets = data.load_text(config, 'train')
     proto = tokenizer_lib.train(sources[:500] + targets[:500], 120)
     (into / 'vocab.model').write_bytes(proto)
-    fingerprint = workdir_lib.vocabulary_fingerprint(str(into))
+    fingerprint = vocabulary_lib.stored_fingerprint(str(into))
     meta = json.loads((into / 'vocab.json').read_text())
     (into / 'vocab.json').write_text(json.dumps(dict(meta, sha256=fingerprint)))
     for file in into.glob('checkpoints/*/_CHECKPOINT_METADATA'):
@@ -300,7 +310,7 @@ def test_bad_decoding_input_is_refused_in_one_line(workdir, tmp_path):
 
 
 def test_flag_values_are_refused_naming_the_flag(workdir):
-    config = workdir_lib.load_config(str(workdir))
+    config = run_config.load_config(str(workdir))
     for given, message in [
             (dict(nbest=5), '--nbest=5 must be at most the beam size (4)'),
             (dict(beam_size=2, nbest=3), '--nbest=3 must be at most the beam size (2)'),

@@ -64,3 +64,6 @@ def test_the_ground_floor_imports_no_project_module():
     graph = imports()
     assert graph['errors'] == set()
     assert graph['supervisor'] == {'errors'}
+    # The names of a work directory's files: importable by data, metrics, distributed without
+    # pulling in Orbax, SentencePiece or the config schema.
+    assert graph['workdir'] == {'errors'}

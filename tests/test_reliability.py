@@ -27,10 +27,21 @@ from conftest import (
     two_process_env,
 )
 
-from transformer import checkpoint, cli, data, errors, metrics, sharding, supervisor, train_step
+from transformer import (
+    checkpoint,
+    cli,
+    data,
+    errors,
+    metrics,
+    run_config,
+    sharding,
+    supervisor,
+    train_step,
+)
 from transformer import config as config_lib
 from transformer import tokenizer as tokenizer_lib
 from transformer import trained as trained_lib
+from transformer import vocabulary as vocabulary_lib
 from transformer import workdir as workdir_lib
 
 
@@ -39,7 +50,7 @@ def trained(tmp_path_factory):
     """A finished tiny run with checkpoints 4, 8 and 12."""
     workdir = tmp_path_factory.mktemp('trained') / 'run'
     run_train(workdir)
-    assert workdir_lib.checkpoint_steps(str(workdir)) == [4, 8, 12]
+    assert checkpoint.steps_in(str(workdir)) == [4, 8, 12]
     return workdir
 
 
@@ -93,7 +104,7 @@ def test_garbage_vocabulary_is_one_line(run, tmp_path):
         assert str(vocab) in error_line(proc)
     # Without a recorded fingerprint to compare with, the parse itself fails in one line.
     with pytest.raises(errors.UsageError, match='is not a SentencePiece model') as e:
-        workdir_lib.load_vocabulary(str(run))
+        vocabulary_lib.load(str(run))
     assert '\n' not in str(e.value)
 
 
@@ -127,7 +138,7 @@ def test_broken_newest_checkpoint_falls_back(run, damage):
     assert 'Resumed from step 8' in r.stderr
     moved = os.listdir(run / workdir_lib.BROKEN_DIR)
     assert len(moved) == 1 and moved[0].startswith('12-')  # set aside, never deleted
-    assert workdir_lib.checkpoint_steps(str(run)) == [4, 8, 12, 16]
+    assert checkpoint.steps_in(str(run)) == [4, 8, 12, 16]
 
 
 def test_no_readable_checkpoint_is_one_line(run):
@@ -183,7 +194,7 @@ def test_failed_save_stops_at_once(run, fault):
     # Stopped as soon as the watcher saw the failure: here steps take milliseconds, the failed
     # write a few of them; at the latest when the next save is due.
     assert max(logged) <= 20
-    assert workdir_lib.checkpoint_steps(str(run)) == [4, 8, 12]
+    assert checkpoint.steps_in(str(run)) == [4, 8, 12]
     proc = run_program('evaluate', f'--workdir={run}', '--step=12', '--beam_size=1')
     assert json.loads(proc.stdout)['steps'] == [12]
 
@@ -261,7 +272,7 @@ def test_unreadable_validation_split_stops_before_training(tmp_path):
                   config='configs/local.py:base,runlocal', check=False)
     assert r.returncode == errors.EXIT_BAD_INPUT
     assert error_line(r) == f'error: {tmp_path / "val.de"}:2: line is not valid UTF-8'
-    assert workdir_lib.checkpoint_steps(str(workdir)) == []
+    assert checkpoint.steps_in(str(workdir)) == []
 
 
 # 9. A lost peer process: the survivor says so in one line and exits non-zero, at once.
@@ -305,10 +316,10 @@ def test_work_directory_files_follow_the_umask(tmp_path):
     old = os.umask(0o022)
     try:
         workdir = str(tmp_path / 'run')
-        tokenizer = workdir_lib.vocabulary(config, workdir, lambda: data.vocab_text(config))
-        workdir_lib.save_config(config, workdir)
+        tokenizer = vocabulary_lib.load_or_train(config, workdir, lambda: data.vocab_text(config))
+        run_config.save_config(config, workdir)
         data.tokenized_train(config, tokenizer, cache_dir=os.path.join(workdir, 'cache'),
-                             vocab_fingerprint=workdir_lib.vocabulary_fingerprint(workdir))
+                             vocab_fingerprint=vocabulary_lib.stored_fingerprint(workdir))
     finally:
         os.umask(old)
     for root, dirs, files in os.walk(workdir):
@@ -329,16 +340,16 @@ def test_a_changed_config_without_config_json_is_refused_not_taken_for_damage(ru
     assert f'warning: {run / workdir_lib.CONFIG_FILE} is missing: using the config stored in ' \
            'checkpoint 12' in r.stderr
     assert not (run / workdir_lib.BROKEN_DIR).exists()
-    assert workdir_lib.checkpoint_steps(str(run)) == [4, 8, 12]
+    assert checkpoint.steps_in(str(run)) == [4, 8, 12]
     r = resume(run)  # the run's own config: it goes on, and config.json is back
     assert r.returncode == 0 and 'Resumed from step 12' in r.stderr, r.stderr[-2000:]
-    assert workdir_lib.load_config(str(run)).model.d_ff == 64
+    assert run_config.load_config(str(run)).model.d_ff == 64
 
 
 def test_checkpoints_of_another_shape_are_refused_by_name_in_process(trained, tmp_path):
     """Checkpoints of an older version hold no config: their arrays' shapes are checked before
     anything is read or moved (train), or skipped (evaluate, translate)."""
-    config = workdir_lib.load_config(str(trained))
+    config = run_config.load_config(str(trained))
     config.model.d_ff = 128
     setup = train_step.setup(config, sharding.make_mesh(devices=jax.devices()[:1]))
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -355,7 +366,7 @@ def test_checkpoints_of_another_shape_are_refused_by_name_in_process(trained, tm
     finally:
         manager.close()
     assert '\n' not in str(e.value) and not broken.exists()
-    assert workdir_lib.checkpoint_steps(str(trained)) == [4, 8, 12]
+    assert checkpoint.steps_in(str(trained)) == [4, 8, 12]
     _, abstract = trained_lib.abstract_params(config)
     with pytest.raises(errors.UsageError, match='checkpoint 12 in .* does not fit the run.s '
                        r'config: params\.decoder_layers\.ffn\.w1\.bias'):
@@ -406,14 +417,14 @@ def test_a_damaged_token_cache_is_built_again(run, damage):
 
 
 def test_other_processes_refuse_a_cache_that_differs_and_delete_nothing(run):
-    config = workdir_lib.load_config(str(run))
-    tokenizer = workdir_lib.load_vocabulary(str(run))
+    config = run_config.load_config(str(run))
+    tokenizer = vocabulary_lib.load(str(run))
     directory, _ = cache_files(run)
     (directory / 'source_lengths.npy').write_bytes(b'short')
     with pytest.raises(errors.DataError, match='source_lengths.npy of 5 bytes, not the '
                        r'\d+ recorded, as this process sees it \(process 0 checked it\)'):
         data.tokenized_train(config, tokenizer, cache_dir=str(run / workdir_lib.CACHE_DIR),
-                             vocab_fingerprint=workdir_lib.vocabulary_fingerprint(str(run)),
+                             vocab_fingerprint=vocabulary_lib.stored_fingerprint(str(run)),
                              rebuild=False)
     assert (directory / 'source_lengths.npy').read_bytes() == b'short'
 
@@ -439,7 +450,7 @@ def test_changed_training_text_under_checkpoints_is_refused(tmp_path):
     assert error_line(r).endswith(f'is not what checkpoint 4 was trained on (sha256 '
                                   f'{recorded[:12]}...): the training text changed since; '
                                   'restore it, or use a new --workdir')
-    assert workdir_lib.checkpoint_steps(str(workdir)) == [4]
+    assert checkpoint.steps_in(str(workdir)) == [4]
 
 
 # 13. A full disk, whatever is being written: one line naming what could not be written and
@@ -469,7 +480,7 @@ def test_a_full_disk_is_one_line(run, what, pattern):
         assert line.startswith(f'error: could not write {what} {run}/')
         assert pattern in line or what == 'the token cache'
         assert line.endswith(': No space left on device (1 MiB free)')
-    assert workdir_lib.checkpoint_steps(str(run)) == [4, 8, 12]
+    assert checkpoint.steps_in(str(run)) == [4, 8, 12]
     if what != 'the metrics':
         assert (run / workdir_lib.METRICS_FILE).read_bytes().startswith(rows)
     else:
@@ -742,7 +753,7 @@ def test_sigterm_during_an_evaluation_stops_it_and_saves(run):
     assert seconds < 15
     assert 'Evaluation of step 14 stopped by the signal' in stderr
     assert 'Stopped at step 14 after a signal; checkpoint saved.' in stderr
-    assert workdir_lib.checkpoint_steps(str(run)) == [4, 8, 12, 14]
+    assert checkpoint.steps_in(str(run)) == [4, 8, 12, 14]
     rows = [json.loads(x) for x in (run / workdir_lib.METRICS_FILE).read_text().splitlines()]
     assert not [r for r in rows if r['step'] == 14 and 'eval/nll' in r]
     r = resume(run, '--config.train.eval_every_steps=14')
@@ -759,7 +770,7 @@ def test_an_evaluation_killed_after_its_checkpoint_is_done_on_resume(run):
     killed = resume(run, env=program_env(TRANSFORMER_FAULT='in-eval:16',
                                          TRANSFORMER_SLOW='eval:3'))
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    assert workdir_lib.checkpoint_steps(str(run)) == [4, 8, 12, 16]
+    assert checkpoint.steps_in(str(run)) == [4, 8, 12, 16]
     r = resume(run)
     assert r.returncode == 0, r.stderr[-3000:]
     assert 'Evaluating step 16, whose evaluation the last run did not finish' in r.stderr
@@ -803,7 +814,7 @@ def test_a_checkpoint_deleted_while_read_is_picked_again(run, monkeypatch, capsy
         return read(manager, step, *args)
 
     monkeypatch.setattr(checkpoint, '_restore_params', deleted_first)
-    config = workdir_lib.load_config(str(run))
+    config = run_config.load_config(str(run))
     _, abstract = trained_lib.abstract_params(config)
     found = checkpoint.restore_params(directory, [4, 8, 12], 3, abstract)
     assert [step for step, _, _ in found] == [8, 12, 16]
@@ -828,7 +839,7 @@ def test_a_finished_run_run_again_keeps_only_keep_checkpoints(run):
                   check=False)
     assert r.returncode == 0, r.stderr[-3000:]
     assert 'Deleted checkpoints [4]: train.keep_checkpoints=2' in r.stderr
-    assert workdir_lib.checkpoint_steps(str(run)) == [8, 12]
+    assert checkpoint.steps_in(str(run)) == [8, 12]
 
 
 def test_a_corrupt_config_json_is_named(run):

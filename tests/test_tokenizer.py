@@ -7,6 +7,7 @@ import pytest
 
 from transformer import config as config_lib
 from transformer import tokenizer as tk
+from transformer import vocabulary as vocabulary_lib
 from transformer import workdir as workdir_lib
 
 RAW = [
@@ -37,12 +38,12 @@ def _config(vocab_size=1200):
 @pytest.fixture(scope='module')
 def vocab_dir(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp('vocab'))
-    workdir_lib.vocabulary(_config(), workdir, _corpus)
+    vocabulary_lib.load_or_train(_config(), workdir, _corpus)
     return workdir
 
 
 def test_special_ids_and_round_trip(vocab_dir):
-    tok = workdir_lib.load_vocabulary(vocab_dir)
+    tok = vocabulary_lib.load(vocab_dir)
     assert tok.vocab_size <= 1200
     assert tok.pieces([tk.PAD_ID, tk.EOS_ID, tk.UNK_ID]) == ['<pad>', '</s>', '<unk>']
     for text in RAW + ['unseen characters: 日本語 😀 Ωμέγα']:  # byte fallback covers unseen ones
@@ -57,7 +58,7 @@ def test_special_ids_and_round_trip(vocab_dir):
 
 def test_small_vocabulary_round_trips_seen_text(tmp_path):
     # Below BYTE_FALLBACK_MIN_VOCAB there is no byte fallback; text of seen characters round-trips.
-    tok = workdir_lib.vocabulary(_config(vocab_size=100), str(tmp_path), _corpus)
+    tok = vocabulary_lib.load_or_train(_config(vocab_size=100), str(tmp_path), _corpus)
     assert tok.vocab_size <= 100
     for text in RAW:
         assert tok.decode(tok.encode(text)) == text
@@ -72,7 +73,7 @@ def test_stored_once_and_reused(vocab_dir):
     def fail():
         raise AssertionError('must not retrain')
 
-    tok = workdir_lib.vocabulary(_config(), vocab_dir, fail)
+    tok = vocabulary_lib.load_or_train(_config(), vocab_dir, fail)
     assert tok.decode(tok.encode(RAW[0])) == RAW[0]
 
 
@@ -80,13 +81,13 @@ def test_refuses_vocabulary_of_another_config(vocab_dir):
     c = _config(vocab_size=500)
     c.target_lang = 'fr'
     with pytest.raises(ValueError, match='vocab_size.*target_lang') as e:
-        workdir_lib.vocabulary(c, vocab_dir, _corpus)
+        vocabulary_lib.load_or_train(c, vocab_dir, _corpus)
     assert '\n' not in str(e.value) and 'source_lang' not in str(e.value)
 
 
 def test_load_missing(tmp_path):
     with pytest.raises(ValueError, match='no vocabulary'):
-        workdir_lib.load_vocabulary(str(tmp_path))
+        vocabulary_lib.load(str(tmp_path))
 
 
 def test_any_thread_count_gives_the_same_vocabulary_and_ids():

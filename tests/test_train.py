@@ -20,9 +20,8 @@ from conftest import (
 )
 from flax import nnx
 
-from transformer import checkpoint, cli, sharding, trained
+from transformer import checkpoint, cli, run_config, sharding, trained
 from transformer import train_step as train_step_lib
-from transformer import workdir as workdir_lib
 from transformer.schedule import learning_rate
 
 
@@ -33,7 +32,7 @@ def final_params(workdir, raw_weights=False):
 
 def newest_state(workdir):
     """The training state of the newest checkpoint, read back as train restores it."""
-    config = workdir_lib.load_config(str(workdir))
+    config = run_config.load_config(str(workdir))
     setup = train_step_lib.setup(config, sharding.make_mesh(devices=jax.devices()[:1]))
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           setup.abstract_state, setup.state_shardings)
@@ -89,7 +88,7 @@ def test_resume_after_kill_9_equals_uninterrupted(repo_root, tmp_path, reference
     workdir = tmp_path / 'run'
     killed = run_train(workdir, env=program_env(TRANSFORMER_FAULT=fault), check=False)
     assert killed.returncode == -signal.SIGKILL
-    complete = workdir_lib.checkpoint_steps(str(workdir))
+    complete = checkpoint.steps_in(str(workdir))
     entries = os.listdir(workdir / 'checkpoints')
     # Whatever the asynchronous saves had done at the kill, a step counts only when complete:
     # a step directory under its own name is complete, anything else of it is not counted.
@@ -137,8 +136,8 @@ def test_ema_loss_scale_and_early_stopping_resume_exactly_after_kill_9(tmp_path,
                        'saved.'], resumed.stderr
     assert record['step'] < 12  # stopped early
     # The best checkpoint is kept beside the last one (train.keep_checkpoints=1).
-    steps = workdir_lib.checkpoint_steps(str(workdir))
-    assert steps == workdir_lib.checkpoint_steps(str(features_reference))
+    steps = checkpoint.steps_in(str(workdir))
+    assert steps == checkpoint.steps_in(str(features_reference))
     assert steps == sorted({record['best_step'], record['step']})
     state, want = newest_state(workdir), newest_state(features_reference)
     assert set(state) == {'params', 'opt_state', 'step', 'rng', 'ema', 'loss_scale'}
@@ -233,7 +232,7 @@ def test_sigterm_saves_and_exits_cleanly(repo_root, tmp_path, processes):
         assert proc.returncode == 0, stderr[-2000:]
         stopped |= {line for line in stderr.replace('\r', '\n').splitlines()
                     if line.startswith('Stopped at step')}
-    steps = workdir_lib.checkpoint_steps(str(workdir))
+    steps = checkpoint.steps_in(str(workdir))
     assert len(steps) == 1 and steps[0] >= 3
     assert stopped == {f'Stopped at step {steps[0]} after a signal; checkpoint saved.'}
     if processes == 2:
@@ -305,7 +304,7 @@ def test_a_start_that_failed_on_bad_data_can_be_corrected(repo_root, tmp_path):
     assert error == [f'error: missing file {missing}.en'], r.stderr
     # Nothing was trained, so the work directory takes the corrected command.
     run_train(workdir, '--config.train.steps=4')
-    assert workdir_lib.checkpoint_steps(str(workdir)) == [4]
+    assert checkpoint.steps_in(str(workdir)) == [4]
 
 
 def test_clocks_leave_evaluation_out_and_a_trace_is_written(repo_root, tmp_path):

@@ -14,8 +14,7 @@ import json
 
 from absl import flags
 
-from transformer import cli, trained
-from transformer import workdir as workdir_lib
+from transformer import cli, run_config, trained
 from transformer.errors import UsageError
 
 _WORKDIR = cli.define_workdir_flag()
@@ -25,7 +24,7 @@ _RAW_WEIGHTS = cli.define_raw_weights_flag()
 
 
 def main():
-    config = workdir_lib.load_config(_WORKDIR.value)
+    config = run_config.load_config(_WORKDIR.value)
     last = _LAST.value if _LAST.value is not None else config.decode.average_last
     if last < 1:
         raise UsageError(f'--last={last} must be >= 1')

@@ -4,7 +4,7 @@ A checkpoint directory holds one subdirectory per step with two items: 'state' (
 opt_state, step, rng) and 'data' (each process's iterator state, as JSON bytes in a
 [processes, N] array). Orbax writes each step into a temporary directory and renames it when
 complete, so a run killed mid-save leaves no step that `latest_step` would return. This module
-knows Orbax and nothing of work directories (`workdir.py` says where the directory is).
+knows Orbax and, of work directories, only where their checkpoints are (`steps_in`).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from transformer import errors
+from transformer import workdir as workdir_lib
 from transformer.errors import CheckpointError, SaveError, UsageError
 
 DATA_STATE_BYTES = 1 << 16  # room for one process's JSON iterator state
@@ -317,6 +318,11 @@ def available_steps(directory: str) -> list[int]:
         return sorted(manager.all_steps())
     finally:
         manager.close()
+
+
+def steps_in(workdir: str) -> list[int]:
+    """Complete checkpoint steps of the run in `workdir`, oldest first."""
+    return available_steps(workdir_lib.path(workdir, workdir_lib.CHECKPOINTS_DIR))
 
 
 def _restore_params(manager: ocp.CheckpointManager, step: int, abstract_params,

@@ -4,7 +4,7 @@ Config files under `configs/` build on `base_config()`, pick a model with `apply
 may apply `shrink()` (the `runlocal` switch) for tests and debugging. `validate()` is called by
 every entry point after command-line overrides, so a bad field stops the run with one line.
 `load_file()` loads a config file by path (as `--config=FILE:ARG` does); `differences()` compares
-a config with the one stored in a work directory (`workdir.py` stores and loads it).
+a config with the one stored in a work directory (`run_config.py` stores and loads it).
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ import ml_collections
 
 from transformer import tokenizer as tokenizer_lib
 from transformer import trained
-from transformer import workdir as workdir_lib
+from transformer import vocabulary as vocabulary_lib
 from transformer.errors import UsageError
 
 
@@ -77,7 +77,7 @@ def load(members: list[Member], *, average: int | None = None,
         facts = dict(workdir=member.workdir,
                      direction=f'{config.source_lang}->{config.target_lang}',
                      vocab_size=int(config.vocab_size),
-                     vocab_sha256=workdir_lib.vocabulary_fingerprint(member.workdir))
+                     vocab_sha256=vocabulary_lib.stored_fingerprint(member.workdir))
         if first is None:
             first = facts
         else:

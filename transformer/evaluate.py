@@ -32,7 +32,7 @@ import os
 import jax
 from absl import flags
 
-from transformer import batching, bleu, cli, data, distributed, host_decode
+from transformer import batching, bleu, cli, data, distributed, host_decode, run_config
 from transformer import ensemble as ensemble_lib
 from transformer import workdir as workdir_lib
 from transformer.errors import RunError, UsageError
@@ -56,7 +56,7 @@ def evaluate_split(workdir: str | None, *, split: str, average: int | None,
     if limit is not None and limit < 1:
         raise UsageError(f'--limit={limit} must be >= 1')
     members, workdir = cli.models_to_load(workdir, ensemble, step)
-    config = workdir_lib.load_config(workdir)  # flags are checked before any model is read
+    config = run_config.load_config(workdir)  # flags are checked before any model is read
     settings = cli.decoding_settings(config, **decoding)
     batch_sentences = cli.batch_sentences(batch_sentences, config)
     loaded = ensemble_lib.load(members, average=average, home=workdir, raw_weights=raw_weights)

@@ -26,7 +26,8 @@ import jax
 import numpy as np
 from flax import nnx
 
-from transformer import errors, export_ctranslate2, export_huggingface, trained
+from transformer import errors, export_ctranslate2, export_huggingface, run_config, trained
+from transformer import vocabulary as vocabulary_lib
 from transformer import workdir as workdir_lib
 from transformer.errors import UsageError
 from transformer.model import sinusoidal_table
@@ -120,7 +121,7 @@ def export(workdir: str, *, to: str, out: str, average: int | None = None,
     """Exports the model `evaluate --workdir=workdir [--average | --step]` would decode with
     to `out`; returns what was written (also stored in out/transformer_export.json)."""
     quantization = check_request(to, out, quantization, overwrite)
-    config = workdir_lib.load_config(workdir)
+    config = run_config.load_config(workdir)
     if to == 'huggingface':
         why = export_huggingface.unsupported(config.model)
         if why:
@@ -133,7 +134,7 @@ def export(workdir: str, *, to: str, out: str, average: int | None = None,
         target=to, quantization=quantization, workdir=os.path.abspath(workdir), steps=steps,
         checkpoints_averaged=len(steps), weights=trained.weights(config, raw_weights),
         direction=f'{config.source_lang}->{config.target_lang}',
-        vocab_sha256=workdir_lib.vocabulary_fingerprint(workdir),
+        vocab_sha256=vocabulary_lib.stored_fingerprint(workdir),
         vocab_size=int(config.vocab_size), model=config.model.to_dict(),
         # What the project's own search does (section 6.1); the targets' own length
         # penalties divide by length^alpha instead.

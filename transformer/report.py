@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from absl import flags
 
-from transformer import checkpoint, cli, paper, plots
+from transformer import checkpoint, cli, paper, plots, run_config
 from transformer import config as config_lib
 from transformer import workdir as workdir_lib
 from transformer.errors import UsageError
@@ -106,11 +106,11 @@ def read_run(workdir: str) -> Run:
     if not os.path.exists(workdir_lib.path(workdir, workdir_lib.CONFIG_FILE)):
         raise UsageError('no config.json: not a work directory made by transformer.train')
     try:
-        config = workdir_lib.load_config(workdir)
+        config = run_config.load_config(workdir)
         parameters = count_parameters(config)['total']
     except Exception as e:  # noqa: BLE001 - any unreadable run is skipped with its reason
         raise UsageError(f'config.json cannot be read: {e}') from None
-    steps = workdir_lib.checkpoint_steps(workdir)
+    steps = checkpoint.steps_in(workdir)
     info = checkpoint.read_info(workdir_lib.path(workdir, workdir_lib.CHECKPOINTS_DIR),
                                 steps[-1]) if steps else {}
     done = steps[-1] if steps else 0

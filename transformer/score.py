@@ -30,8 +30,7 @@ import sys
 
 from absl import flags
 
-from transformer import cli, data, ensemble, host_decode
-from transformer import workdir as workdir_lib
+from transformer import cli, data, ensemble, host_decode, run_config
 from transformer.errors import UsageError
 
 _WORKDIR = cli.define_workdir_flag()
@@ -74,7 +73,7 @@ def main():
         if getattr(d, name).value is not None:
             raise UsageError(f'--{name} does not apply to score: nothing is searched')
     members, home = cli.models_to_load(_WORKDIR.value, _ENSEMBLE.value, d.step.value)
-    config = workdir_lib.load_config(home)
+    config = run_config.load_config(home)
     batch_sentences = cli.batch_sentences(d.batch_sentences.value, config)
     if _SOURCE.value is not None:  # read and checked before any model is
         pairs = file_pairs(_SOURCE.value, _TARGET.value)

@@ -7,7 +7,7 @@ BYTE_FALLBACK_MIN_VOCAB pieces or more) characters unseen in training round-trip
 of becoming UNK.
 
 This module trains a model on the sentences it is given and loads a stored one; which
-sentences, and where the model is stored, is the caller's business (`workdir.vocabulary`).
+sentences, and where the model is stored, is the caller's business (`vocabulary.load_or_train`).
 """
 
 from __future__ import annotations

@@ -36,12 +36,14 @@ from transformer import (
     model_stats,
     plan,
     profiler,
+    run_config,
     sharding,
     tfds_source,
 )
 from transformer import config as config_lib
 from transformer import model as model_lib
 from transformer import train_step as train_step_lib
+from transformer import vocabulary as vocabulary_lib
 from transformer import workdir as workdir_lib
 from transformer.errors import RunError, UsageError
 
@@ -138,7 +140,7 @@ def vocabulary(config, workdir: str, fingerprint: str | None, steps: list[int]):
     """The run's vocabulary: trained by process 0 when absent, then read by every process;
     under checkpoints it must be the one they recorded (`fingerprint`)."""
     def get():
-        return workdir_lib.vocabulary(config, workdir, lambda: data.vocab_text(config),
+        return vocabulary_lib.load_or_train(config, workdir, lambda: data.vocab_text(config),
                                       fingerprint, steps)
 
     if distributed.is_main():
@@ -354,10 +356,10 @@ def open_run(config, workdir: str):
     if distributed.is_main():
         for stale in workdir_lib.remove_stale_files(workdir):
             errors.warn(f'removed {stale}, left half-written by a run that was killed')
-    steps = workdir_lib.checkpoint_steps(workdir)
-    workdir_lib.check_resumable(config, workdir)
+    steps = checkpoint.steps_in(workdir)
+    run_config.check_resumable(config, workdir)
     if distributed.is_main():
-        workdir_lib.save_config(config, workdir)
+        run_config.save_config(config, workdir)
     return steps, lock
 
 
@@ -414,10 +416,10 @@ def main():
 
     # --- vocabulary and data -------------------------------------------------------------------
     prepared_data(config)
-    recorded = workdir_lib.recorded_fingerprint(
+    recorded = vocabulary_lib.recorded_fingerprint(
         workdir, [checkpoint.read_info(checkpoints, steps[-1])] if steps else [])
     tokenizer = vocabulary(config, workdir, recorded, steps)
-    fingerprint = workdir_lib.vocabulary_fingerprint(workdir)
+    fingerprint = vocabulary_lib.stored_fingerprint(workdir)
     train_iter, data_sha256 = training_batches(config, workdir, tokenizer, fingerprint)
     cli.say(f'Training data: {train_iter.stats}; tokenizer threads: {tokenizer.threads} (the '
             'CPU cores this process may use)')
@@ -504,7 +506,7 @@ def main():
             totals = clocks.totals()
             saver.save(at, state, data_position, info={
                 'vocab_sha256': fingerprint, 'data_sha256': data_sha256,
-                'config': workdir_lib.config_record(config),
+                'config': run_config.config_record(config),
                 'loss_smoothed': window.smoothed_loss, 'train_seconds': totals['train'],
                 'clocks': totals, 'early_stop': tracker.record()})
         agreement.saved()

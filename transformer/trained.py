@@ -10,7 +10,8 @@ import os
 import jax
 from flax import nnx
 
-from transformer import checkpoint, errors
+from transformer import checkpoint, errors, run_config
+from transformer import vocabulary as vocabulary_lib
 from transformer import workdir as workdir_lib
 from transformer.errors import FieldError, UsageError
 from transformer.model import abstract_model
@@ -27,7 +28,7 @@ def abstract_params(config):
 
 
 def _existing_steps(workdir: str) -> list[int]:
-    steps = workdir_lib.checkpoint_steps(workdir)
+    steps = checkpoint.steps_in(workdir)
     if not steps:
         raise UsageError(f'no checkpoint in {path(workdir, CHECKPOINTS_DIR)}: train first '
                          '(python -m transformer.train)')
@@ -69,7 +70,7 @@ def average_last(workdir: str, last: int, config=None, abstract=None, minimum=No
     """The mean parameters of the last `last` readable checkpoints (section 6.1; at least
     `minimum` of them, default all): (params, steps, infos). Of a run with a moving average,
     the mean of its checkpoints' averages, unless `raw_weights`."""
-    config = config or workdir_lib.load_config(workdir)
+    config = config or run_config.load_config(workdir)
     if abstract is None:
         _, abstract = abstract_params(config)
     steps = _existing_steps(workdir)
@@ -114,7 +115,7 @@ def load_model(workdir: str, *, average: int | None = None, step: int | str | No
     average already; Marian and fairseq decode with the smoothed model as saved), with an
     explicit `average` or `step` the mean of those checkpoints' averages.
     """
-    config = workdir_lib.load_config(workdir)
+    config = run_config.load_config(workdir)
     which = weights(config, raw_weights)
     if step == 'best':
         step = workdir_lib.best_step(workdir)
@@ -145,6 +146,6 @@ def load_model(workdir: str, *, average: int | None = None, step: int | str | No
             errors.warn(f'averaging {len(steps)} checkpoint(s), steps {steps}, not '
                         f'decode.average_last={config.decode.average_last}: {workdir} has no '
                         'more that can be read')
-    tokenizer = workdir_lib.load_vocabulary(workdir,
-                                           workdir_lib.recorded_fingerprint(workdir, infos))
+    tokenizer = vocabulary_lib.load(workdir,
+                                           vocabulary_lib.recorded_fingerprint(workdir, infos))
     return nnx.merge(graphdef, params), config, tokenizer, steps

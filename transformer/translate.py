@@ -51,8 +51,7 @@ from __future__ import annotations
 
 import sys
 
-from transformer import alignment, cli, ensemble, host_decode
-from transformer import workdir as workdir_lib
+from transformer import alignment, cli, ensemble, host_decode, run_config
 from transformer.errors import UsageError
 
 _WORKDIR = cli.define_workdir_flag()
@@ -87,7 +86,7 @@ def split_prefixes(lines: list[tuple[int, str]]) -> tuple[list[tuple[int, str]],
 def main():
     d, s = _DECODING, _SEARCH
     members, home = cli.models_to_load(_WORKDIR.value, _ENSEMBLE.value, d.step.value)
-    config = workdir_lib.load_config(home)  # flags are checked before any model is read
+    config = run_config.load_config(home)  # flags are checked before any model is read
     settings = cli.decoding_settings(
         config, beam_size=d.beam_size.value, alpha=d.alpha.value,
         max_extra_length=d.max_extra_length.value, nbest=s.nbest.value,

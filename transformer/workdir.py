@@ -1,6 +1,7 @@
-"""A work directory: the files of one training run, and loading what a run left there.
-
-Every file name of a work directory is defined here, once:
+"""A work directory: the name of every file of one training run, defined here once; atomic
+writes, the check of --workdir, the training process's lock, early stopping's record. No
+project module but errors (the config store is run_config.py, the vocabulary's life cycle
+vocabulary.py, the checkpoints checkpoint.py):
 
   config.json             the resolved config (train writes it; the other programs read it;
                           every checkpoint holds a copy, used when the file is missing)
@@ -24,21 +25,13 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import itertools
 import json
 import os
 import shutil
 import socket
 import tempfile
-import time
-from collections.abc import Callable, Iterable
 
-import ml_collections
-from absl import logging
-
-from transformer import checkpoint, errors
-from transformer import config as config_lib
-from transformer import tokenizer as tokenizer_lib
+from transformer import errors
 from transformer.errors import FieldError, UsageError
 
 CONFIG_FILE = 'config.json'
@@ -62,7 +55,6 @@ PROFILE_DIR = 'profile'
 BEST_FILE = 'best.json'
 
 # Fields of vocab.json that must agree with the config for a stored vocabulary to be reused.
-_VOCAB_FIELDS = ('vocab_size', 'source_lang', 'target_lang')
 
 
 def path(workdir: str, name: str) -> str:
@@ -128,30 +120,6 @@ def atomic_write(file: str, data: bytes, what: str = 'the file') -> None:
         raise
 
 
-# -- the config -------------------------------------------------------------------------------
-
-def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-    """Stores the resolved config in the work directory (atomically)."""
-    os.makedirs(workdir, exist_ok=True)
-    file = path(workdir, CONFIG_FILE)
-    atomic_write(file, config.to_json(indent=2, sort_keys=True).encode(), 'the config')
-
-
-def config_record(config: ml_collections.ConfigDict) -> dict:
-    """The config as stored in each checkpoint's info (JSON), to recover config.json from."""
-    return json.loads(config.to_json())
-
-
-def _checkpointed_config(workdir: str) -> tuple[int, dict] | None:
-    """(step, stored config) of the newest checkpoint that holds the run's config, if any."""
-    directory = path(workdir, CHECKPOINTS_DIR)
-    for step in reversed(checkpoint_steps(workdir)):
-        stored = checkpoint.read_info(directory, step).get('config')
-        if stored:
-            return step, stored
-    return None
-
-
 def check_workdir(workdir: str, must_exist: bool = True) -> None:
     """The one check of --workdir that every program makes first: given, not a file, and,
     unless `must_exist` is False (train, which makes it), existing. A FieldError names the
@@ -163,57 +131,6 @@ def check_workdir(workdir: str, must_exist: bool = True) -> None:
         raise FieldError('workdir', workdir, 'is a file, not a work directory')
     if must_exist and not os.path.exists(workdir):
         raise FieldError('workdir', workdir, 'does not exist')
-
-
-def load_config(workdir: str) -> ml_collections.ConfigDict:
-    """The config that `train` stored in `workdir`; from its newest checkpoint (with a warning)
-    when config.json is missing; UsageError if there is none or it is not JSON."""
-    check_workdir(workdir)
-    stored = _stored_config(workdir)
-    if stored is None:
-        raise UsageError(f'{path(workdir, CONFIG_FILE)} not found: is {workdir!r} a work '
-                         'directory made by transformer.train?')
-    return stored
-
-
-def _stored_config(workdir: str) -> ml_collections.ConfigDict | None:
-    """config.json, or the newest checkpoint's copy when the file is missing; None if neither."""
-    file = path(workdir, CONFIG_FILE)
-    if os.path.exists(file):
-        try:
-            with open(file) as f:
-                return config_lib.from_stored(json.load(f))
-        except (OSError, ValueError) as e:
-            held = _checkpointed_config(workdir)
-            remedy = (f'delete it to use the copy in checkpoint {held[0]}' if held
-                      else 'restore it')
-            # (json's own error is the message; what it chains to is an internal StopIteration)
-            why = errors.reason(e) if isinstance(e, OSError) else str(e).splitlines()[0]
-            raise UsageError(f'{file} cannot be read ({why}): {remedy}') from None
-    held = _checkpointed_config(workdir)
-    if held is None:
-        return None
-    errors.warn(f'{file} is missing: using the config stored in checkpoint {held[0]}')
-    return config_lib.from_stored(held[1])
-
-
-def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
-    """Refuses a config that differs from the stored one in more than the run length.
-
-    Only a work directory with a checkpoint holds a run; before the first checkpoint (e.g. a
-    start that failed on a missing data file) the config may still be corrected. The stored
-    config is config.json, or the newest checkpoint's copy when the file is missing; with
-    neither (checkpoints of an older version), restoring them checks their shapes.
-    """
-    if not checkpoint_steps(workdir):
-        return
-    stored = _stored_config(workdir)
-    if stored is None:
-        return
-    differing = config_lib.differences(stored, config, ignore=config_lib.RESUMABLE_CHANGES)
-    if differing:
-        raise UsageError(f'{workdir} holds a run with another config; differing fields: '
-                         f'{", ".join(differing)} (use a new --workdir)')
 
 
 def remove_stale_files(workdir: str) -> list[str]:
@@ -234,146 +151,6 @@ def remove_stale_files(workdir: str) -> list[str]:
                 removed.append(stale)
     return removed
 
-
-# -- the vocabulary ---------------------------------------------------------------------------
-# The run's vocabulary is fingerprinted (sha256 of vocab.model) in vocab.json and in every
-# checkpoint: a missing or changed vocabulary under existing checkpoints is refused, never
-# rebuilt, since a new one would map the same ids to other pieces.
-
-def _vocab_metadata(config) -> dict:
-    return dict(vocab_size=int(config.vocab_size), source_lang=config.source_lang,
-                target_lang=config.target_lang)
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def vocabulary_fingerprint(workdir: str) -> str:
-    """The sha256 of the stored vocabulary file."""
-    with open(path(workdir, VOCAB_MODEL), 'rb') as f:
-        return _sha256(f.read())
-
-
-def _vocab_meta(workdir: str) -> dict:
-    file = path(workdir, VOCAB_META)
-    if not os.path.exists(file):
-        return {}
-    try:
-        with open(file) as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
-        raise UsageError(f'{file} cannot be read: {errors.reason(e)}') from None
-
-
-def recorded_fingerprint(workdir: str, infos: list[dict] = ()) -> str | None:
-    """The vocabulary fingerprint the run recorded: in its newest checkpoint (`infos`, oldest
-    first, as checkpoint.info gives them), else in vocab.json; None if neither has one."""
-    for info in reversed(list(infos)):
-        if info.get('vocab_sha256'):
-            return info['vocab_sha256']
-    return (_vocab_meta_or_none(workdir) or {}).get('sha256')
-
-
-def load_vocabulary(workdir: str, fingerprint: str | None = None) -> tokenizer_lib.Tokenizer:
-    """The vocabulary stored in `workdir`; with `fingerprint`, it must be that very file."""
-    file = path(workdir, VOCAB_MODEL)
-    if not os.path.exists(file):
-        raise UsageError(f'no vocabulary at {file}; train a model in this workdir first')
-    with open(file, 'rb') as f:
-        proto = f.read()
-    if fingerprint is not None and _sha256(proto) != fingerprint:
-        raise UsageError(f'{file} is not the vocabulary this run was trained with (sha256 '
-                         f'{_sha256(proto)[:12]}..., the run recorded {fingerprint[:12]}...): '
-                         'restore the original file or use a new --workdir')
-    try:
-        return tokenizer_lib.Tokenizer(proto)
-    except Exception as e:  # noqa: BLE001 - SentencePiece raises bare RuntimeErrors
-        raise UsageError(f'{file} is not a SentencePiece model ({errors.reason(e)})') from None
-
-
-def vocabulary(config, workdir: str, texts: Callable[[], Iterable[str]],
-               fingerprint: str | None = None,
-               steps: list[int] = ()) -> tokenizer_lib.Tokenizer:
-    """The run's vocabulary: the one stored in `workdir`, or trained on `texts()` and stored.
-
-    `steps` are the run's checkpoints and `fingerprint` what they recorded (see
-    recorded_fingerprint): under checkpoints a missing or changed vocabulary is refused, and a
-    missing or unreadable vocab.json is written anew from the vocabulary they recorded. A
-    stored vocabulary made for another vocab_size or language pair is refused too, and so is
-    a vocab_size that the training text cannot fill (SentencePiece stops short of it).
-    """
-    model_file, meta_file = path(workdir, VOCAB_MODEL), path(workdir, VOCAB_META)
-    want = _vocab_metadata(config)
-    if os.path.exists(model_file):
-        have = _vocab_meta_or_none(workdir)
-        if have is None and steps and fingerprint:
-            tokenizer = load_vocabulary(workdir, fingerprint)  # the very file they recorded
-            _write_vocab_meta(config, workdir, tokenizer, fingerprint)
-            errors.warn(f'{meta_file} was missing or unreadable: wrote it anew for {model_file}, '
-                        f'the vocabulary checkpoint {steps[-1]} was trained with')
-            return tokenizer
-        if have is None:
-            raise UsageError(f'{meta_file} is missing or unreadable, so what {model_file} was '
-                             f'made for is unknown; nothing was trained with it yet: delete '
-                             f'{model_file} (a new one is trained)')
-        bad = [f'{k}: stored {have.get(k)!r} vs config {want[k]!r}'
-               for k in _VOCAB_FIELDS if have.get(k) != want[k]]
-        if bad:
-            remedy = (f'use a new --workdir (checkpoints {", ".join(map(str, steps))} were '
-                      'trained with it)' if steps else 'use a new workdir or delete the '
-                      'vocabulary')
-            raise UsageError(f'vocabulary {model_file} was made for another config '
-                             f'({"; ".join(bad)}); {remedy}')
-        return load_vocabulary(workdir, fingerprint)
-    if steps:
-        raise UsageError(f'{model_file} is missing, but {workdir} holds checkpoints (steps '
-                         f'{", ".join(map(str, steps))}) trained with it; a new vocabulary would '
-                         'not match them: restore the file or use a new --workdir')
-
-    sentences = iter(texts())
-    first = next(sentences, None)
-    if first is None:
-        raise UsageError(f'no text to train the vocabulary on: the training data of '
-                         f'data.source={config.data.source!r} holds only blank lines')
-    os.makedirs(workdir, exist_ok=True)
-    start = time.time()
-    proto = tokenizer_lib.train(itertools.chain([first], sentences), config.vocab_size)
-    seconds = time.time() - start
-    tokenizer = tokenizer_lib.Tokenizer(proto)
-    logging.info('Trained a %d-piece BPE vocabulary in %.1f s', tokenizer.vocab_size, seconds)
-    if tokenizer.vocab_size < config.vocab_size:
-        # The embedding would have rows no id ever uses, and label smoothing would spread
-        # probability over them.
-        raise FieldError('vocab_size', config.vocab_size,
-                         f'is more than the training text gives: SentencePiece learned '
-                         f'{tokenizer.vocab_size} pieces from data.vocab_sample_sentences='
-                         f'{config.data.vocab_sample_sentences} sentences; set '
-                         f'--config.vocab_size={tokenizer.vocab_size} or less (nothing was '
-                         'stored)')
-    # Metadata first: vocab.model is what marks the vocabulary as present.
-    _write_vocab_meta(config, workdir, tokenizer, _sha256(proto), train_seconds=seconds)
-    atomic_write(model_file, proto, 'the vocabulary')
-    return tokenizer
-
-
-def _vocab_meta_or_none(workdir: str) -> dict | None:
-    """vocab.json, or None when it is missing or unreadable."""
-    try:
-        return _vocab_meta(workdir) or None
-    except UsageError:
-        return None
-
-
-def _write_vocab_meta(config, workdir: str, tokenizer, sha256: str, **extra) -> None:
-    meta = dict(_vocab_metadata(config), pieces=tokenizer.vocab_size, model_type='bpe',
-                sha256=sha256, data_source=config.data.source,
-                **{k: round(v, 2) for k, v in extra.items()})
-    file = path(workdir, VOCAB_META)
-    atomic_write(file, (json.dumps(meta, indent=2) + '\n').encode(), 'the vocabulary')
-
-
-# -- the training process's lock --------------------------------------------------------------
 
 def lock(workdir: str):
     """Takes the work directory for one training process; returns the open lock file (keep it).
@@ -412,7 +189,7 @@ def lock(workdir: str):
     return handle
 
 
-# -- checkpoints ----------------------------------------------------------------------------------
+# -- early stopping's record ----------------------------------------------------------------------
 
 def read_best(workdir: str) -> dict | None:
     """Early stopping's record (BEST_FILE), or None when the run has none."""
@@ -434,8 +211,3 @@ def best_step(workdir: str) -> int:
         raise UsageError(f'--step=best: {workdir} has no best checkpoint ({BEST_FILE} is '
                          'written by runs with train.early_stop_patience > 0); give --step=N')
     return int(record['best_step'])
-
-
-def checkpoint_steps(workdir: str) -> list[int]:
-    """Complete checkpoint steps in the work directory, oldest first."""
-    return checkpoint.available_steps(path(workdir, CHECKPOINTS_DIR))
