@@ -25,6 +25,7 @@ _VOCAB_FIELDS = ('vocab_size', 'source_lang', 'target_lang')
 # checkpoint: a missing or changed vocabulary under existing checkpoints is refused, never
 # rebuilt, since a new one would map the same ids to other pieces.
 
+
 def _vocab_metadata(config) -> dict:
     return dict(vocab_size=int(config.vocab_size), source_lang=config.source_lang,
                 target_lang=config.target_lang)
