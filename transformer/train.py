@@ -118,7 +118,7 @@ class StopSignal:
         return distributed.agree(self.requested)[0]
 
 
-def prepared_data(config) -> None:
+def prepare_data(config) -> None:
     """A TFDS dataset prepared before anything reads it: by this process in a single-process
     run (the same code as `python -m transformer.prepare`); a multi-process run must find it
     prepared on every process (preparing takes hours: not with a pod or cluster waiting)."""
@@ -217,7 +217,8 @@ def validation_bleu(config, tokenizer, graphdef, params, split: batching.Encoded
     return bleu.sacrebleu_score(ordered, split.references[:len(ordered)])[0]
 
 
-def validate(config, tokenizer, graphdef, params, eval_step, validation, mesh, step) -> dict:
+def validation_metrics(config, tokenizer, graphdef, params, eval_step, validation, mesh,
+                       step) -> dict:
     """The validation loss (and greedy BLEU when asked) at `step`, also said on the console."""
     result = validation_loss(eval_step, params, validation.batches, mesh)
     sentences = config.train.eval_bleu_sentences
@@ -415,7 +416,7 @@ def main():
     checkpoints = workdir_lib.path(workdir, workdir_lib.CHECKPOINTS_DIR)
 
     # --- vocabulary and data -------------------------------------------------------------------
-    prepared_data(config)
+    prepare_data(config)
     recorded = vocabulary_lib.recorded_fingerprint(
         workdir, [checkpoint.read_info(checkpoints, steps[-1])] if steps else [])
     tokenizer = vocabulary(config, workdir, recorded, steps)
@@ -513,7 +514,7 @@ def main():
         last_saved = at
         _fault_injection('in-save', at)
 
-    def evaluated(at: int) -> bool:
+    def evaluate_at(at: int) -> bool:
         """Evaluates at step `at`, writes the row and tells early stopping; False when a stop
         signal cut it short."""
         jax.block_until_ready(state)
@@ -529,9 +530,9 @@ def main():
                     cli.slow_for_tests('eval')
                     _fault_injection('in-eval', at)
                     # The moving average when the run keeps one: the weights decoded later.
-                    result = validate(config, tokenizer, setup.graphdef,
-                                      state.get('ema', state['params']), checked_eval_step,
-                                      validation, mesh, at)
+                    result = validation_metrics(config, tokenizer, setup.graphdef,
+                                                state.get('ema', state['params']),
+                                                checked_eval_step, validation, mesh, at)
             except EvaluationStopped:
                 cli.say(f'Evaluation of step {at} stopped by the signal')
                 return False
@@ -568,7 +569,7 @@ def main():
                 and itstime(step, t.eval_every_steps, t.steps)
                 and distributed.agree(is_main and not writer.has_row(step, 'eval/'))[0]):
             cli.say(f'Evaluating step {step}, whose evaluation the last run did not finish')
-            if not evaluated(step):
+            if not evaluate_at(step):
                 agreement.signalled = stop = True
             stop = stop or tracker.exhausted
         while step < t.steps and not stop:
@@ -594,7 +595,7 @@ def main():
                     log_step(writer, progress, config, step, window, m, clocks, peak)
             if due.save:
                 save(step, data_state)
-            if due.evaluate and validation is not None and not evaluated(step):
+            if due.evaluate and validation is not None and not evaluate_at(step):
                 agreement.signalled = stop = True
                 if not due.save:
                     save(step, data_state)
