@@ -141,7 +141,7 @@ def vocabulary(config, workdir: str, fingerprint: str | None, steps: list[int]):
     under checkpoints it must be the one they recorded (`fingerprint`)."""
     def get():
         return vocabulary_lib.load_or_train(config, workdir, lambda: data.vocab_text(config),
-                                      fingerprint, steps)
+                                            fingerprint, steps)
 
     if distributed.is_main():
         tokenizer = get()

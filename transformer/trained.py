@@ -35,12 +35,6 @@ def _existing_steps(workdir: str) -> list[int]:
     return steps
 
 
-def _restore(workdir: str, steps: list[int], count: int, abstract, minimum=None):
-    """[(step, params, info)] of the newest `count` readable checkpoints among `steps`."""
-    return checkpoint.restore_params(path(workdir, CHECKPOINTS_DIR), steps, count, abstract,
-                                     minimum)
-
-
 def weights(config, raw_weights: bool = False) -> str:
     """Which weights of a checkpoint are decoded with: 'ema', the moving average that runs
     with train.ema_decay > 0 keep (Marian and fairseq users' expectation: the smoothed model
@@ -146,6 +140,5 @@ def load_model(workdir: str, *, average: int | None = None, step: int | str | No
             errors.warn(f'averaging {len(steps)} checkpoint(s), steps {steps}, not '
                         f'decode.average_last={config.decode.average_last}: {workdir} has no '
                         'more that can be read')
-    tokenizer = vocabulary_lib.load(workdir,
-                                           vocabulary_lib.recorded_fingerprint(workdir, infos))
+    tokenizer = vocabulary_lib.load(workdir, vocabulary_lib.recorded_fingerprint(workdir, infos))
     return nnx.merge(graphdef, params), config, tokenizer, steps
