@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from transformer import alignment, batching, host_decode, search, synthetic, trained
+from transformer import alignment, batching, host_decode, saved_runs, search, synthetic
 from transformer import config as config_lib
 from transformer.model import create_model
 from transformer.tokenizer import EOS_ID, PAD_ID
@@ -318,7 +318,7 @@ def alignment_quality(workdir: str, sentences: int, repeats: int) -> dict:
     """AER of each decoder layer's alignments of the first `sentences` test references
     (teacher-forced) against synthetic.alignments, the diagonal baseline's, and the seconds of
     the alignment pass against beam 4's on the same batch."""
-    model, config, tokenizer, steps = trained.load_model(workdir)
+    model, config, tokenizer, steps = saved_runs.load_model(workdir)
     sources, targets = synthetic.generate(config, 'test')
     truth = [set(a) for a in synthetic.alignments(config, 'test')[:sentences]]
     sources, targets = sources[:sentences], targets[:sentences]

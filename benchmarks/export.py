@@ -29,7 +29,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import versus_flax as vf  # noqa: E402 - the benchmarks' shared JSON header
-from transformer import data, exported, exporting, host_decode, trained  # noqa: E402
+from transformer import data, exported, exporting, host_decode, saved_runs  # noqa: E402
 
 
 def main():
@@ -47,7 +47,7 @@ def main():
     log = lambda s: print(s, file=sys.stderr, flush=True)
     load_before = os.getloadavg()
 
-    model, config, tokenizer, steps = trained.load_model(args.workdir)
+    model, config, tokenizer, steps = saved_runs.load_model(args.workdir)
     sources, references = data.load_text(config, args.split)
     beam, alpha = config.decode.beam_size, config.decode.length_penalty
     bounds = dict(max_extra_length=config.decode.max_extra_length,

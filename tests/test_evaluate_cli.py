@@ -18,10 +18,10 @@ from transformer import (
     batching,
     cli,
     data,
-    ensemble,
     errors,
     host_decode,
     run_config,
+    saved_runs,
     synthetic,
 )
 from transformer import tokenizer as tokenizer_lib
@@ -328,7 +328,7 @@ def test_flag_values_are_refused_naming_the_flag(workdir):
     with pytest.raises(errors.UsageError, match='is not one of the --ensemble members'):
         cli.models_to_load('/elsewhere', f'{workdir}:5,{workdir}:10', None)
     members, home = cli.models_to_load(None, f'{workdir}:5, {workdir}', None)
-    assert members == [ensemble.Member(str(workdir), 5), ensemble.Member(str(workdir))]
+    assert members == [saved_runs.Member(str(workdir), 5), saved_runs.Member(str(workdir))]
     assert home == str(workdir)
 
 

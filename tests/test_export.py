@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import error_line, run_program, run_train, tiny_config
 
-from transformer import data, ensemble, exported, exporting, host_decode, search, trained
+from transformer import data, exported, exporting, host_decode, saved_runs, search
 from transformer import export_ctranslate2 as ect
 from transformer import export_huggingface as ehf
 from transformer.errors import UsageError
@@ -36,7 +36,7 @@ def trained_dir(tmp_path_factory):
 def reference(trained_dir):
     """What the project's own programs give: score's log-probabilities of the test pairs and
     translate --beam_size=1's hypotheses (the same Scorer and Translator, in process)."""
-    model, config, tokenizer, steps = trained.load_model(str(trained_dir))
+    model, config, tokenizer, steps = saved_runs.load_model(str(trained_dir))
     sources, targets = data.load_text(config, 'test')
     pairs = list(zip(sources, targets))
     scorer = host_decode.Scorer([model], config, tokenizer, 16)
@@ -217,9 +217,9 @@ def test_refusals_leave_nothing_written(trained_dir, tmp_path, monkeypatch):
         exporting.export(str(empty), to='ctranslate2', out=str(out))
     # An ensemble.
     with pytest.raises(UsageError, match='not exportable as one model'):
-        exporting.single_model([ensemble.Member(str(trained_dir), 4),
-                                ensemble.Member(str(trained_dir), 8)])
-    exporting.single_model([ensemble.Member(str(trained_dir), 4)] * 2)  # one model twice
+        exporting.single_model([saved_runs.Member(str(trained_dir), 4),
+                                saved_runs.Member(str(trained_dir), 8)])
+    exporting.single_model([saved_runs.Member(str(trained_dir), 4)] * 2)  # one model twice
     assert sorted(os.listdir(tmp_path)) == ['empty']
     # A failure while writing: no temporary directory left, OUT untouched.
     out.mkdir()

@@ -67,3 +67,11 @@ def test_the_ground_floor_imports_no_project_module():
     # The names of a work directory's files: importable by data, metrics, distributed without
     # pulling in Orbax, SentencePiece or the config schema.
     assert graph['workdir'] == {'errors'}
+
+
+def test_checkpoint_is_orbax_input_and_output_only():
+    # Which checkpoints a decoding program reads, and how their parameters become a model, is
+    # saved_runs.py's; checkpoint.py knows of a work directory only where its checkpoints are.
+    graph = imports()
+    assert graph['checkpoint'] == {'errors', 'workdir'}
+    assert 'checkpoint' in graph['saved_runs']

@@ -34,13 +34,13 @@ from transformer import (
     errors,
     metrics,
     run_config,
+    saved_runs,
     sharding,
     supervisor,
     train_step,
 )
 from transformer import config as config_lib
 from transformer import tokenizer as tokenizer_lib
-from transformer import trained as trained_lib
 from transformer import vocabulary as vocabulary_lib
 from transformer import workdir as workdir_lib
 
@@ -367,10 +367,10 @@ def test_checkpoints_of_another_shape_are_refused_by_name_in_process(trained, tm
         manager.close()
     assert '\n' not in str(e.value) and not broken.exists()
     assert checkpoint.steps_in(str(trained)) == [4, 8, 12]
-    _, abstract = trained_lib.abstract_params(config)
+    _, abstract = saved_runs.abstract_params(config)
     with pytest.raises(errors.UsageError, match='checkpoint 12 in .* does not fit the run.s '
                        r'config: params\.decoder_layers\.ffn\.w1\.bias'):
-        checkpoint.restore_params(directory, [4, 8, 12], 1, abstract)
+        saved_runs.read_params(directory, [4, 8, 12], 1, abstract)
 
 
 # 12. The token cache is checked against the sizes and checksums it recorded: one that differs
@@ -806,22 +806,22 @@ def test_a_checkpoint_deleted_while_read_is_picked_again(run, monkeypatch, capsy
     directory = str(run / workdir_lib.CHECKPOINTS_DIR)
     shutil.copytree(run / workdir_lib.CHECKPOINTS_DIR / '12',
                     run / workdir_lib.CHECKPOINTS_DIR / '16')  # "train" saves step 16 ...
-    read = checkpoint._restore_params
+    read = checkpoint.read_params
 
     def deleted_first(manager, step, *args):
         if step == 4:  # ... and deletes step 4 (keep_checkpoints) while it is being read
             shutil.rmtree(os.path.join(directory, '4'))
         return read(manager, step, *args)
 
-    monkeypatch.setattr(checkpoint, '_restore_params', deleted_first)
+    monkeypatch.setattr(checkpoint, 'read_params', deleted_first)
     config = run_config.load_config(str(run))
-    _, abstract = trained_lib.abstract_params(config)
-    found = checkpoint.restore_params(directory, [4, 8, 12], 3, abstract)
+    _, abstract = saved_runs.abstract_params(config)
+    found = saved_runs.read_params(directory, [4, 8, 12], 3, abstract)
     assert [step for step, _, _ in found] == [8, 12, 16]
     assert 'warning' not in capsys.readouterr().err
     shutil.rmtree(os.path.join(directory, '16'))
     shutil.rmtree(os.path.join(directory, '8'))
-    _, _, _, steps = trained_lib.load_model(str(run))
+    _, _, _, steps = saved_runs.load_model(str(run))
     assert steps == [12]
     assert capsys.readouterr().err.splitlines() == [
         f'warning: averaging 1 checkpoint(s), steps [12], not decode.average_last=3: {run} has '

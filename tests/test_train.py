@@ -20,13 +20,13 @@ from conftest import (
 )
 from flax import nnx
 
-from transformer import checkpoint, cli, run_config, sharding, trained
+from transformer import checkpoint, cli, run_config, saved_runs, sharding
 from transformer import train_step as train_step_lib
 from transformer.schedule import learning_rate
 
 
 def final_params(workdir, raw_weights=False):
-    model, _, _, steps = trained.load_model(str(workdir), average=1, raw_weights=raw_weights)
+    model, _, _, steps = saved_runs.load_model(str(workdir), average=1, raw_weights=raw_weights)
     return steps[-1], [np.asarray(x) for x in jax.tree.leaves(nnx.state(model))]
 
 
@@ -147,7 +147,7 @@ def test_ema_loss_scale_and_early_stopping_resume_exactly_after_kill_9(tmp_path,
     # --step=best and DIR:best read the best checkpoint; the moving average by default.
     members, _ = cli.models_to_load(None, f'{workdir}:best,{workdir}:{record["step"]}', None)
     assert [m.step for m in members] == ['best', record['step']]
-    _, _, _, used = trained.load_model(str(workdir), step='best')
+    _, _, _, used = saved_runs.load_model(str(workdir), step='best')
     assert used == [record['best_step']]
     ema, raw = final_params(workdir)[1], final_params(workdir, raw_weights=True)[1]
     assert any(not np.array_equal(a, b) for a, b in zip(ema, raw))

@@ -14,7 +14,7 @@ import json
 
 from absl import flags
 
-from transformer import cli, run_config, trained
+from transformer import cli, run_config, saved_runs
 from transformer.errors import UsageError
 
 _WORKDIR = cli.define_workdir_flag()
@@ -28,9 +28,9 @@ def main():
     last = _LAST.value if _LAST.value is not None else config.decode.average_last
     if last < 1:
         raise UsageError(f'--last={last} must be >= 1')
-    params, steps, _ = trained.average_last(_WORKDIR.value, last, config,
-                                            raw_weights=_RAW_WEIGHTS.value)
-    path = trained.save_averaged(_WORKDIR.value, params, steps)
+    params, steps, _ = saved_runs.average_last(_WORKDIR.value, last, config,
+                                               raw_weights=_RAW_WEIGHTS.value)
+    path = saved_runs.save_averaged(_WORKDIR.value, params, steps)
     print(json.dumps({'averaged': path, 'steps': steps}))
 
 

@@ -4,11 +4,15 @@ A checkpoint directory holds one subdirectory per step with two items: 'state' (
 opt_state, step, rng) and 'data' (each process's iterator state, as JSON bytes in a
 [processes, N] array). Orbax writes each step into a temporary directory and renames it when
 complete, so a run killed mid-save leaves no step that `latest_step` would return. This module
-knows Orbax and, of work directories, only where their checkpoints are (`steps_in`).
+is Orbax's input and output only: saving, restoring the training state, reading one tree, the
+info or the metadata of a step, listing steps. Of work directories it knows only where their
+checkpoints are (`steps_in`); which checkpoints a decoding program reads, and how their
+parameters become a model, is `saved_runs.py`'s.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -246,15 +250,33 @@ def mismatch(manager: ocp.CheckpointManager, step: int, abstract, item: str = 's
     return '; '.join(describe(name) for name in differing[:2]) + more
 
 
-def read_info(directory: str, step: int) -> dict:
-    """The `info` of checkpoint `step` in `directory`; {} if it cannot be read."""
+@contextlib.contextmanager
+def reader(directory: str):
+    """A read-only manager over the checkpoint directory `directory`, closed after."""
     manager = make_manager(directory, keep=1, asynchronous=False, read_only=True)
     try:
-        return info(manager, step)
-    except Exception:  # noqa: BLE001 - a broken step is reported when it is restored
-        return {}
+        yield manager
     finally:
         manager.close()
+
+
+def read_info(directory: str, step: int) -> dict:
+    """The `info` of checkpoint `step` in `directory`; {} if it cannot be read."""
+    with reader(directory) as manager:
+        try:
+            return info(manager, step)
+        except Exception:  # noqa: BLE001 - a broken step is reported when it is restored
+            return {}
+
+
+def read_params(manager: ocp.CheckpointManager, step: int, abstract, item: str = 'params'):
+    """The tree `item` of checkpoint `step`'s state ('params', or 'ema': their moving average),
+    laid out as `abstract`; nothing else of the state (no optimizer state) is read."""
+    wanted = {item: abstract}
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=wanted, restore_args=ocp.checkpoint_utils.construct_restore_args(wanted),
+        partial_restore=True)))
+    return restored['state'][item]
 
 
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state):
@@ -313,94 +335,20 @@ def available_steps(directory: str) -> list[int]:
     """Complete checkpoint steps in `directory`, oldest first ([] when there is none)."""
     if not os.path.isdir(directory):
         return []
-    manager = make_manager(directory, keep=1, asynchronous=False, read_only=True)
-    try:
+    with reader(directory) as manager:
         return sorted(manager.all_steps())
-    finally:
-        manager.close()
+
+
+def steps_now(manager: ocp.CheckpointManager) -> list[int]:
+    """The complete steps of `manager`'s directory as they are now (listed again: a train
+    running beside saves and deletes), oldest first."""
+    manager.reload()
+    return sorted(manager.all_steps())
 
 
 def steps_in(workdir: str) -> list[int]:
     """Complete checkpoint steps of the run in `workdir`, oldest first."""
     return available_steps(workdir_lib.path(workdir, workdir_lib.CHECKPOINTS_DIR))
-
-
-def _restore_params(manager: ocp.CheckpointManager, step: int, abstract_params,
-                    weights: str = 'params'):
-    item = {weights: abstract_params}
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-        partial_restore=True)))
-    return restored['state'][weights]
-
-
-def restore_params(directory: str, steps: list[int], count: int, abstract_params,
-                   minimum: int | None = None, pick_again: bool = True,
-                   weights: str = 'params'):
-    """Parameters only (no optimizer state) of the newest `count` checkpoints among `steps`
-    that read back whole: [(step, params, info)], oldest first. `weights` is the state's
-    item read: 'params', or 'ema' (their moving average, train.ema_decay).
-
-    A train running beside deletes old checkpoints (it keeps train.keep_checkpoints), maybe
-    while they are read: such a step is not broken, and with `pick_again` the newest are
-    picked again among the checkpoints there now (a few times at most). A broken checkpoint
-    is named in a one-line warning and skipped; CheckpointError when fewer than `minimum`
-    (default: `count`) can be read. Parameters that do not fit `abstract_params` (the config
-    was changed since training) are a UsageError naming them.
-    """
-    manager = make_manager(directory, keep=1, asynchronous=False, read_only=True)
-    loaded, broken, deleted = {}, {}, []
-    try:
-        for _ in range(_PICKS):
-            picked, gone = [], False
-            for step in sorted(steps, reverse=True):
-                if len(picked) == count:
-                    break
-                if step in broken:
-                    continue
-                if step not in loaded:
-                    try:
-                        loaded[step] = _read_params(manager, step, abstract_params, weights)
-                    except UsageError:
-                        raise
-                    except Exception as e:  # noqa: BLE001 - broken, whatever broke it
-                        if not os.path.isdir(os.path.join(directory, str(step))):
-                            deleted.append(step)  # by the train beside: pick again
-                            gone = True
-                            break
-                        broken[step] = errors.reason(e)
-                        errors.warn(f'checkpoint {step} in {directory} cannot be read '
-                                    f'({broken[step]}); skipping it')
-                        continue
-                picked.append(step)
-            if not gone or not pick_again:
-                break
-            manager.reload()
-            steps = [step for step in manager.all_steps() if step not in deleted]
-    finally:
-        manager.close()
-    found = [(step, *loaded[step]) for step in sorted(picked)]
-    if len(found) < (count if minimum is None else minimum):
-        why = [f'step {step} ({reason})' for step, reason in sorted(broken.items())]
-        why += [f'step {step} (deleted while being read: a train running beside keeps only '
-                'the last train.keep_checkpoints)' for step in sorted(deleted)]
-        raise CheckpointError(f'{directory} has {len(found)} readable checkpoint(s) of the '
-                              f'{count} needed; unreadable: {"; ".join(why) or "none"}')
-    return found
-
-
-_PICKS = 3  # times restore_params picks checkpoints anew after some were deleted meanwhile
-
-
-def _read_params(manager: ocp.CheckpointManager, step: int, abstract_params,
-                 weights: str = 'params'):
-    """(params, info) of checkpoint `step`; UsageError if they do not fit `abstract_params`."""
-    problem = mismatch(manager, step, {weights: abstract_params}, prefix=f'{weights}.')
-    if problem:
-        raise UsageError(f'checkpoint {step} in {manager.directory} does not fit the run\'s '
-                         f'config: {problem} (was config.json changed since training? restore '
-                         'it)')
-    return _restore_params(manager, step, abstract_params, weights), info(manager, step)
 
 
 def keep_newest(manager: ocp.CheckpointManager, keep: int,
@@ -412,14 +360,6 @@ def keep_newest(manager: ocp.CheckpointManager, keep: int,
     for step in old:
         manager.delete(step)
     return old
-
-
-def average_params(trees: list):
-    """The element-wise mean of parameter trees (section 6.1), accumulated in float32."""
-    total = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), trees[0])
-    for tree in trees[1:]:
-        total = jax.tree.map(lambda a, b: a + jnp.asarray(b, jnp.float32), total, tree)
-    return jax.tree.map(lambda t, x: (t / len(trees)).astype(x.dtype), total, trees[0])
 
 
 def save_params(path: str, params) -> None:

@@ -25,7 +25,7 @@ from ml_collections import config_flags
 from tqdm import tqdm
 
 from transformer import config as config_lib
-from transformer import data, ensemble, errors, host_decode
+from transformer import data, errors, host_decode, saved_runs
 
 # -- flags --------------------------------------------------------------------------------------
 
@@ -143,13 +143,13 @@ def decoding_settings(config, **given):
 
 def models_to_load(workdir: str | None, ensemble_spec: str | None,
                    step: int | str | None) -> tuple[list, str | None]:
-    """(ensemble.Member list, home work directory) of --workdir (with --step: a number, its
+    """(saved_runs.Member list, home work directory) of --workdir (with --step: a number, its
     text, or 'best') or of --ensemble=DIR[:STEP],DIR[:STEP],... (STEP a number or 'best';
     --workdir, if given too, must be a member: the one whose config is used)."""
     if isinstance(step, str):
         step = step_value(step)
     if not ensemble_spec:
-        return [ensemble.Member(workdir, step)], workdir
+        return [saved_runs.Member(workdir, step)], workdir
     if step is not None:
         raise errors.UsageError('--step does not apply to --ensemble: give each member its step '
                                 'as DIR:STEP')
@@ -159,8 +159,8 @@ def models_to_load(workdir: str | None, ensemble_spec: str | None,
         if not part:
             raise errors.UsageError(f'--ensemble={ensemble_spec!r} has an empty member')
         directory, _, tail = part.rpartition(':')
-        members.append(ensemble.Member(directory, step_value(tail)) if directory and (
-            tail.isdigit() or tail == 'best') else ensemble.Member(part))
+        members.append(saved_runs.Member(directory, step_value(tail)) if directory and (
+            tail.isdigit() or tail == 'best') else saved_runs.Member(part))
     if workdir and not any(os.path.realpath(workdir) == os.path.realpath(m.workdir)
                            for m in members):
         raise errors.UsageError(f'--workdir={workdir} is not one of the --ensemble members; '

@@ -10,8 +10,8 @@ input length + 50 tokens) and scores it against the references:
 The split is never length-filtered; sources longer than model.max_position tokens (EOS
 included) are truncated, and their count is reported. Parameters are averaged over the last
 `--average` checkpoints (default: the config's decode.average_last, or as many as there are).
-`--ensemble=DIR[:STEP],...` decodes with several models at once (see `ensemble.py`); its files
-are named `<split>_ensembleN-<hash of the members>_...` and its JSON lists the members.
+`--ensemble=DIR[:STEP],...` decodes with several models at once (see `saved_runs.py`); its
+files are named `<split>_ensembleN-<hash of the members>_...` and its JSON lists the members.
 `--limit=N` reads, tokenizes and decodes only the first N sentences (a quick look, not the
 split's score). `--no_repeat_ngram_size=N` decodes without repeated N-grams (file names get
 `_norepeatN`). Target prefixes and alignments are translate's: a prefix taken from the
@@ -32,8 +32,7 @@ import os
 import jax
 from absl import flags
 
-from transformer import batching, bleu, cli, data, distributed, host_decode, run_config
-from transformer import ensemble as ensemble_lib
+from transformer import batching, bleu, cli, data, distributed, host_decode, run_config, saved_runs
 from transformer import workdir as workdir_lib
 from transformer.errors import RunError, UsageError
 
@@ -59,7 +58,7 @@ def evaluate_split(workdir: str | None, *, split: str, average: int | None,
     config = run_config.load_config(workdir)  # flags are checked before any model is read
     settings = cli.decoding_settings(config, **decoding)
     batch_sentences = cli.batch_sentences(batch_sentences, config)
-    loaded = ensemble_lib.load(members, average=average, home=workdir, raw_weights=raw_weights)
+    loaded = saved_runs.load(members, average=average, home=workdir, raw_weights=raw_weights)
     config, tokenizer = loaded.config, loaded.tokenizer
     # Read and tokenized once (only the first `limit` sentences with --limit); the truncated
     # sources are counted in the same pass.

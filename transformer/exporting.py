@@ -1,7 +1,7 @@
 """Exporting a trained model to another inference library, as one model directory.
 
-The parameters are exactly those `evaluate` decodes with (`trained.load_model`: one checkpoint,
-or the mean of the last K, the vocabulary's fingerprint checked). Targets:
+The parameters are exactly those `evaluate` decodes with (`saved_runs.load_model`: one
+checkpoint, or the mean of the last K, the vocabulary's fingerprint checked). Targets:
 
 * `ctranslate2` (`export_ctranslate2.py`): every configuration, weights in any of
   CTranslate2's types (int8 for fast CPU decoding); the SentencePiece model is copied beside it
@@ -26,7 +26,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from transformer import errors, export_ctranslate2, export_huggingface, run_config, trained
+from transformer import errors, export_ctranslate2, export_huggingface, run_config, saved_runs
 from transformer import vocabulary as vocabulary_lib
 from transformer import workdir as workdir_lib
 from transformer.errors import UsageError
@@ -127,12 +127,12 @@ def export(workdir: str, *, to: str, out: str, average: int | None = None,
         if why:
             raise UsageError(f'--to=huggingface cannot hold this model: {why}; '
                              '--to=ctranslate2 holds every configuration')
-    model, config, tokenizer, steps = trained.load_model(workdir, average=average, step=step,
-                                                         raw_weights=raw_weights)
+    model, config, tokenizer, steps = saved_runs.load_model(
+        workdir, average=average, step=step, raw_weights=raw_weights)
     vocab_model = workdir_lib.path(workdir, workdir_lib.VOCAB_MODEL)
     info = dict(
         target=to, quantization=quantization, workdir=os.path.abspath(workdir), steps=steps,
-        checkpoints_averaged=len(steps), weights=trained.weights(config, raw_weights),
+        checkpoints_averaged=len(steps), weights=saved_runs.weights(config, raw_weights),
         direction=f'{config.source_lang}->{config.target_lang}',
         vocab_sha256=vocabulary_lib.stored_fingerprint(workdir),
         vocab_size=int(config.vocab_size), model=config.model.to_dict(),

@@ -20,7 +20,7 @@ import numpy as np
 from absl import flags
 from flax import nnx
 
-from transformer import alignment, batching, cli, plots, search, trained
+from transformer import alignment, batching, cli, plots, saved_runs, search
 from transformer.errors import UsageError
 from transformer.tokenizer import PAD_ID
 
@@ -40,7 +40,7 @@ def main():
         raise UsageError('--text is required: the source sentence to show')
     if not _OUT.value.lower().endswith('.png'):
         raise UsageError(f'--out={_OUT.value!r} must name a .png file')
-    model, config, tokenizer, steps = trained.load_model(
+    model, config, tokenizer, steps = saved_runs.load_model(
         _WORKDIR.value, average=_DECODING.average.value,
         step=cli.step_value(_DECODING.step.value), raw_weights=_DECODING.raw_weights.value)
     settings = cli.decoding_settings(config, beam_size=_DECODING.beam_size.value,

@@ -30,7 +30,7 @@ import sys
 
 from absl import flags
 
-from transformer import cli, data, ensemble, host_decode, run_config
+from transformer import cli, data, host_decode, run_config, saved_runs
 from transformer.errors import UsageError
 
 _WORKDIR = cli.define_workdir_flag()
@@ -81,8 +81,8 @@ def main():
                   for i in range(0, len(pairs), batch_sentences * CHUNK_BATCHES))
     else:
         chunks = stdin_pairs(1 if sys.stdin.isatty() else batch_sentences * CHUNK_BATCHES)
-    loaded = ensemble.load(members, average=d.average.value, home=home,
-                           raw_weights=d.raw_weights.value)
+    loaded = saved_runs.load(members, average=d.average.value, home=home,
+                             raw_weights=d.raw_weights.value)
     scorer = host_decode.Scorer(loaded.models, config, loaded.tokenizer, batch_sentences)
     total_log_prob, total_tokens, sentences = 0.0, 0, 0
     out = sys.stdout

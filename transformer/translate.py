@@ -25,7 +25,7 @@ What is written:
   the n-best format above (unsorted; log_prob and score are the model's own, temperature 1 and
   nothing cut, as for beam hypotheses). Sample j of line n depends only on (S, n, j): the same
   seed gives the same output whatever the batch size or the order of the lines.
-* `--ensemble=DIR[:STEP],...` decodes with several models at once (see `ensemble.py`).
+* `--ensemble=DIR[:STEP],...` decodes with several models at once (see `saved_runs.py`).
 
 Constraints and what else is written:
 
@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import sys
 
-from transformer import alignment, cli, ensemble, host_decode, run_config
+from transformer import alignment, cli, host_decode, run_config, saved_runs
 from transformer.errors import UsageError
 
 _WORKDIR = cli.define_workdir_flag()
@@ -105,8 +105,8 @@ def main():
         chunks = cli.prefixed_chunks(sys.stdin.buffer, s.prefix.value, chunk)
     else:
         chunks = (split_prefixes(lines) for lines in cli.read_lines(sys.stdin.buffer, chunk))
-    loaded = ensemble.load(members, average=d.average.value, home=home,
-                           raw_weights=d.raw_weights.value)
+    loaded = saved_runs.load(members, average=d.average.value, home=home,
+                             raw_weights=d.raw_weights.value)
     if layer is not None:  # members may be shallower than the config's model
         layer = alignment.resolve_layer(s.alignment_layer.value, min(
             m.cfg.num_decoder_layers for m in loaded.models))
