@@ -28,8 +28,8 @@ def main():
     last = _LAST.value if _LAST.value is not None else config.decode.average_last
     if last < 1:
         raise UsageError(f'--last={last} must be >= 1')
-    params, steps, _ = saved_runs.average_last(_WORKDIR.value, last, config,
-                                               raw_weights=_RAW_WEIGHTS.value)
+    params, steps = saved_runs.average_last(_WORKDIR.value, last, config,
+                                            raw_weights=_RAW_WEIGHTS.value)
     path = saved_runs.save_averaged(_WORKDIR.value, params, steps)
     print(json.dumps({'averaged': path, 'steps': steps}))
 

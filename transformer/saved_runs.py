@@ -209,17 +209,16 @@ def _check_enough(workdir: str, last: int, steps: list[int]) -> None:
 # -- averaging (section 6.1) -------------------------------------------------------------------
 
 def average_last(workdir: str, last: int, config=None, *, raw_weights: bool = False):
-    """The mean parameters of the last `last` readable checkpoints (section 6.1), all of them
-    readable: (params, steps, infos). Of a run with a moving average, the mean of its
-    checkpoints' averages, unless `raw_weights`."""
+    """The mean parameters of the last `last` readable checkpoints (section 6.1): (params,
+    steps). Of a run with a moving average, the mean of its checkpoints' averages, unless
+    `raw_weights`."""
     config = config or run_config.load_config(workdir)
     _, abstract = abstract_params(config)
     steps = _existing_steps(workdir)
     _check_enough(workdir, last, steps)
     found = read_params(path(workdir, CHECKPOINTS_DIR), steps, last, abstract,
                         which=weights(config, raw_weights))
-    return (average_params([p for _, p, _ in found]), [s for s, _, _ in found],
-            [i for _, _, i in found])
+    return average_params([p for _, p, _ in found]), [s for s, _, _ in found]
 
 
 def average_params(trees: list):
