@@ -370,7 +370,7 @@ def test_checkpoints_of_another_shape_are_refused_by_name_in_process(trained, tm
     _, abstract = saved_runs.abstract_params(config)
     with pytest.raises(errors.UsageError, match='checkpoint 12 in .* does not fit the run.s '
                        r'config: params\.decoder_layers\.ffn\.w1\.bias'):
-        saved_runs.read_params(directory, [4, 8, 12], 1, abstract)
+        saved_runs.read_newest(directory, [4, 8, 12], 1, abstract)
 
 
 # 12. The token cache is checked against the sizes and checksums it recorded: one that differs
@@ -816,7 +816,7 @@ def test_a_checkpoint_deleted_while_read_is_picked_again(run, monkeypatch, capsy
     monkeypatch.setattr(checkpoint, 'read_params', deleted_first)
     config = run_config.load_config(str(run))
     _, abstract = saved_runs.abstract_params(config)
-    found = saved_runs.read_params(directory, [4, 8, 12], 3, abstract)
+    found = saved_runs.read_newest(directory, [4, 8, 12], 3, abstract)
     assert [step for step, _, _ in found] == [8, 12, 16]
     assert 'warning' not in capsys.readouterr().err
     shutil.rmtree(os.path.join(directory, '16'))

@@ -152,7 +152,7 @@ def load_model(workdir: str, *, average: int | None = None, step: int | str | No
     if step is not None:
         if step not in available:
             raise UsageError(f'no checkpoint of step {step} in {workdir}; have {available}')
-        found = read_params(directory, [step], 1, abstract, which=which, pick_again=False)
+        found = read_newest(directory, [step], 1, abstract, which=which, pick_again=False)
     else:
         minimum = average  # an explicit --average must be met; the default takes what reads
         default = average is None
@@ -160,7 +160,7 @@ def load_model(workdir: str, *, average: int | None = None, step: int | str | No
         if default:
             average, minimum = max(1, min(wanted, len(available))), 1
         _check_enough(workdir, average, available)
-        found = read_params(directory, available, average, abstract, minimum, which=which)
+        found = read_newest(directory, available, average, abstract, minimum, which=which)
         if default and len(found) < wanted:
             errors.warn(f'averaging {len(found)} checkpoint(s), steps '
                         f'{[s for s, _, _ in found]}, not decode.average_last='
@@ -216,7 +216,7 @@ def average_last(workdir: str, last: int, config=None, *, raw_weights: bool = Fa
     _, abstract = abstract_params(config)
     steps = _existing_steps(workdir)
     _check_enough(workdir, last, steps)
-    found = read_params(path(workdir, CHECKPOINTS_DIR), steps, last, abstract,
+    found = read_newest(path(workdir, CHECKPOINTS_DIR), steps, last, abstract,
                         which=weights(config, raw_weights))
     return average_params([p for _, p, _ in found]), [s for s, _, _ in found]
 
@@ -240,10 +240,10 @@ def save_averaged(workdir: str, params, steps: list[int]) -> str:
 
 # -- reading checkpoints beside a running train ------------------------------------------------
 
-_PICKS = 3  # times read_params picks checkpoints anew after some were deleted meanwhile
+_PICKS = 3  # times read_newest picks checkpoints anew after some were deleted meanwhile
 
 
-def read_params(directory: str, steps: list[int], count: int, abstract,
+def read_newest(directory: str, steps: list[int], count: int, abstract,
                 minimum: int | None = None, pick_again: bool = True, which: str = 'params'):
     """The parameters only (no optimizer state) of the newest `count` checkpoints among `steps`
     in the checkpoint directory `directory` that read back whole: [(step, params, info)],
