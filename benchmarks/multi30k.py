@@ -1,26 +1,28 @@
 """Multi30k English->German end to end: train a small Transformer for a fixed time, choose the
-checkpoint averaging and length penalty on the validation split, and score test2016 once.
+weights, checkpoint averaging and length penalty on the validation split, score test2016 once.
 
-    python benchmarks/multi30k.py [--workdir=/tmp/multi30k] [--minutes=55]
+    python benchmarks/multi30k.py [--workdir=/tmp/multi30k] [--minutes=60]
                                   [--checkpoint_minutes=2] [--alphas=0.6,1.0,1.5,2.0]
-                                  [--averages=5,10] [--keep=N] [--validation_only] [--dry_run]
+                                  [--averages=1,5,10] [--weights=ema,raw] [--keep=N]
+                                  [--validation_only] [--dry_run]
                                   [-- --config.model.dropout_rate=0.3 ...]
 
 The model is the miniature Table 3's base (configs/table3_mini.py: 3 + 3 layers, d_model 256,
 d_ff 1024, 4 heads, shared BPE 8000, about 2048 tokens a batch, packed, warm-up 200 steps) with
-the settings in TUNED, chosen on the validation split (P_drop 0.2: see the comment there);
-everything else is the paper's (post-LN, Adam 0.9/0.98/1e-9, the inverse-square-root schedule,
-label smoothing 0.1, beam 4). Training stops by itself after --minutes of training
-(train.max_minutes: it saves and exits 0), with checkpoints every --checkpoint_minutes; the run
-keeps as many as the largest of --averages (or --keep).
+the settings in TUNED, chosen on the validation split (see the comment there); everything else
+is the paper's (post-LN, Adam 0.9/0.98/1e-9, the inverse-square-root schedule, label smoothing
+0.1, beam 4). Training stops by itself after --minutes of training (train.max_minutes: it
+saves and exits 0), with checkpoints every --checkpoint_minutes; the run keeps as many as the
+largest of --averages (or --keep). Run again on a trained work directory, it only evaluates.
 
-Then the validation split is decoded for every pair of (checkpoints averaged, length penalty)
-in --averages x --alphas, the pair with the best cased sacreBLEU is kept, and test2016 is
-decoded once with it. Arguments after `--` go to train as extra overrides. Prints ONE JSON
-object: test2016 cased and lowercased sacreBLEU (with signatures), the paper-style tokenized
-BLEU, the lowercased tokenized BLEU Multi30k papers report, chrF, the validation scores behind
-the choice, wall times and the exact commands. Data: ../shared/data/multi30k (train, val,
-test2016).
+Then the validation split is decoded for every (weights, checkpoints averaged, length penalty)
+in --weights x --averages x --alphas (the moving average and the raw parameters when the run
+keeps an EMA; one raw checkpoint is no candidate when more are averaged), the one with the best
+cased sacreBLEU is kept, and test2016 is decoded once with it. Arguments after `--` go to train
+as extra overrides. Prints ONE JSON object: test2016 cased and lowercased sacreBLEU (with
+signatures), the paper-style tokenized BLEU, the lowercased tokenized BLEU Multi30k papers
+report, chrF, the validation scores behind the choice, the training clock, wall times and the
+exact commands. Data: ../shared/data/multi30k (train, val, test2016).
 """
 
 from __future__ import annotations
@@ -56,10 +58,29 @@ def train_command(workdir: str, minutes: float, checkpoint_minutes: float, keep:
             f'--config.train.keep_checkpoints={keep}', *TUNED, *extra]
 
 
-def evaluate_command(workdir: str, split: str, average: int | str,
+def evaluate_command(workdir: str, split: str, weights: str, average: int | str,
                      alpha: float | str) -> list[str]:
+    """`weights`: 'ema' (the moving average the run kept) or 'raw' (its parameters)."""
     return [sys.executable, '-m', 'transformer.evaluate', f'--workdir={workdir}',
-            f'--split={split}', f'--average={average}', '--beam_size=4', f'--alpha={alpha}']
+            f'--split={split}', f'--average={average}', '--beam_size=4', f'--alpha={alpha}',
+            *(['--raw_weights'] if weights == 'raw' else [])]
+
+
+def uses_ema(settings: list[str]) -> bool:
+    """Whether these overrides keep a moving average (train.ema_decay > 0)."""
+    decay = [s.split('=', 1)[1] for s in settings if s.startswith('--config.train.ema_decay=')]
+    return bool(decay) and float(decay[-1]) > 0
+
+
+def train_seconds(workdir: str) -> float | None:
+    """The training clock of the run's newest metrics row (compilation, evaluation and saving
+    apart), whichever invocation trained it."""
+    path = pathlib.Path(workdir) / 'metrics.jsonl'
+    seconds = None
+    if path.exists():
+        for line in path.read_text().splitlines():
+            seconds = json.loads(line).get('time/train_seconds', seconds)
+    return seconds
 
 
 def run_json(command: list[str], env: dict) -> dict:
@@ -75,13 +96,16 @@ def main():
         argv = argv[:argv.index('--')]
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--workdir', default='/tmp/multi30k_ende')
-    parser.add_argument('--minutes', type=float, default=55.0, help='training time')
+    parser.add_argument('--minutes', type=float, default=60.0, help='training time')
     parser.add_argument('--checkpoint_minutes', type=float, default=2.0)
     parser.add_argument('--alphas', default='0.6,1.0,1.5,2.0',
                         help='length penalties tried on the validation split')
-    parser.add_argument('--averages', default='5,10',
+    parser.add_argument('--averages', default='1,5,10',
                         help='numbers of final checkpoints averaged, tried on the validation '
                         'split (the run keeps as many as the largest)')
+    parser.add_argument('--weights', default='',
+                        help='ema, raw or ema,raw: the weights tried on the validation split '
+                        '(default: both when the settings keep a moving average, else raw)')
     parser.add_argument('--keep', type=int, default=0,
                         help='checkpoints the run keeps (default: the largest of --averages); '
                         'give the trained run\'s value to evaluate it with fewer averages')
@@ -92,15 +116,21 @@ def main():
     args = parser.parse_args(argv)
     alphas = [float(a) for a in args.alphas.split(',')]
     averages = [int(k) for k in args.averages.split(',')]
-    grid = [(k, a) for k in averages for a in alphas]
+    settings = TUNED + extra
+    weights = (args.weights.split(',') if args.weights
+               else ['ema', 'raw'] if uses_ema(settings) else ['raw'])
+    # The raw parameters of one checkpoint are what averaging exists to beat: not a candidate
+    # when more are averaged.
+    grid = [(w, k, a) for w in weights for k in averages for a in alphas
+            if not (w == 'raw' and k == 1 and max(averages) > 1)]
 
     train = train_command(args.workdir, args.minutes, args.checkpoint_minutes,
                           args.keep or max(averages), extra)
     commands = {'train': shlex.join(train),
-                'validation': [shlex.join(evaluate_command(args.workdir, 'validation', k, a))
-                               for k, a in grid],
+                'validation': [shlex.join(evaluate_command(args.workdir, 'validation', *c))
+                               for c in grid],
                 'test': shlex.join(evaluate_command(args.workdir, 'test', '<chosen>',
-                                                    '<chosen>'))}
+                                                    '<chosen>', '<chosen>'))}
     if args.dry_run:
         print(json.dumps({'commands': commands}, indent=1))
         return
@@ -109,43 +139,34 @@ def main():
 
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get('PYTHONPATH', ''))
     start = time.time()
+    # A run that has used its time already (trained by an earlier invocation) exits at once.
     subprocess.run(train, cwd=REPO, env=env, stdout=sys.stderr, check=True)
-    train_seconds = time.time() - start
+    train_wall = time.time() - start
     start = time.time()
-    validation = {(k, a): run_json(evaluate_command(args.workdir, 'validation', k, a), env)
-                  for k, a in grid}
-    average, alpha = max(grid, key=lambda ka: validation[ka]['sacrebleu'])
-    scores = {f'average{k}_alpha{a}': {m: v[m] for m in SCORES}
-              for (k, a), v in validation.items()}
+    validation = {c: run_json(evaluate_command(args.workdir, 'validation', *c), env)
+                  for c in grid}
+    chosen = max(grid, key=lambda c: validation[c]['sacrebleu'])
+    scores = {f'{w}_average{k}_alpha{a}': {m: v[m] for m in SCORES}
+              for (w, k, a), v in validation.items()}
+    run = {'weights': chosen[0], 'average': chosen[1], 'alpha': chosen[2], 'validation': scores,
+           'checkpoint_steps': validation[chosen]['steps'],
+           'train_seconds': train_seconds(args.workdir),
+           'train_minutes_requested': args.minutes, 'train_wall_seconds': train_wall,
+           'settings': settings, 'commands': commands}
     if args.validation_only:
-        print(json.dumps({'benchmark': 'multi30k_en_de_validation', 'average': average,
-                          'alpha': alpha, 'validation': scores,
-                          'checkpoint_steps': validation[average, alpha]['steps'],
-                          'train_wall_seconds': train_seconds, 'settings': TUNED + extra,
-                          'commands': commands}, indent=1))
+        print(json.dumps({'benchmark': 'multi30k_en_de_validation', **run}, indent=1))
         return
-    test = run_json(evaluate_command(args.workdir, 'test', average, alpha), env)
-    evaluate_seconds = time.time() - start
+    test = run_json(evaluate_command(args.workdir, 'test', *chosen), env)
     print(json.dumps({
         'benchmark': 'multi30k_en_de_test2016',
-        'sacrebleu': test['sacrebleu'],
+        **{m: test[m] for m in SCORES},
         'sacrebleu_signature': test['sacrebleu_signature'],
-        'sacrebleu_lowercase': test['sacrebleu_lowercase'],
-        'tokenized_bleu': test['tokenized_bleu'],
-        'tokenized_bleu_lowercase': test['tokenized_bleu_lowercase'],
         'chrf': test['chrf'],
         'sentences': test['sentences'],
-        'average': average,
-        'alpha': alpha,
-        'validation': scores,
-        'checkpoint_steps': test['steps'],
-        'train_minutes_requested': args.minutes,
-        'train_wall_seconds': train_seconds,
-        'evaluate_wall_seconds': evaluate_seconds,
+        **run,
+        'evaluate_wall_seconds': time.time() - start,
         'decode_seconds': test['decode_seconds'],
         'devices': test['devices'],
-        'settings': TUNED + extra,
-        'commands': commands,
     }, indent=1))
 
 
