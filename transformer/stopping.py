@@ -1,8 +1,8 @@
 """Stopping a program: the phases of its life, and what SIGINT and SIGTERM do in each.
 
 A program (`python -m transformer.PROGRAM`) installs one handler for both signals at the import
-of the package, before JAX loads, and keeps it to the end; the phase it is in says what a
-signal does (`WHAT_A_SIGNAL_DOES`):
+of the package, before JAX loads, and keeps it to the end (`enter`); the phase it is in says
+what a signal does (`WHAT_A_SIGNAL_DOES`):
 
   loading      importing its libraries, parsing flags: `error: stopped by SIGTERM while
                starting; nothing was written`, exit 128 + N at once
@@ -111,12 +111,17 @@ def _handle(signum, frame) -> None:
 
 
 def enter(phase: Phase) -> None:
-    """The process is now in `phase`; the first call installs the one handler of SIGINT and
-    SIGTERM (from the main thread: at the package's import in a program, else in `cli.run`)."""
-    if _now.phase is None:
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, _handle)
+    """The process is now in `phase` (from the main thread: at the package's import in a
+    program, in `cli.run`, in train's loop).
+
+    The one handler of SIGINT and SIGTERM is installed again with each phase: a library may
+    take a signal over in C, where Python cannot see it (JAX's preemption service took SIGTERM
+    at jax.distributed.initialize until `distributed` turned it off), and what a phase does
+    must not depend on what was loaded since the last one began.
+    """
     _now.phase = phase
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _handle)
 
 
 def phase() -> Phase | None:
