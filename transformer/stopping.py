@@ -1,8 +1,8 @@
 """Stopping a program: the phases of its life, and what SIGINT and SIGTERM do in each.
 
 A program (`python -m transformer.PROGRAM`) installs one handler for both signals at the import
-of the package, before JAX loads, and keeps it to the end (`enter`); the phase it is in says
-what a signal does (`WHAT_A_SIGNAL_DOES`):
+of the package, before JAX loads, and keeps it to the end (`enter` puts it back as each phase
+begins); the phase the program is in says what a signal does (`WHAT_A_SIGNAL_DOES`):
 
   loading      importing its libraries, parsing flags: `error: stopped by SIGTERM while
                starting; nothing was written`, exit 128 + N at once
@@ -38,6 +38,8 @@ from transformer import errors
 
 
 class Phase(enum.Enum):
+    """The phases of a program's life, as the module's docstring describes them."""
+
     LOADING = 'loading'
     STARTING = 'starting'
     UNWINDING = 'unwinding'

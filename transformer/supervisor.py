@@ -10,9 +10,9 @@ be a Python function). So, at the import of the package and before JAX is loaded
 relays the child's stderr. When the child aborts that way, the supervisor prints
 `error: process I of N stopped: REASON (a lost peer process, or see its own error)` in place
 of the dump and exits 1; otherwise it exits as the child did (128 + N for a signal N, with a
-line). SIGTERM and SIGINT sent to the supervisor go to the child (its phase in stopping.py);
-the child dies with the supervisor (PR_SET_PDEATHSIG), so a kill -9 of what was launched ends
-the process as before. TRANSFORMER_SUPERVISE=0 runs the program directly.
+line). SIGTERM and SIGINT sent to the supervisor go to the child (stopping.py's supervising
+phase); the child dies with the supervisor (PR_SET_PDEATHSIG), so a kill -9 of what was launched
+ends the process as before. TRANSFORMER_SUPERVISE=0 runs the program directly.
 
 This module imports nothing of JAX: the supervisor stays a small process.
 """
