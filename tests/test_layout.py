@@ -58,12 +58,37 @@ def test_no_import_cycle():
         visit(module, [])
 
 
+def top_level_imports(module: str) -> set[str]:
+    """What `module` imports at its top, when it is imported: package modules by their name
+    (`errors`), others by their top package (`jax`)."""
+    def name(dotted: str) -> str:
+        parts = dotted.split('.')
+        return parts[1] if parts[0] == 'transformer' and len(parts) > 1 else parts[0]
+
+    found = set()
+    for node in ast.parse((PACKAGE / f'{module}.py').read_text()).body:
+        if isinstance(node, ast.ImportFrom) and node.module == 'transformer':
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(name(node.module))
+        elif isinstance(node, ast.Import):
+            found |= {name(alias.name) for alias in node.names}
+    return found
+
+
 def test_the_ground_floor_imports_no_project_module():
     # errors.py is what every module may import; the supervisor, which starts before JAX,
     # imports only it.
     graph = imports()
     assert graph['errors'] == set()
     assert graph['supervisor'] == {'errors'}
+    # The package's start-up, before JAX loads, installs the signal handler of stopping.py:
+    # at its top it imports only errors of the project and nothing of JAX (the loop's
+    # agreement imports distributed where it is called).
+    top = top_level_imports('stopping')
+    assert top & set(graph) == {'errors'}
+    assert not top & {'jax', 'numpy', 'flax', 'tqdm'}, top
+    assert top_level_imports('__init__') & set(graph) == {'allocator', 'stopping', 'supervisor'}
     # The names of a work directory's files: importable by data, metrics, distributed without
     # pulling in Orbax, SentencePiece or the config schema.
     assert graph['workdir'] == {'errors'}

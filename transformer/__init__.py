@@ -3,8 +3,9 @@
 import glob
 import importlib.util
 import os
+import sys
 
-from transformer import allocator, supervisor
+from transformer import allocator, stopping, supervisor
 
 
 def _skip_tpu_runtime_without_tpus() -> None:
@@ -28,11 +29,13 @@ def _skip_tpu_runtime_without_tpus() -> None:
 
 
 # `python -m transformer.PROGRAM` restarts itself with tcmalloc when it is installed (see
-# allocator.py), a multi-process train runs as the child of a supervisor that turns JAX's
-# aborts into one line, and a signal while a program starts is one line too (supervisor.py);
+# allocator.py), installs the one handler of SIGINT and SIGTERM, by which a signal while it
+# loads is one line (stopping.py), and, a multi-process train, runs as the child of a
+# supervisor that turns JAX's aborts into one line and passes signals on (supervisor.py);
 # importing the library does nothing of the kind. Before any of it, a host with libtpu but no
 # TPU keeps JAX off the TPU runtime.
 _skip_tpu_runtime_without_tpus()
 allocator.use_tcmalloc()
-supervisor.supervise()
-supervisor.exit_on_signals()
+if supervisor.is_program(sys.orig_argv):
+    stopping.enter(stopping.Phase.LOADING)
+supervisor.supervise(stopping.forward_to)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import sys
 import time
 import warnings
@@ -25,7 +24,7 @@ from ml_collections import config_flags
 from tqdm import tqdm
 
 from transformer import config as config_lib
-from transformer import data, errors, host_decode, saved_runs
+from transformer import data, errors, host_decode, saved_runs, stopping
 
 # -- flags --------------------------------------------------------------------------------------
 
@@ -319,26 +318,6 @@ def slow_for_tests(what: str) -> None:
         time.sleep(float(slow.split(':', 1)[1]))
 
 
-_INTERRUPTED: list[int] = []  # the signal _interrupt raised Interrupted for, if any
-
-
-def _interrupt(signum, frame) -> None:
-    """SIGINT/SIGTERM outside train's loop: unwinds the program (cleanup code runs), once."""
-    del frame
-    for other in (signal.SIGINT, signal.SIGTERM):  # a second signal must not cut the unwinding
-        signal.signal(other, signal.SIG_IGN)
-    _INTERRUPTED.append(signum)
-    raise errors.Interrupted(signum)
-
-
-def raise_if_interrupted() -> None:
-    """Raises Interrupted again for a signal whose exception was lost: a handler's exception
-    is raised in whatever code runs at that moment, and a library's broad `except` there may
-    swallow it (seen once in CI: a SIGTERM at start-up, then the whole run, exit 0)."""
-    if _INTERRUPTED:
-        raise errors.Interrupted(_INTERRUPTED[0])
-
-
 def run(main: Callable[[], None], positional: list | None = None) -> None:
     """Runs a program's `main()` with absl flags and one-line errors.
 
@@ -347,13 +326,12 @@ def run(main: Callable[[], None], positional: list | None = None) -> None:
     input (ValueError, a missing file, undecodable text) with status 2. In a multi-process run
     any failure (a lost peer included) is one line and exit status 1, without waiting for the
     other processes. SIGINT and SIGTERM end the program with one line and 128 + the signal's
-    number (train's loop handles them itself: it saves and exits 0); files are written
-    atomically, so nothing half-written is left.
+    number (stopping.py; train's loop handles them itself: it saves and exits 0); files are
+    written atomically, so nothing half-written is left.
     """
 
     def wrapped(argv):
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, _interrupt)
+        stopping.enter(stopping.Phase.STARTING)
         try:
             if positional is not None:
                 positional.extend(argv[1:])
@@ -364,9 +342,7 @@ def run(main: Callable[[], None], positional: list | None = None) -> None:
         except errors.Interrupted as e:
             if os.environ.get('TRANSFORMER_TRACEBACK'):
                 raise
-            name = signal.Signals(e.signum).name
-            tqdm.write(f'error: stopped by {name}; nothing half-written is left (run the same '
-                       'command again to go on)', file=sys.stderr)
+            tqdm.write(f'error: {stopping.stopped_message(e.signum)}', file=sys.stderr)
             _exit_now(e.exit_status)
         except Exception as e:
             if os.environ.get('TRANSFORMER_TRACEBACK'):

@@ -30,6 +30,10 @@ def initialize(timeout_seconds: int = 60) -> None:
     """
     # Collectives between CPU processes (tests, CPU clusters) go through gloo.
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    # The processes agree on a stop signal themselves (stopping.py). JAX's preemption service,
+    # for multihost_utils.reached_preemption_sync_point, would take SIGTERM over in C and only
+    # log it.
+    jax.config.update('jax_enable_preemption_service', False)
     if 'JAX_COORDINATOR_ADDRESS' in os.environ:
         where = dict(coordinator_address=os.environ['JAX_COORDINATOR_ADDRESS'],
                      num_processes=int(os.environ.get('JAX_NUM_PROCESSES', '1')),

@@ -92,9 +92,9 @@ class SaveError(RunError):
 
 
 class Interrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM where the program cannot save first (`cli.run` raises it from the
-    signal handler): a KeyboardInterrupt, so that cleanup code runs and no `except Exception`
-    swallows it; exit status 128 + the signal's number."""
+    """SIGINT or SIGTERM where the program cannot save first (the signal handler raises it,
+    stopping.py; `cli.run` reports it): a KeyboardInterrupt, so that cleanup code runs and no
+    `except Exception` swallows it; exit status 128 + the signal's number."""
 
     def __init__(self, signum: int):
         self.signum = signum

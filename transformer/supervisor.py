@@ -10,12 +10,9 @@ be a Python function). So, at the import of the package and before JAX is loaded
 relays the child's stderr. When the child aborts that way, the supervisor prints
 `error: process I of N stopped: REASON (a lost peer process, or see its own error)` in place
 of the dump and exits 1; otherwise it exits as the child did (128 + N for a signal N, with a
-line). SIGTERM and SIGINT sent to the supervisor go to the child; the child dies with the
-supervisor (PR_SET_PDEATHSIG), so a kill -9 of what was launched ends the process as before.
-TRANSFORMER_SUPERVISE=0 runs the program directly.
-
-Until `cli.run` takes signals over, a program (supervised or not) that gets SIGINT or SIGTERM
-while it starts ends at once with one line as well (`exit_on_signals`).
+line). SIGTERM and SIGINT sent to the supervisor go to the child (stopping.py's supervising
+phase); the child dies with the supervisor (PR_SET_PDEATHSIG), so a kill -9 of what was launched
+ends the process as before. TRANSFORMER_SUPERVISE=0 runs the program directly.
 
 This module imports nothing of JAX: the supervisor stays a small process.
 """
@@ -31,7 +28,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from transformer.errors import EXIT_RUNTIME, EXIT_SIGNAL, lost_peer_line
 
@@ -75,24 +72,6 @@ def is_program(argv: list[str], programs=None) -> bool:
                                   else argv[argv.index('-m') + 1].startswith('transformer.'))
 
 
-def exit_on_signals() -> None:
-    """In a program, until `cli.run` takes signals over: SIGINT or SIGTERM while it starts
-    (importing its libraries) ends it at once with one line and 128 + the signal's number;
-    nothing has been written yet. (Python would print a KeyboardInterrupt traceback, or die
-    of SIGTERM without a word.)"""
-    if not is_program(sys.orig_argv):
-        return
-
-    def stop(signum, frame):
-        del frame
-        os.write(2, f'error: stopped by {signal.Signals(signum).name} while starting; nothing '
-                    'was written\n'.encode())
-        os._exit(EXIT_SIGNAL + signum)
-
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, stop)
-
-
 def needed(argv: list[str], environ: Mapping[str, str]) -> bool:
     """Whether `argv` (sys.orig_argv) is to run under a supervisor: a multi-process program
     of PROGRAMS run with -m, not yet supervised, not turned off."""
@@ -100,15 +79,15 @@ def needed(argv: list[str], environ: Mapping[str, str]) -> bool:
             and environ.get(OFF, '1') != '0' and multi_process_job(environ))
 
 
-def supervise() -> None:
-    """Runs the program as a supervised child when `needed`, and exits as it did."""
+def supervise(forward_signals: Callable[[subprocess.Popen], None]) -> None:
+    """Runs the program as a supervised child when `needed`, and exits as it did;
+    `forward_signals(child)` (stopping.forward_to) passes SIGINT and SIGTERM on to it."""
     if not needed(sys.orig_argv, os.environ):
         return
     child = subprocess.Popen([sys.executable, *sys.orig_argv[1:]],
                              env=dict(os.environ, **{CHILD: '1'}), stderr=subprocess.PIPE,
                              preexec_fn=_child_setup)
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda s, _: child.send_signal(s))
+    forward_signals(child)
     fatal, said_error = relay(child, sys.stderr.buffer)
     sys.exit(exit_status(child.wait(), fatal, said_error, os.environ))
 

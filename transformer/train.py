@@ -7,7 +7,6 @@ slice; it resumes by itself from the latest complete checkpoint in the work dire
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -38,6 +37,7 @@ from transformer import (
     profiler,
     run_config,
     sharding,
+    stopping,
     tfds_source,
 )
 from transformer import config as config_lib
@@ -67,55 +67,6 @@ def _fault_injection(point: str, step: int = 0) -> None:
     fault = os.environ.get('TRANSFORMER_FAULT')
     if fault and fault == f'{point}:{step}':
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-class EvaluationStopped(BaseException):
-    """A stop signal arrived during an evaluation: it ends there, and the loop saves and stops.
-    (A BaseException, like KeyboardInterrupt, so that no `except Exception` on the way
-    swallows it.)"""
-
-
-class StopSignal:
-    """SIGTERM/SIGINT ask the loop to finish the step, save and exit 0 (preemption).
-
-    During an evaluation a signal ends it at once (`evaluation()`; a preemption's grace period
-    may be shorter than an evaluation): in a single-process run the handler raises
-    EvaluationStopped wherever the evaluation is; the processes of a multi-process run must
-    stop together, so they agree before each evaluation batch (`agreed`).
-    """
-
-    def __init__(self):
-        cli.raise_if_interrupted()  # a signal during start-up ends the program, not the loop
-        self.requested = False
-        self._evaluating = False
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        del frame
-        first = not self.requested
-        self.requested = True
-        if first:
-            errors.warn(f'received signal {signum}: saving after this step and exiting')
-        if self._evaluating:
-            self._evaluating = False
-            raise EvaluationStopped()
-
-    @contextlib.contextmanager
-    def evaluation(self):
-        """The block is an evaluation: a stop signal raises EvaluationStopped (at once with
-        one process, at the next batch with several)."""
-        if distributed.agree(self.requested)[0]:
-            raise EvaluationStopped()
-        self._evaluating = jax.process_count() == 1
-        try:
-            yield
-        finally:
-            self._evaluating = False
-
-    def agreed(self) -> bool:
-        """Whether any process got a stop signal (a collective in a multi-process run)."""
-        return distributed.agree(self.requested)[0]
 
 
 def prepare_data(config) -> None:
@@ -272,14 +223,7 @@ class Due(NamedTuple):
     stop: bool
 
 
-class Votes(NamedTuple):
-    """The host-side conditions the processes agreed on (Agreement)."""
-    signalled: bool  # SIGTERM/SIGINT: save and stop quickly
-    save_time: bool  # train.checkpoint_every_minutes since the last save
-    out_of_time: bool  # train.max_minutes of training reached
-
-
-def what_is_due(step: int, t, votes: Votes) -> Due:
+def what_is_due(step: int, t, votes: stopping.Votes) -> Due:
     """The log, save, evaluation and stop decisions after `step`, in one place."""
     stop = votes.signalled or votes.out_of_time
     return Due(log=itstime(step, t.log_every_steps, t.steps) or stop,
@@ -288,35 +232,6 @@ def what_is_due(step: int, t, votes: Votes) -> Due:
                evaluate=(itstime(step, t.eval_every_steps, t.steps)
                          or (votes.out_of_time and not votes.signalled)),
                stop=stop)
-
-
-class Agreement:
-    """Signals and time bounds, agreed by all processes every train.sync_every_steps steps
-    (every step in a single-process run): each agreement is a collective that stalls the
-    device queue."""
-
-    def __init__(self, t, stop_signal: StopSignal, clocks: metrics.Clocks):
-        self.t, self.stop_signal, self.clocks = t, stop_signal, clocks
-        self.signalled = False
-        self._last_save = time.time()
-
-    def finished(self) -> bool:
-        """A time-bounded run that has used its time already (run again when done)."""
-        return 0 < self.t.max_minutes <= self.clocks.seconds() / 60
-
-    def saved(self) -> None:
-        self._last_save = time.time()
-
-    def __call__(self, step: int) -> Votes:
-        t = self.t
-        if step % t.sync_every_steps and jax.process_count() > 1:
-            return Votes(False, False, False)
-        signalled, save_time, out_of_time = distributed.agree(
-            self.stop_signal.requested,
-            time.time() - self._last_save >= 60 * t.checkpoint_every_minutes,
-            0 < t.max_minutes <= self.clocks.seconds() / 60)
-        self.signalled = signalled
-        return Votes(signalled, save_time, out_of_time)
 
 
 def log_step(writer, progress, config, step: int, window: metrics.Window, m: dict,
@@ -489,8 +404,8 @@ def main():
     step_fn = train_step_lib.CompiledSteps(train_step, clocks.apart)
     batches = batching.Prefetcher(train_iter, PREFETCH_BATCHES, place)
     writer = metrics.MetricWriter(workdir, start=step, enabled=is_main)
-    stop_signal = StopSignal()
-    agreement = Agreement(t, stop_signal, clocks)
+    stop_signal = stopping.StopSignal()
+    agreement = stopping.Agreement(t, stop_signal, clocks)
     peak = model_stats.peak_flops()
     window = metrics.Window(smoothed_loss=run_info.get('loss_smoothed'), clock=clocks.seconds)
     tracer = profiler.StepTracer(config_lib.profile_steps(t.profile_steps),
@@ -518,12 +433,6 @@ def main():
         """Evaluates at step `at`, writes the row and tells early stopping; False when a stop
         signal cut it short."""
         jax.block_until_ready(state)
-
-        def checked_eval_step(params, batch):
-            if stop_signal.agreed():
-                raise EvaluationStopped()
-            return eval_step(params, batch)
-
         with clocks.apart('eval'):
             try:
                 with stop_signal.evaluation():
@@ -532,8 +441,9 @@ def main():
                     # The moving average when the run keeps one: the weights decoded later.
                     result = validation_metrics(config, tokenizer, setup.graphdef,
                                                 state.get('ema', state['params']),
-                                                checked_eval_step, validation, mesh, at)
-            except EvaluationStopped:
+                                                stop_signal.checked(eval_step), validation,
+                                                mesh, at)
+            except stopping.EvaluationStopped:
                 cli.say(f'Evaluation of step {at} stopped by the signal')
                 return False
         writer.write(at, result, prefix='eval/')

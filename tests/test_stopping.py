@@ -1,0 +1,69 @@
+"""What SIGINT and SIGTERM do in each phase of a program's life (stopping.py), in this process.
+tests/test_reliability.py and tests/test_train.py send them to real programs: while they load,
+start, train, evaluate, and to the supervisor of two processes."""
+
+import signal
+from types import SimpleNamespace
+
+import pytest
+
+from transformer import errors, stopping
+
+
+@pytest.fixture
+def phases():
+    """stopping's handler in this process for one test; pytest's handlers and the module's
+    state are put back after it."""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    state = dict(vars(stopping._now))
+    yield
+    for signum, handler in handlers.items():
+        signal.signal(signum, handler)
+    vars(stopping._now).update(state)
+
+
+def test_a_signal_while_starting_unwinds_once_and_is_not_lost(phases):
+    stopping.enter(stopping.Phase.STARTING)
+    with pytest.raises(errors.Interrupted) as raised:
+        signal.raise_signal(signal.SIGTERM)
+    assert raised.value.exit_status == errors.EXIT_SIGNAL + signal.SIGTERM
+    assert stopping.phase() == stopping.Phase.UNWINDING
+    signal.raise_signal(signal.SIGINT)  # ignored: nothing cuts the unwinding
+    # Swallowed by a library on the way: train's loop does not start.
+    with pytest.raises(errors.Interrupted):
+        stopping.StopSignal()
+    assert stopping.stopped_message(signal.SIGTERM) == (
+        'stopped by SIGTERM; nothing half-written is left (run the same command again to go on)')
+
+
+def test_in_the_loop_a_signal_is_a_vote_to_save_and_stop(phases):
+    stopping.enter(stopping.Phase.STARTING)
+    stop = stopping.StopSignal()
+    t = SimpleNamespace(sync_every_steps=1, checkpoint_every_minutes=60, max_minutes=0)
+    agreement = stopping.Agreement(t, stop, SimpleNamespace(seconds=lambda: 0.0))
+    assert agreement(1) == stopping.Votes(False, False, False)
+    signal.raise_signal(signal.SIGTERM)  # the step goes on
+    assert stop.requested and stopping.phase() == stopping.Phase.TRAINING
+    assert agreement(2) == stopping.Votes(True, False, False) and agreement.signalled
+
+
+def test_a_signal_ends_an_evaluation_at_once(phases):
+    stopping.enter(stopping.Phase.STARTING)
+    stop = stopping.StopSignal()
+    step = stop.checked(lambda x: x + 1)
+    with pytest.raises(stopping.EvaluationStopped), stop.evaluation():
+        assert stopping.phase() == stopping.Phase.EVALUATING and step(1) == 2
+        signal.raise_signal(signal.SIGINT)
+    assert stop.requested and stopping.phase() == stopping.Phase.TRAINING
+    with pytest.raises(stopping.EvaluationStopped):  # the next batch of another process
+        step(1)
+    with pytest.raises(stopping.EvaluationStopped), stop.evaluation():  # the next evaluation
+        pass
+
+
+def test_the_supervisor_passes_signals_on_to_its_child(phases):
+    sent = []
+    stopping.forward_to(SimpleNamespace(send_signal=sent.append))
+    signal.raise_signal(signal.SIGINT)
+    signal.raise_signal(signal.SIGTERM)
+    assert sent == [signal.SIGINT, signal.SIGTERM]
