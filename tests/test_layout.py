@@ -67,3 +67,5 @@ def test_the_ground_floor_imports_no_project_module():
     # The names of a work directory's files: importable by data, metrics, distributed without
     # pulling in Orbax, SentencePiece or the config schema.
     assert graph['workdir'] == {'errors'}
+    # The keys of a checkpoint's info: readable by every module that reads a run.
+    assert graph['checkpoint_info'] == set()

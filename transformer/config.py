@@ -357,13 +357,13 @@ def validate(c: ml_collections.ConfigDict) -> None:
             need(row not in writers, f'evals.{writers.get(row)} and evals.{name} both write '
                  f'the row {row}: give evals.{name} another prefix (e.g. {name}/)')
             writers[row] = name
-    if t.early_stop_patience:
-        need('eval/greedy_bleu' in writers or t.early_stop_metric != 'bleu',
+    row = 'eval/' + EARLY_STOP_METRICS[t.early_stop_metric]  # the validation metric followed
+    if t.early_stop_patience and row not in writers:
+        need(t.early_stop_metric != 'bleu' or t.eval_bleu_sentences > 0,
              'train.early_stop_metric=bleu needs train.eval_bleu_sentences > 0 (the greedy BLEU '
              'it compares), or use early_stop_metric=loss')
-        row = 'eval/' + EARLY_STOP_METRICS[t.early_stop_metric]
-        need(row in writers, f'train.early_stop_metric={t.early_stop_metric} follows the '
-             f'row {row}, which no entry of config.evals writes')
+        need(False, f'train.early_stop_metric={t.early_stop_metric} follows the row {row}, '
+             'which no entry of config.evals writes')
     need(math.isfinite(t.loss_scale_init) and t.loss_scale_init >= 1,
          f'train.loss_scale_init={t.loss_scale_init} must be a finite number >= 1')
     need(isinstance(t.loss_scale_period, int) and t.loss_scale_period >= 1,

@@ -379,6 +379,27 @@ def restore_or_initialize(config, setup: train_step_lib.Setup, manager, workdir:
     return Start(int(state['step']), state, info, resumed=True)
 
 
+def early_stopping_tracker(t, start: Start, workdir: str) -> early_stopping.Tracker:
+    """Early stopping's tracker: a resumed run goes on with the best so far and the
+    evaluations since (best.json's record, or the checkpoint's)."""
+    if not start.resumed:
+        return early_stopping.Tracker(t.early_stop_metric, t.early_stop_patience)
+    return early_stopping.resumed(t.early_stop_metric, t.early_stop_patience,
+                                  start.info.early_stop, workdir_lib.read_best(workdir),
+                                  start.step)
+
+
+def say_allocator() -> None:
+    """On a CPU, the memory allocator the process runs with."""
+    if jax.default_backend() != 'cpu':
+        return
+    malloc = allocator.in_use()
+    hint = '' if malloc == 'tcmalloc' else (
+        ' (CPU steps run about 1.3x faster with tcmalloc: apt-get install '
+        'libtcmalloc-minimal4)')
+    cli.say(f'Memory allocator: {malloc}{hint}')
+
+
 def save(saver: checkpoint.Saver, at: int, state, data_position: dict,
          run: checkpoint_info.Info, *, window: metrics.Window, clocks: metrics.Clocks,
          tracker: early_stopping.Tracker, agreement: Agreement) -> int:
@@ -483,8 +504,8 @@ def main():
     cli.say(f'Training data: {train_iter.stats}; tokenizer threads: {tokenizer.threads} (the '
             'CPU cores this process may use)')
     splits = evaluators.read_splits(config, tokenizer)  # what config.evals reads
-    followed = 'eval/' + config_lib.EARLY_STOP_METRICS[t.early_stop_metric]
-    if t.early_stop_patience and followed not in evaluators.rows(config, splits):
+    if t.early_stop_patience and ('eval/' + config_lib.EARLY_STOP_METRICS[t.early_stop_metric]
+                                  not in evaluators.rows(config, splits)):
         raise UsageError('train.early_stop_patience needs a validation split: set '
                          'config.data.validation')
     _fault_injection('data-ready')
@@ -501,24 +522,15 @@ def main():
     saver = checkpoint.Saver(manager)
     start = restore_or_initialize(config, setup, manager, workdir, train_iter, fingerprint,
                                   data_sha256, mesh)
+    tracker = early_stopping_tracker(t, start, workdir)
+    if tracker.best_step is not None:
+        best_steps.add(tracker.best_step)
     if start.resumed:
-        tracker = early_stopping.resumed(t.early_stop_metric, t.early_stop_patience,
-                                         start.info.early_stop, workdir_lib.read_best(workdir),
-                                         start.step)
-        if tracker.best_step is not None:
-            best_steps.add(tracker.best_step)
         # A run killed between a save's commit and Orbax's clean-up after it keeps one more.
         pruned = checkpoint.keep_newest(manager, t.keep_checkpoints, best_steps)
         if pruned:
             cli.say(f'Deleted checkpoints {pruned}: train.keep_checkpoints={t.keep_checkpoints}')
-    else:
-        tracker = early_stopping.Tracker(t.early_stop_metric, t.early_stop_patience)
-    if jax.default_backend() == 'cpu':
-        malloc = allocator.in_use()
-        hint = '' if malloc == 'tcmalloc' else (
-            ' (CPU steps run about 1.3x faster with tcmalloc: apt-get install '
-            'libtcmalloc-minimal4)')
-        cli.say(f'Memory allocator: {malloc}{hint}')
+    say_allocator()
 
     # --- the loop ------------------------------------------------------------------------------
     # Batches are made and put on the devices by a producer thread, a few steps ahead; a step's
