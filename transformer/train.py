@@ -231,10 +231,10 @@ def what_is_due(step: int, t, votes: Votes, evals: list) -> Due:
     """The log, save, evaluation and stop decisions after `step`, in one place."""
     stop = votes.signalled or votes.out_of_time
     # The last step is evaluated too, unless a signal asks to be quick.
-    last = votes.out_of_time and not votes.signalled
+    ending = votes.out_of_time and not votes.signalled
     return Due(log=itstime(step, t.log_every_steps, t.steps) or stop,
                save=itstime(step, t.checkpoint_every_steps, t.steps) or votes.save_time or stop,
-               evaluate=tuple(e for e in evals if itstime(step, e.every, t.steps) or last),
+               evaluate=tuple(e for e in evals if itstime(step, e.every, t.steps) or ending),
                stop=stop)
 
 
