@@ -384,45 +384,48 @@ def evals(c: ml_collections.ConfigDict) -> dict[str, dict]:
     naming the field for an entry that cannot work."""
     out = {}
     for name in sorted(c.get('evals') or {}):
-        given = c.evals[name]
-        if not isinstance(given, (dict, ml_collections.ConfigDict)):
-            raise UsageError(f'evals.{name}={given!r} must be a dict(type=..., ...); types: '
-                             f'{", ".join(EVAL_TYPES)}')
-        given = dict(given)
-        kind = given.get('type')
-        if kind not in EVAL_TYPES:
-            raise UsageError(f'evals.{name}.type={kind!r}; valid: {", ".join(EVAL_TYPES)}')
-        entry = {'type': kind, **EVAL_TYPES[kind], **given}
-        unknown = sorted(set(entry) - set(EVAL_TYPES[kind]) - {'type'})
-        if unknown:
-            raise UsageError(f'evals.{name}.{unknown[0]}: a {kind} evaluator has no such field; '
-                             f'valid: type, {", ".join(EVAL_TYPES[kind])}')
-        for field, minimum, zero in (('every', 0, 'train.eval_every_steps'),
-                                     ('sentences', 0, 'train.eval_bleu_sentences'),
-                                     ('beam_size', 1, '')):
-            value = entry.get(field, minimum)
-            if not (isinstance(value, int) and not isinstance(value, bool)
-                    and value >= minimum):
-                raise UsageError(f'evals.{name}.{field}={value!r} must be an integer >= '
-                                 f'{minimum}' + (f' (0: {zero})' if zero else ''))
-        if entry['split'] not in EVAL_SPLITS:
-            raise UsageError(f'evals.{name}.split={entry["split"]!r}; valid: '
-                             f'{", ".join(EVAL_SPLITS)}')
-        prefix = entry['prefix']
-        if not (isinstance(prefix, str) and (prefix == '' or (
-                prefix.endswith('/') and prefix.count('/') == 1 and len(prefix) > 1))):
-            raise UsageError(f'evals.{name}.prefix={prefix!r} must be a name ending in / '
-                             "(e.g. 'test/'), or '' (eval/ on the validation split, SPLIT/ on "
-                             'another)')
+        entry = _eval_entry(name, c.evals[name])
         entry['every'] = entry['every'] or c.train.eval_every_steps
         split = entry['split']
-        entry['prefix'] = prefix or ('eval/' if split == 'validation' else f'{split}/')
-        if kind == 'bleu':
+        entry['prefix'] = entry['prefix'] or ('eval/' if split == 'validation' else f'{split}/')
+        if entry['type'] == 'bleu':
             entry['sentences'] = entry['sentences'] or c.train.eval_bleu_sentences
             if entry['sentences'] == 0:
                 continue
         out[name] = entry
     return out
+
+
+def _eval_entry(name: str, given) -> dict:
+    """Entry `name` of config.evals over its type's defaults, its fields checked."""
+    if not isinstance(given, (dict, ml_collections.ConfigDict)):
+        raise UsageError(f'evals.{name}={given!r} must be a dict(type=..., ...); types: '
+                         f'{", ".join(EVAL_TYPES)}')
+    kind = given.get('type')
+    if kind not in EVAL_TYPES:
+        raise UsageError(f'evals.{name}.type={kind!r}; valid: {", ".join(EVAL_TYPES)}')
+    entry = {'type': kind, **EVAL_TYPES[kind], **dict(given)}
+    unknown = sorted(set(entry) - set(EVAL_TYPES[kind]) - {'type'})
+    if unknown:
+        raise UsageError(f'evals.{name}.{unknown[0]}: a {kind} evaluator has no such field; '
+                         f'valid: type, {", ".join(EVAL_TYPES[kind])}')
+    for field, minimum, zero in (('every', 0, 'train.eval_every_steps'),
+                                 ('sentences', 0, 'train.eval_bleu_sentences'),
+                                 ('beam_size', 1, '')):
+        value = entry.get(field, minimum)
+        if not (isinstance(value, int) and not isinstance(value, bool) and value >= minimum):
+            raise UsageError(f'evals.{name}.{field}={value!r} must be an integer >= {minimum}'
+                             + (f' (0: {zero})' if zero else ''))
+    if entry['split'] not in EVAL_SPLITS:
+        raise UsageError(f'evals.{name}.split={entry["split"]!r}; valid: '
+                         f'{", ".join(EVAL_SPLITS)}')
+    prefix = entry['prefix']
+    if not (isinstance(prefix, str) and (prefix == '' or (
+            prefix.endswith('/') and prefix.count('/') == 1 and len(prefix) > 1))):
+        raise UsageError(f'evals.{name}.prefix={prefix!r} must be a name ending in / '
+                         "(e.g. 'test/'), or '' (eval/ on the validation split, SPLIT/ on "
+                         'another)')
+    return entry
 
 
 def eval_keys(entry: dict) -> tuple[str, ...]:
