@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -13,6 +14,7 @@ from conftest import hand_count, load_config
 from transformer import config as config_lib
 from transformer import model as model_lib
 from transformer import run_config
+from transformer.errors import UsageError
 from transformer.model_stats import count_parameters, forward_flops
 
 TABLE3_ROWS = ['base', 'A1', 'A2', 'A3', 'A4', 'B1', 'B2', 'C1', 'C2', 'C3', 'C4', 'C5', 'C6',
@@ -158,3 +160,54 @@ def test_a_config_stored_before_a_field_existed_reads_as_it_was_trained(tmp_path
     stored = run_config.load_config(str(tmp_path))
     assert stored.model.attention_bias is True and stored.train.profile_steps == ''
     assert config_lib.differences(stored, config_lib.base_config()) == ['model.attention_bias']
+
+
+def test_evals_follow_the_train_fields_and_a_bad_entry_is_named(tmp_path):
+    """config.evals by default: the validation loss every train.eval_every_steps, the greedy
+    BLEU of train.eval_bleu_sentences sentences when > 0; entries added by a config file take
+    their type's defaults; a bad entry is one line naming its field."""
+    c = config_lib.base_config()
+    c.train.eval_every_steps = 7
+    assert config_lib.evals(c) == {
+        'loss': dict(type='loss', every=7, split='validation', prefix='eval/')}
+    c.train.eval_bleu_sentences = 20
+    assert config_lib.evals(c)['bleu'] == dict(type='bleu', every=7, split='validation',
+                                               prefix='eval/', sentences=20, beam_size=1)
+    c.evals.beam = dict(type='bleu', beam_size=4, sentences=100, every=50)
+    c.evals.news = dict(type='loss', split='test')
+    config_lib.validate(c)
+    entries = config_lib.evals(c)
+    assert list(entries) == ['beam', 'bleu', 'loss', 'news']  # the order they run in
+    assert [config_lib.eval_keys(e)[0] for e in entries.values()] == [
+        'beam4_bleu', 'greedy_bleu', 'nll', 'nll']
+    assert entries['news']['prefix'] == 'test/' and entries['news']['every'] == 7
+    for name, entry, needle in [
+            ('x', dict(type='rouge'), "evals.x.type='rouge'; valid: loss, bleu"),
+            ('x', dict(type='loss', beam_size=4), 'evals.x.beam_size: a loss evaluator has no'),
+            ('x', dict(type='bleu', every=-1), 'evals.x.every=-1 must be an integer >= 0'),
+            ('x', dict(type='bleu', beam_size=0), 'evals.x.beam_size=0 must be an integer >= 1'),
+            ('x', dict(type='loss', split='train'), "evals.x.split='train'; valid: validation"),
+            ('x', dict(type='loss', prefix='test'), "evals.x.prefix='test' must be a name"),
+            ('x', dict(type='loss', split='test'), 'evals.news and evals.x both write the row '
+                                                   'test/nll: give evals.x another prefix')]:
+        bad = config_lib.base_config()
+        bad.evals.news = dict(type='loss', split='test')
+        bad.evals[name] = entry
+        with pytest.raises(UsageError, match=re.escape(needle)):
+            config_lib.validate(bad)
+    stops = config_lib.base_config()
+    stops.train.update(early_stop_patience=2, early_stop_metric='bleu')
+    with pytest.raises(UsageError, match='early_stop_metric=bleu needs train.eval_bleu_sentences'):
+        config_lib.validate(stops)
+    stops.train.early_stop_metric = 'loss'
+    stops.evals.loss.split = 'test'
+    with pytest.raises(UsageError, match='follows the row eval/nll, which no entry'):
+        config_lib.validate(stops)
+    # A config stored before config.evals existed reads back with the default entries; a
+    # resumed run may change what it evaluates, and how often.
+    old = config_lib.base_config().to_dict()
+    del old['evals']
+    (tmp_path / 'config.json').write_text(json.dumps(old))
+    stored = run_config.load_config(str(tmp_path))
+    assert config_lib.differences(stored, config_lib.base_config()) == []
+    assert config_lib.differences(stored, c, ignore=config_lib.RESUMABLE_CHANGES) == []

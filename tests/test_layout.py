@@ -92,6 +92,8 @@ def test_the_ground_floor_imports_no_project_module():
     # The names of a work directory's files: importable by data, metrics, distributed without
     # pulling in Orbax, SentencePiece or the config schema.
     assert graph['workdir'] == {'errors'}
+    # The keys of a checkpoint's info: readable by every module that reads a run.
+    assert graph['checkpoint_info'] == set()
 
 
 def test_checkpoint_is_orbax_input_and_output_only():
@@ -100,3 +102,35 @@ def test_checkpoint_is_orbax_input_and_output_only():
     graph = imports()
     assert graph['checkpoint'] == {'errors', 'workdir'}
     assert 'checkpoint' in graph['saved_runs']
+
+
+# The package stays flat (`from transformer import search`, `python -m transformer.train`); its
+# roles are this table, in layers from the ground up, and the README's code map follows it. A
+# module imports only modules of its own role or of the roles before it.
+ROLES = {
+    'foundation': {'errors', 'supervisor', 'allocator', 'workdir', 'paper', 'checkpoint_info'},
+    'config': {'config'},
+    'text and data': {'tokenizer', 'synthetic', 'tfds_compat', 'tfds_source', 'data',
+                      'batching', 'vocabulary'},
+    'model': {'multi_head_attention', 'layers', 'model', 'sharding', 'model_stats'},
+    'decoding': {'search', 'alignment', 'host_decode', 'bleu'},
+    'training': {'schedule', 'train_step', 'early_stopping', 'metrics', 'profiler',
+                 'distributed', 'stopping', 'checkpoint', 'run_config', 'evaluators'},
+    'saved runs and export': {'saved_runs', 'exporting', 'export_ctranslate2',
+                              'export_huggingface', 'exported'},
+    'planning': {'targets', 'plan'},
+    'programs': {'__init__', 'cli', 'plots'} | PROGRAMS,
+}
+
+
+def test_every_module_has_one_role_and_imports_only_its_own_or_lower_roles():
+    graph = imports()
+    placed = [m for modules in ROLES.values() for m in modules]
+    assert len(placed) == len(set(placed)), 'a module in two roles'
+    assert set(placed) == set(graph), (f'modules without a role in ROLES: '
+                                       f'{sorted(set(graph) - set(placed))}; roles naming no '
+                                       f'module: {sorted(set(placed) - set(graph))}')
+    level = {m: i for i, modules in enumerate(ROLES.values()) for m in modules}
+    for module, imported in graph.items():
+        above = sorted(m for m in imported if level[m] > level[module])
+        assert not above, f'{module} ({list(ROLES)[level[module]]}) imports {above} of a later role'

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import (
+    REPO,
     free_port,
     program_env,
     run_train,
@@ -20,7 +21,7 @@ from conftest import (
 )
 from flax import nnx
 
-from transformer import checkpoint, cli, run_config, saved_runs, sharding
+from transformer import checkpoint, checkpoint_info, cli, run_config, saved_runs, sharding
 from transformer import train_step as train_step_lib
 from transformer.schedule import learning_rate
 
@@ -328,3 +329,38 @@ def test_clocks_leave_evaluation_out_and_a_trace_is_written(repo_root, tmp_path)
     assert info['clocks']['eval'] >= 10  # the last evaluation comes after the last save
     traces = list((workdir / 'profile').rglob('*.xplane.pb'))
     assert traces and traces[0].stat().st_size > 0
+
+
+def test_evaluators_are_config_entries(tmp_path):
+    """A beam-4 BLEU every 2 steps (the default BLEU entry, changed on the command line) and a
+    loss on the test split (an entry added by a config file): their rows and lines."""
+    config_file = tmp_path / 'evals.py'
+    config_file.write_text(
+        'from transformer import config as config_lib\n\n\n'
+        'def get_config(arg=None):\n'
+        f'    c = config_lib.load_file({str(REPO / "configs" / "demo.py")!r} + ":runlocal")\n'
+        "    c.evals.news = dict(type='loss', split='test')\n"
+        '    return c\n')
+    workdir = tmp_path / 'run'
+    r = run_train(workdir, '--config.train.steps=4', '--config.evals.bleu.beam_size=4',
+                  '--config.evals.bleu.sentences=4', '--config.evals.bleu.every=2',
+                  config=str(config_file))
+    rows = {r['step']: set(r) - {'step', 'time'} for r in map(
+        json.loads, (workdir / 'metrics.jsonl').read_text().splitlines()) if 'train/loss' not in r}
+    assert rows == {2: {'eval/beam4_bleu'},
+                    4: {'eval/beam4_bleu', 'eval/nll', 'eval/perplexity', 'eval/target_tokens',
+                        'test/nll', 'test/perplexity', 'test/target_tokens'}}
+    lines = [x for x in r.stderr.replace('\r', '\n').splitlines() if x.startswith('step ')]
+    assert [x.split(':')[0] for x in lines] == [
+        'step 2 beam-4 BLEU on 4 validation sentences', 'step 4 beam-4 BLEU on 4 validation '
+        'sentences', 'step 4 validation', 'step 4 test'], r.stderr
+
+
+def test_a_checkpoint_info_of_an_earlier_version_reads_back():
+    """Before the clocks, a checkpoint held the training time alone; fields it lacks are None."""
+    info = checkpoint_info.parse({'vocab_sha256': 'abc', 'train_seconds': 12.5})
+    assert info.vocab_sha256 == 'abc' and info.clocks == {'train': 12.5}
+    assert info.train_seconds == 12.5 and info.early_stop is None and info.config is None
+    stored = checkpoint_info.record(info._replace(clocks={'train': 3.0, 'eval': 1.0}))
+    assert stored['train_seconds'] == 3.0 and checkpoint_info.parse(stored).clocks['eval'] == 1.0
+    assert checkpoint_info.parse({}) == checkpoint_info.Info()

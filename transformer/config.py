@@ -28,8 +28,23 @@ TRAIN_PRESETS = {
 }
 
 DTYPES = ('float32', 'bfloat16', 'float16')
-# Validation metrics early stopping can follow: the loss (lower is better) and greedy BLEU.
-EARLY_STOP_METRICS = ('loss', 'bleu')
+# Validation metrics early stopping can follow: the loss (lower is better) and greedy BLEU,
+# each the result of an evaluator on the validation split (its row: eval/ + this key).
+EARLY_STOP_METRICS = {'loss': 'nll', 'bleu': 'greedy_bleu'}
+
+# The in-training evaluators (config.evals.<name> = dict(type=..., ...), big_vision's way;
+# evaluators.py builds and runs them) and the fields of each type, with the defaults that an
+# entry written in a config file may leave out. `every`: steps between its evaluations (the
+# last step is always evaluated), 0 = train.eval_every_steps. `split`: one of EVAL_SPLITS.
+# `prefix`: of its rows in the metrics, a name ending in '/'; '' = 'eval/' on the validation
+# split, 'SPLIT/' on another. bleu: `sentences`, the first N of the split (0 =
+# train.eval_bleu_sentences; 0 there too: the entry is off); `beam_size`, 1 = greedy (row
+# greedy_bleu, else beamK_bleu), with decode.length_penalty and decode.max_extra_length.
+EVAL_TYPES = {
+    'loss': dict(every=0, split='validation', prefix=''),
+    'bleu': dict(every=0, split='validation', prefix='', sentences=0, beam_size=1),
+}
+EVAL_SPLITS = ('validation', 'test')
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -171,7 +186,7 @@ def base_config() -> ml_collections.ConfigDict:
     t.mesh_data = -1  # devices on the 'data' axis; -1 = all that the fsdp axis leaves
     t.mesh_fsdp = 1  # devices on the 'fsdp' axis (parameters and optimizer state sharded)
     t.log_every_steps = 100
-    t.eval_every_steps = 1000
+    t.eval_every_steps = 1000  # of every evaluator (config.evals) whose `every` is 0
     t.eval_bleu_sentences = 0  # >0: greedy BLEU on that many validation sentences per eval
     t.checkpoint_every_steps = 1000
     t.checkpoint_every_minutes = 10.0  # section 6.1: checkpoints written at 10-minute intervals
@@ -198,6 +213,14 @@ def base_config() -> ml_collections.ConfigDict:
     dc.max_extra_length = 50
     dc.average_last = TRAIN_PRESETS['base']['average_last']
     dc.batch_sentences = 64
+
+    # What the loop evaluates (EVAL_TYPES): the validation loss, and the greedy BLEU of
+    # train.eval_bleu_sentences validation sentences (when > 0; single-process runs), every
+    # train.eval_every_steps steps. A config file adds entries (e.g. c.evals.beam = dict(
+    # type='bleu', beam_size=4, sentences=500, every=5000), or a loss on the test split); the
+    # command line changes the fields of existing ones (--config.evals.bleu.beam_size=4).
+    c.evals = ml_collections.ConfigDict({name: dict(type=name, **fields)
+                                         for name, fields in EVAL_TYPES.items()})
     return c
 
 
@@ -327,10 +350,20 @@ def validate(c: ml_collections.ConfigDict) -> None:
     need(t.early_stop_metric in EARLY_STOP_METRICS,
          f'train.early_stop_metric={t.early_stop_metric!r}; valid: '
          f'{", ".join(EARLY_STOP_METRICS)}')
-    need(not (t.early_stop_patience and t.early_stop_metric == 'bleu'
-              and t.eval_bleu_sentences < 1),
-         'train.early_stop_metric=bleu needs train.eval_bleu_sentences > 0 (the greedy BLEU it '
-         'compares), or use early_stop_metric=loss')
+    writers = {}  # row -> the entry of config.evals that writes it
+    for name, entry in evals(c).items():
+        for key in eval_keys(entry):
+            row = entry['prefix'] + key
+            need(row not in writers, f'evals.{writers.get(row)} and evals.{name} both write '
+                 f'the row {row}: give evals.{name} another prefix (e.g. {name}/)')
+            writers[row] = name
+    row = 'eval/' + EARLY_STOP_METRICS[t.early_stop_metric]  # the validation metric followed
+    if t.early_stop_patience and row not in writers:
+        need(t.early_stop_metric != 'bleu' or t.eval_bleu_sentences > 0,
+             'train.early_stop_metric=bleu needs train.eval_bleu_sentences > 0 (the greedy BLEU '
+             'it compares), or use early_stop_metric=loss')
+        need(False, f'train.early_stop_metric={t.early_stop_metric} follows the row {row}, '
+             'which no entry of config.evals writes')
     need(math.isfinite(t.loss_scale_init) and t.loss_scale_init >= 1,
          f'train.loss_scale_init={t.loss_scale_init} must be a finite number >= 1')
     need(isinstance(t.loss_scale_period, int) and t.loss_scale_period >= 1,
@@ -342,6 +375,65 @@ def validate(c: ml_collections.ConfigDict) -> None:
     need(c.decode.beam_size >= 1, f'decode.beam_size={c.decode.beam_size} must be >= 1')
     need(c.decode.batch_sentences >= 1,
          f'decode.batch_sentences={c.decode.batch_sentences} must be >= 1')
+
+
+def evals(c: ml_collections.ConfigDict) -> dict[str, dict]:
+    """config.evals as the loop runs them, in the order of their names: each entry over its
+    type's defaults (EVAL_TYPES), with the `every`, `prefix` and `sentences` that follow
+    other fields made explicit; a BLEU entry of no sentences (off) is left out. UsageError
+    naming the field for an entry that cannot work."""
+    out = {}
+    for name in sorted(c.get('evals') or {}):
+        entry = _eval_entry(name, c.evals[name])
+        entry['every'] = entry['every'] or c.train.eval_every_steps
+        split = entry['split']
+        entry['prefix'] = entry['prefix'] or ('eval/' if split == 'validation' else f'{split}/')
+        if entry['type'] == 'bleu':
+            entry['sentences'] = entry['sentences'] or c.train.eval_bleu_sentences
+            if entry['sentences'] == 0:
+                continue
+        out[name] = entry
+    return out
+
+
+def _eval_entry(name: str, given) -> dict:
+    """Entry `name` of config.evals over its type's defaults, its fields checked."""
+    if not isinstance(given, (dict, ml_collections.ConfigDict)):
+        raise UsageError(f'evals.{name}={given!r} must be a dict(type=..., ...); types: '
+                         f'{", ".join(EVAL_TYPES)}')
+    kind = given.get('type')
+    if kind not in EVAL_TYPES:
+        raise UsageError(f'evals.{name}.type={kind!r}; valid: {", ".join(EVAL_TYPES)}')
+    entry = {'type': kind, **EVAL_TYPES[kind], **dict(given)}
+    unknown = sorted(set(entry) - set(EVAL_TYPES[kind]) - {'type'})
+    if unknown:
+        raise UsageError(f'evals.{name}.{unknown[0]}: a {kind} evaluator has no such field; '
+                         f'valid: type, {", ".join(EVAL_TYPES[kind])}')
+    for field, minimum, zero in (('every', 0, 'train.eval_every_steps'),
+                                 ('sentences', 0, 'train.eval_bleu_sentences'),
+                                 ('beam_size', 1, '')):
+        value = entry.get(field, minimum)
+        if not (isinstance(value, int) and not isinstance(value, bool) and value >= minimum):
+            raise UsageError(f'evals.{name}.{field}={value!r} must be an integer >= {minimum}'
+                             + (f' (0: {zero})' if zero else ''))
+    if entry['split'] not in EVAL_SPLITS:
+        raise UsageError(f'evals.{name}.split={entry["split"]!r}; valid: '
+                         f'{", ".join(EVAL_SPLITS)}')
+    prefix = entry['prefix']
+    if not (isinstance(prefix, str) and (prefix == '' or (
+            prefix.endswith('/') and prefix.count('/') == 1 and len(prefix) > 1))):
+        raise UsageError(f'evals.{name}.prefix={prefix!r} must be a name ending in / '
+                         "(e.g. 'test/'), or '' (eval/ on the validation split, SPLIT/ on "
+                         'another)')
+    return entry
+
+
+def eval_keys(entry: dict) -> tuple[str, ...]:
+    """The keys of an evaluator's results (an entry of `evals`); its rows are prefix + key."""
+    if entry['type'] == 'loss':
+        return ('nll', 'perplexity', 'target_tokens')
+    beam = entry['beam_size']
+    return ('greedy_bleu' if beam == 1 else f'beam{beam}_bleu',)
 
 
 def profile_steps(spec: str) -> tuple[int, int] | None:
@@ -370,7 +462,9 @@ RESUMABLE_CHANGES = ('train.steps', 'train.max_minutes', 'train.log_every_steps'
                      # When to stop, not what is trained (a new metric starts its best anew).
                      'train.early_stop_patience', 'train.early_stop_metric',
                      # How the same model is computed: the same parameters, the same function.
-                     'model.scan_layers', 'model.remat', 'model.attention_impl')
+                     'model.scan_layers', 'model.remat', 'model.attention_impl',
+                     # What is evaluated, and how often (every field under config.evals).
+                     'evals')
 
 
 # Fields added after runs were stored, with the value that reproduces those runs (what the
@@ -412,10 +506,12 @@ def load_file(spec: str) -> ml_collections.ConfigDict:
 
 def differences(a: ml_collections.ConfigDict, b: ml_collections.ConfigDict,
                 ignore: tuple[str, ...] = ()) -> list[str]:
-    """Dotted names of the fields whose values differ between two configs."""
+    """Dotted names of the fields whose values differ between two configs, but those in
+    `ignore` (a name there also stands for every field under it)."""
     fa, fb = _flatten(a.to_dict()), _flatten(b.to_dict())
     return sorted(k for k in set(fa) | set(fb)
-                  if fa.get(k) != fb.get(k) and k not in ignore)
+                  if fa.get(k) != fb.get(k)
+                  and not any(k == i or k.startswith(i + '.') for i in ignore))
 
 
 def _flatten(d, prefix=''):

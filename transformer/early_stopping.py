@@ -60,11 +60,12 @@ class Tracker:
                 f'step {self.best_step}')
 
 
-def resumed(metric: str, patience: int, info: dict, best_file: dict | None,
+def resumed(metric: str, patience: int, checkpointed: dict | None, best_file: dict | None,
             step: int) -> Tracker:
     """The tracker a run resumed from checkpoint `step` goes on with: best.json's record when
     it is that of the evaluation of `step` itself (done after the save), else the
-    checkpoint's own (evaluations after `step` are done again)."""
+    checkpoint's own (`checkpointed`, checkpoint_info.Info.early_stop; evaluations after
+    `step` are done again)."""
     if best_file and best_file.get('step') == step:
         return Tracker(metric, patience, best_file)
-    return Tracker(metric, patience, info.get('early_stop'))
+    return Tracker(metric, patience, checkpointed)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from absl import flags
 
-from transformer import checkpoint, cli, paper, plots, run_config
+from transformer import checkpoint, checkpoint_info, cli, paper, plots, run_config
 from transformer import config as config_lib
 from transformer import workdir as workdir_lib
 from transformer.errors import UsageError
@@ -111,11 +111,11 @@ def read_run(workdir: str) -> Run:
     except Exception as e:  # noqa: BLE001 - any unreadable run is skipped with its reason
         raise UsageError(f'config.json cannot be read: {e}') from None
     steps = checkpoint.steps_in(workdir)
-    info = checkpoint.read_info(workdir_lib.path(workdir, workdir_lib.CHECKPOINTS_DIR),
-                                steps[-1]) if steps else {}
+    info = checkpoint_info.parse(checkpoint.read_info(
+        workdir_lib.path(workdir, workdir_lib.CHECKPOINTS_DIR), steps[-1]) if steps else {})
     done = steps[-1] if steps else 0
     t = config.train
-    seconds = info.get('train_seconds')
+    seconds = info.train_seconds
     out_of_time = t.get('max_minutes', 0) > 0 and seconds is not None and (
         seconds >= 60 * t.max_minutes - 1)
     curve = [(r['step'], r['eval/perplexity']) for r in _read_metrics(workdir)

@@ -10,7 +10,7 @@ import os
 
 import ml_collections
 
-from transformer import checkpoint, errors
+from transformer import checkpoint, checkpoint_info, errors
 from transformer import config as config_lib
 from transformer.errors import UsageError
 from transformer.workdir import CHECKPOINTS_DIR, CONFIG_FILE, atomic_write, check_workdir, path
@@ -32,7 +32,7 @@ def _checkpointed_config(workdir: str) -> tuple[int, dict] | None:
     """(step, stored config) of the newest checkpoint that holds the run's config, if any."""
     directory = path(workdir, CHECKPOINTS_DIR)
     for step in reversed(checkpoint.steps_in(workdir)):
-        stored = checkpoint.read_info(directory, step).get('config')
+        stored = checkpoint_info.parse(checkpoint.read_info(directory, step)).config
         if stored:
             return step, stored
     return None

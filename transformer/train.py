@@ -7,8 +7,8 @@ slice; it resumes by itself from the latest complete checkpoint in the work dire
 
 from __future__ import annotations
 
+import functools
 import json
-import math
 import os
 import signal
 import sys
@@ -17,20 +17,19 @@ from typing import NamedTuple
 
 import jax
 import numpy as np
-from flax import nnx
 from tqdm import tqdm
 
 from transformer import (
     allocator,
     batching,
-    bleu,
     checkpoint,
+    checkpoint_info,
     cli,
     data,
     distributed,
     early_stopping,
     errors,
-    host_decode,
+    evaluators,
     metrics,
     model_stats,
     plan,
@@ -122,65 +121,12 @@ def training_batches(config, workdir: str, tokenizer,
     ), split.fingerprint
 
 
-class Validation(NamedTuple):
-    split: batching.EncodedSplit  # read and tokenized once per run
-    batches: list  # this process's loss batches of it
-
-
-def validation_data(config, tokenizer) -> Validation | None:
-    """The validation split, read and tokenized once per run, and this process's batches.
-
-    None, with a warning, when local data has no validation split configured; a configured
-    split that cannot be read stops the run before any training (DataError).
-    """
-    if config.data.source == 'local' and not config.data.validation:
-        errors.warn('config.data.validation is not set: no validation loss')
-        return None
-    split = batching.encode_split(config, tokenizer, 'validation')
-    return Validation(split, list(batching.eval_batches(
-        split, config.data, config.data.eval_batch_sentences,
-        process_index=jax.process_index(), process_count=jax.process_count())))
-
-
-def validation_loss(eval_fn, params, batches: list, mesh) -> dict:
-    """Cross-entropy and per-token perplexity on the (unfiltered) validation split."""
-    batch_sharding = sharding.batch_sharding(mesh)
-    total = np.zeros(2)
-    for batch in batches:
-        arrays = {k: jax.make_array_from_process_local_data(batch_sharding, batch[k])
-                  for k in ('inputs', 'targets')}
-        total += np.asarray(eval_fn(params, arrays))
-    nll = total[0] / max(total[1], 1.0)
-    return {'nll': nll, 'perplexity': math.exp(min(nll, 50.0)), 'target_tokens': total[1]}
-
-
-def validation_bleu(config, tokenizer, graphdef, params, split: batching.EncodedSplit,
-                    sentences: int) -> float:
-    """Greedy sacreBLEU on the first `sentences` validation sentences (a quick signal; the
-    paper's beam search and checkpoint averaging belong to `evaluate`): only those sentences
-    are batched and decoded, from the split read once per run."""
-    settings = host_decode.settings(config, beam_size=1)
-    batch = config.decode.batch_sentences
-    decoder = host_decode.make_decoder(nnx.merge(graphdef, params), config, settings, batch)
-    hypotheses, _ = host_decode.translate_split(decoder, config, tokenizer, split, batch,
-                                                limit=sentences)
-    ordered = [hypotheses[i] for i in sorted(hypotheses)]
-    return bleu.sacrebleu_score(ordered, split.references[:len(ordered)])[0]
-
-
-def validation_metrics(config, tokenizer, graphdef, params, eval_step, validation, mesh,
-                       step) -> dict:
-    """The validation loss (and greedy BLEU when asked) at `step`, also said on the console."""
-    result = validation_loss(eval_step, params, validation.batches, mesh)
-    sentences = config.train.eval_bleu_sentences
-    if sentences > 0 and jax.process_count() == 1:
-        result['greedy_bleu'] = validation_bleu(config, tokenizer, graphdef, params,
-                                                validation.split, sentences)
-        cli.say(f'step {step} greedy BLEU on {sentences} validation sentences: '
-                f'{result["greedy_bleu"]:.2f}')
-    cli.say(f'step {step} validation: nll {result["nll"]:.4f}, '
-            f'perplexity {result["perplexity"]:.3f}')
-    return result
+def place(batch: dict, batch_sharding, config) -> tuple[dict, dict]:
+    """A global batch put on the devices (this process's rows of it), and its host-side
+    facts (`batch_stats`): what the producer thread hands to the loop."""
+    arrays = {k: jax.make_array_from_process_local_data(batch_sharding, v)
+              for k, v in batch.items()}
+    return arrays, batch_stats(config, batch)
 
 
 def batch_stats(config, batch: dict) -> dict:
@@ -192,9 +138,10 @@ def batch_stats(config, batch: dict) -> dict:
     return dict(flops=flops, real_tokens=real, slots=batch['inputs'].size + batch['targets'].size)
 
 
-def check_finite(step: int, m: dict, last_saved: int | None, workdir: str) -> None:
+def check_finite(step: int, m: dict, manager, workdir: str) -> None:
     """A non-finite loss or gradient stops the run (nothing more is saved), unless float16's
-    loss scaling skipped that step; a loss scale halved below its floor stops it too."""
+    loss scaling skipped that step; a loss scale halved below its floor stops it too. The
+    error names the last good checkpoint: the newest that `manager` saved or found."""
     if m.get('skipped'):
         if m['loss_scale'] / train_step_lib.LOSS_SCALE_FACTOR < train_step_lib.LOSS_SCALE_MIN:
             raise RunError(f'the float16 loss scale fell below {train_step_lib.LOSS_SCALE_MIN:g}'
@@ -202,7 +149,8 @@ def check_finite(step: int, m: dict, last_saved: int | None, workdir: str) -> No
                            'model.dtype=bfloat16 or float32, or a lower learning rate')
         return
     if not (np.isfinite(m['loss']) and np.isfinite(m['grad_norm'])):
-        kept = f'step {last_saved}' if last_saved is not None else 'none yet'
+        saved = manager.all_steps()
+        kept = f'step {max(saved)}' if saved else 'none yet'
         raise RunError(f'non-finite loss ({m["loss"]}) at step {step}; last good '
                        f'checkpoint: {kept} in {workdir}')
 
@@ -219,18 +167,18 @@ class Due(NamedTuple):
     """What is due after a step."""
     log: bool
     save: bool
-    evaluate: bool
+    evaluate: tuple  # the evaluators due (evaluators.Evaluator)
     stop: bool
 
 
-def what_is_due(step: int, t, votes: stopping.Votes) -> Due:
+def what_is_due(step: int, t, votes: stopping.Votes, evals: list) -> Due:
     """The log, save, evaluation and stop decisions after `step`, in one place."""
     stop = votes.signalled or votes.out_of_time
+    # The last step is evaluated too, unless a signal asks to be quick.
+    ending = votes.out_of_time and not votes.signalled
     return Due(log=itstime(step, t.log_every_steps, t.steps) or stop,
                save=itstime(step, t.checkpoint_every_steps, t.steps) or votes.save_time or stop,
-               # The last step is evaluated too, unless a signal asks to be quick.
-               evaluate=(itstime(step, t.eval_every_steps, t.steps)
-                         or (votes.out_of_time and not votes.signalled)),
+               evaluate=tuple(e for e in evals if itstime(step, e.every, t.steps) or ending),
                stop=stop)
 
 
@@ -295,20 +243,143 @@ def update_total(progress, config, step: int, seconds: float, steps_per_second: 
     progress.total = max(step, min(t.steps, by_time))
 
 
-def checked_resume(restored, workdir: str, vocab_sha256: str, data_sha256: str | None) -> None:
-    """Refuses to resume checkpoints trained with another vocabulary, or on other training data
-    (e.g. the local training text was changed since: the data position would point elsewhere)."""
-    saved_step, _, _, run_info = restored
-    if run_info.get('vocab_sha256', vocab_sha256) != vocab_sha256:
+def checked_resume(step: int, info: checkpoint_info.Info, workdir: str, vocab_sha256: str,
+                   data_sha256: str | None) -> None:
+    """Refuses to resume checkpoint `step` (its `info`) when it was trained with another
+    vocabulary, or on other training data (e.g. the local training text was changed since:
+    the data position would point elsewhere)."""
+    if (info.vocab_sha256 or vocab_sha256) != vocab_sha256:
         raise UsageError(f'{workdir_lib.path(workdir, workdir_lib.VOCAB_MODEL)} is not the '
-                         f'vocabulary checkpoint {saved_step} was trained with')
-    recorded = run_info.get('data_sha256')
+                         f'vocabulary checkpoint {step} was trained with')
+    recorded = info.data_sha256
     if recorded and data_sha256 and recorded != data_sha256:
         raise UsageError(f'the training data tokenized in '
                          f'{workdir_lib.path(workdir, workdir_lib.CACHE_DIR)} (sha256 '
-                         f'{data_sha256[:12]}...) is not what checkpoint {saved_step} was trained '
+                         f'{data_sha256[:12]}...) is not what checkpoint {step} was trained '
                          f'on (sha256 {recorded[:12]}...): the training text changed since; '
                          'restore it, or use a new --workdir')
+
+
+class Start(NamedTuple):
+    """Where the loop starts: a checkpoint restored, or a new state."""
+    step: int
+    state: dict
+    info: checkpoint_info.Info  # of the checkpoint (a new run: every field None)
+    resumed: bool
+
+
+def restore_or_initialize(config, setup: train_step_lib.Setup, manager, workdir: str,
+                          train_iter: batching.TrainIterator, vocab_sha256: str,
+                          data_sha256: str | None, mesh) -> Start:
+    """The newest checkpoint that reads back whole (a broken one is moved aside by process
+    0), checked against this run's vocabulary and training data, its data position set in
+    `train_iter`; else a new state, created already sharded."""
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          setup.abstract_state, setup.state_shardings)
+    broken = workdir_lib.path(workdir, workdir_lib.BROKEN_DIR)
+    restored = checkpoint.restore_newest(manager, target,
+                                         broken if distributed.is_main() else None)
+    if restored is None:
+        state = jax.jit(setup.init_state, out_shardings=setup.state_shardings)()
+        m = model_lib.resolved(config, mesh.devices.flat[0].platform).model
+        cli.say(f'New run in {workdir}: {jax.device_count()} devices, mesh {dict(mesh.shape)}; '
+                f'compute {m.dtype}, attention {m.attention_impl}, scan_layers {m.scan_layers}, '
+                f'remat {m.remat}')
+        return Start(int(state['step']), state, checkpoint_info.Info(), resumed=False)
+    saved_step, state, data_state, stored = restored
+    info = checkpoint_info.parse(stored)
+    checked_resume(saved_step, info, workdir, vocab_sha256, data_sha256)
+    train_iter.set_state(data_state)
+    cli.say(f'Resumed from step {saved_step} of {workdir} (data position {data_state})')
+    return Start(int(state['step']), state, info, resumed=True)
+
+
+def early_stopping_tracker(t, start: Start, workdir: str) -> early_stopping.Tracker:
+    """Early stopping's tracker: a resumed run goes on with the best so far and the
+    evaluations since (best.json's record, or the checkpoint's)."""
+    if not start.resumed:
+        return early_stopping.Tracker(t.early_stop_metric, t.early_stop_patience)
+    return early_stopping.resumed(t.early_stop_metric, t.early_stop_patience,
+                                  start.info.early_stop, workdir_lib.read_best(workdir),
+                                  start.step)
+
+
+def say_allocator() -> None:
+    """On a CPU, the memory allocator the process runs with."""
+    if jax.default_backend() != 'cpu':
+        return
+    malloc = allocator.in_use()
+    hint = '' if malloc == 'tcmalloc' else (
+        ' (CPU steps run about 1.3x faster with tcmalloc: apt-get install '
+        'libtcmalloc-minimal4)')
+    cli.say(f'Memory allocator: {malloc}{hint}')
+
+
+def save(saver: checkpoint.Saver, at: int, state, data_position: dict,
+         run: checkpoint_info.Info, *, window: metrics.Window, clocks: metrics.Clocks,
+         tracker: early_stopping.Tracker, agreement: stopping.Agreement) -> int:
+    """Saves step `at` (asynchronously): the state, the data position after it, and the info:
+    the run's (`run`: fingerprints, config) with the smoothed loss, the clocks and early
+    stopping's record as they are now. Returns `at`, the newest save."""
+    jax.block_until_ready(state)  # the steps' own time is training, not saving
+    with clocks.apart('save'):
+        info = run._replace(loss_smoothed=window.smoothed_loss, clocks=clocks.totals(),
+                            early_stop=tracker.record())
+        saver.save(at, state, data_position, info=checkpoint_info.record(info))
+    agreement.saved()
+    _fault_injection('in-save', at)
+    return at
+
+
+def evaluate(evals: tuple, at: int, state, *, stop_signal: stopping.StopSignal,
+             clocks: metrics.Clocks, writer: metrics.MetricWriter) -> dict | None:
+    """Runs the evaluators `evals` at step `at`, on the weights decoded later (the moving
+    average when the run keeps one), says each result and writes them as one row; returns
+    the row (prefix + key: value), or None when a stop signal cut the evaluation short."""
+    jax.block_until_ready(state)
+    params = state.get('ema', state['params'])
+    row = {}
+    with clocks.apart('eval'):
+        try:
+            with stop_signal.evaluation():
+                cli.slow_for_tests('eval')
+                _fault_injection('in-eval', at)
+                for evaluator in evals:
+                    result = evaluator.run(params)
+                    cli.say(evaluator.line(at, result))
+                    row.update({evaluator.prefix + k: v for k, v in result.items()})
+        except stopping.EvaluationStopped:
+            cli.say(f'Evaluation of step {at} stopped by the signal')
+            return None
+    writer.write(at, row)
+    return row
+
+
+def track(tracker: early_stopping.Tracker, best_steps: set[int], at: int, row: dict) -> bool:
+    """Early stopping after the evaluation of step `at` (its `row`), when it holds the
+    validation metric followed: True when `at` is the best step so far, then the one kept
+    beyond train.keep_checkpoints (`best_steps`, the checkpoint manager's protected set)."""
+    validation = {k.removeprefix('eval/'): v for k, v in row.items() if k.startswith('eval/')}
+    if config_lib.EARLY_STOP_METRICS[tracker.metric] not in validation:
+        return False
+    if not tracker.update(at, validation):
+        return False
+    best_steps.clear()
+    best_steps.add(at)
+    return True
+
+
+def write_best(tracker: early_stopping.Tracker, saver: checkpoint.Saver,
+               clocks: metrics.Clocks, workdir: str) -> None:
+    """best.json, early stopping's record, once the checkpoints before it are committed: it
+    names only a checkpoint that is there, and never runs ahead of the checkpoints (a
+    resumed run takes it when it is the newest one's evaluation)."""
+    with clocks.apart('save'):
+        saver.wait()
+    if distributed.is_main():
+        workdir_lib.atomic_write(workdir_lib.path(workdir, workdir_lib.BEST_FILE),
+                                 json.dumps(tracker.record()).encode(),
+                                 'the early-stopping record')
 
 
 def main():
@@ -339,8 +410,9 @@ def main():
     train_iter, data_sha256 = training_batches(config, workdir, tokenizer, fingerprint)
     cli.say(f'Training data: {train_iter.stats}; tokenizer threads: {tokenizer.threads} (the '
             'CPU cores this process may use)')
-    validation = validation_data(config, tokenizer)
-    if t.early_stop_patience and validation is None:
+    splits = evaluators.read_splits(config, tokenizer)  # what config.evals reads
+    if t.early_stop_patience and ('eval/' + config_lib.EARLY_STOP_METRICS[t.early_stop_metric]
+                                  not in evaluators.rows(config, splits)):
         raise UsageError('train.early_stop_patience needs a validation split: set '
                          'config.data.validation')
     _fault_injection('data-ready')
@@ -355,38 +427,17 @@ def main():
     best_steps: set[int] = set()  # early stopping's best checkpoint, kept beyond keep_checkpoints
     manager = checkpoint.make_manager(checkpoints, keep=t.keep_checkpoints, protected=best_steps)
     saver = checkpoint.Saver(manager)
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          setup.abstract_state, setup.state_shardings)
-    restored = checkpoint.restore_newest(
-        manager, target, workdir_lib.path(workdir, workdir_lib.BROKEN_DIR) if is_main else None)
-    if restored is not None:
-        checked_resume(restored, workdir, fingerprint, data_sha256)
-        saved_step, state, data_state, run_info = restored
-        train_iter.set_state(data_state)
-        cli.say(f'Resumed from step {saved_step} of {workdir} (data position {data_state})')
-        tracker = early_stopping.resumed(t.early_stop_metric, t.early_stop_patience, run_info,
-                                         workdir_lib.read_best(workdir), saved_step)
-        if tracker.best_step is not None:
-            best_steps.add(tracker.best_step)
+    start = restore_or_initialize(config, setup, manager, workdir, train_iter, fingerprint,
+                                  data_sha256, mesh)
+    tracker = early_stopping_tracker(t, start, workdir)
+    if tracker.best_step is not None:
+        best_steps.add(tracker.best_step)
+    if start.resumed:
         # A run killed between a save's commit and Orbax's clean-up after it keeps one more.
         pruned = checkpoint.keep_newest(manager, t.keep_checkpoints, best_steps)
         if pruned:
             cli.say(f'Deleted checkpoints {pruned}: train.keep_checkpoints={t.keep_checkpoints}')
-    else:
-        run_info = {}
-        tracker = early_stopping.Tracker(t.early_stop_metric, t.early_stop_patience)
-        state = jax.jit(setup.init_state, out_shardings=setup.state_shardings)()
-        m = model_lib.resolved(config, mesh.devices.flat[0].platform).model
-        cli.say(f'New run in {workdir}: {jax.device_count()} devices, mesh {dict(mesh.shape)}; '
-                f'compute {m.dtype}, attention {m.attention_impl}, scan_layers {m.scan_layers}, '
-                f'remat {m.remat}')
-    if jax.default_backend() == 'cpu':
-        malloc = allocator.in_use()
-        hint = '' if malloc == 'tcmalloc' else (
-            ' (CPU steps run about 1.3x faster with tcmalloc: apt-get install '
-            'libtcmalloc-minimal4)')
-        cli.say(f'Memory allocator: {malloc}{hint}')
-    step = int(state['step'])
+    say_allocator()
 
     # --- the loop ------------------------------------------------------------------------------
     # Batches are made and put on the devices by a producer thread, a few steps ahead; a step's
@@ -394,126 +445,85 @@ def main():
     # device wait; processes agree on host-side decisions every train.sync_every_steps steps
     # (Agreement), and every process saves, evaluates and stops at the same steps (`due`).
     # Compilation, evaluation and saving are clocked apart from training (metrics.Clocks).
-    def place(batch):
-        arrays = {k: jax.make_array_from_process_local_data(setup.batch_sharding, v)
-                  for k, v in batch.items()}
-        return arrays, batch_stats(config, batch)
-
-    clocks = metrics.Clocks(before=run_info.get('clocks') or
-                            {'train': run_info.get('train_seconds', 0.0)})
+    clocks = metrics.Clocks(before=start.info.clocks)
     step_fn = train_step_lib.CompiledSteps(train_step, clocks.apart)
-    batches = batching.Prefetcher(train_iter, PREFETCH_BATCHES, place)
-    writer = metrics.MetricWriter(workdir, start=step, enabled=is_main)
+    batches = batching.Prefetcher(train_iter, PREFETCH_BATCHES, functools.partial(
+        place, batch_sharding=setup.batch_sharding, config=config))
+    writer = metrics.MetricWriter(workdir, start=start.step, enabled=is_main)
     stop_signal = stopping.StopSignal()
     agreement = stopping.Agreement(t, stop_signal, clocks)
+    evals = evaluators.make(config, tokenizer, splits, setup.graphdef,
+                            stop_signal.checked(eval_step), mesh)
     peak = model_stats.peak_flops()
-    window = metrics.Window(smoothed_loss=run_info.get('loss_smoothed'), clock=clocks.seconds)
+    window = metrics.Window(smoothed_loss=start.info.loss_smoothed, clock=clocks.seconds)
     tracer = profiler.StepTracer(config_lib.profile_steps(t.profile_steps),
                                  workdir_lib.path(workdir, workdir_lib.PROFILE_DIR), is_main,
                                  clocks.apart)
-    progress = progress_bar(config, step) if is_main else None
-    last_saved = restored[0] if restored is not None else None
-    late = metrics.LateMetrics(lambda at, m: check_finite(at, m, last_saved, workdir))
-
-    def save(at: int, data_position: dict) -> None:
-        nonlocal last_saved
-        jax.block_until_ready(state)  # the steps' own time is training, not saving
-        with clocks.apart('save'):
-            totals = clocks.totals()
-            saver.save(at, state, data_position, info={
-                'vocab_sha256': fingerprint, 'data_sha256': data_sha256,
-                'config': run_config.config_record(config),
-                'loss_smoothed': window.smoothed_loss, 'train_seconds': totals['train'],
-                'clocks': totals, 'early_stop': tracker.record()})
-        agreement.saved()
-        last_saved = at
-        _fault_injection('in-save', at)
-
-    def evaluate_at(at: int) -> bool:
-        """Evaluates at step `at`, writes the row and tells early stopping; False when a stop
-        signal cut it short."""
-        jax.block_until_ready(state)
-        with clocks.apart('eval'):
-            try:
-                with stop_signal.evaluation():
-                    cli.slow_for_tests('eval')
-                    _fault_injection('in-eval', at)
-                    # The moving average when the run keeps one: the weights decoded later.
-                    result = validation_metrics(config, tokenizer, setup.graphdef,
-                                                state.get('ema', state['params']),
-                                                stop_signal.checked(eval_step), validation,
-                                                mesh, at)
-            except stopping.EvaluationStopped:
-                cli.say(f'Evaluation of step {at} stopped by the signal')
-                return False
-        writer.write(at, result, prefix='eval/')
-        if t.early_stop_patience:
-            track(at, result)
-        return True
-
-    def track(at: int, result: dict) -> None:
-        """Early stopping's bookkeeping after the evaluation of step `at`: the best step kept
-        (saved now if this step was not), the record in best.json."""
-        if tracker.update(at, result):
-            best_steps.clear()
-            best_steps.add(at)
-            if last_saved != at:
-                window.add_metrics(late.fetch())  # never save a state whose loss was not finite
-                save(at, data_state)
-        # best.json names only a checkpoint that is there, and never runs ahead of the
-        # checkpoints (a resumed run takes it when it is the newest one's evaluation).
-        with clocks.apart('save'):
-            saver.wait()
-        if is_main:
-            workdir_lib.atomic_write(workdir_lib.path(workdir, workdir_lib.BEST_FILE),
-                                     json.dumps(tracker.record()).encode(),
-                                     'the early-stopping record')
-
-    # a time-bounded run already done, or one that early stopping ended
-    stop = agreement.finished() or tracker.exhausted
-    data_state = None  # the position after the newest step (a save needs it)
+    progress = progress_bar(config, start.step) if is_main else None
+    late = metrics.LateMetrics(functools.partial(check_finite, manager=manager,
+                                                 workdir=workdir))
+    run_info = checkpoint_info.Info(vocab_sha256=fingerprint, data_sha256=data_sha256,
+                                    config=run_config.config_record(config))
+    state, step = start.state, start.step
+    last_saved = start.step if start.resumed else None
     failing = True
     try:
         # A run killed while evaluating a step it had saved left no row for it: evaluate now.
-        if (restored is not None and validation is not None
-                and itstime(step, t.eval_every_steps, t.steps)
-                and distributed.agree(is_main and not writer.has_row(step, 'eval/'))[0]):
+        due = tuple(e for e in evals if itstime(step, e.every, t.steps)) if start.resumed else ()
+        if due and distributed.agree(
+                is_main and not all(writer.has_row(step, e.prefix) for e in due))[0]:
             cli.say(f'Evaluating step {step}, whose evaluation the last run did not finish')
-            if not evaluate_at(step):
-                agreement.signalled = stop = True
-            stop = stop or tracker.exhausted
-        while step < t.steps and not stop:
+            row = evaluate(due, step, state, stop_signal=stop_signal, clocks=clocks, writer=writer)
+            if row is None:
+                agreement.signalled = True
+            elif t.early_stop_patience:
+                track(tracker, best_steps, step, row)  # the step is saved
+                write_best(tracker, saver, clocks, workdir)
+        # Nothing to train when a time-bounded run has used its time already, a signal stopped
+        # the evaluation above, or early stopping ended the run.
+        last = start.step if (agreement.finished() or agreement.signalled
+                              or tracker.exhausted) else t.steps
+        for step in range(start.step + 1, last + 1):
             wait_start = time.perf_counter()
-            (batch, stats), data_state = next(batches)
+            (batch, stats), data_state = next(batches)  # data_state: the position after it
             window.add_batch(stats['flops'], stats['real_tokens'], stats['slots'],
                              time.perf_counter() - wait_start)
-            with tracer.step(step + 1):
+            with tracer.step(step):
                 state, step_metrics = step_fn(state, batch)
-            step += 1
             tracer.after(step, state)
             window.add_metrics(late.push(step, step_metrics))
             _fault_injection('after-step', step)
             if progress is not None:
                 progress.update(1)
             saver.raise_if_failed()
-            due = what_is_due(step, t, agreement(step))
-            stop = due.stop
+            due = what_is_due(step, t, agreement(step), evals)
             if due.log or due.save:  # never save a state whose loss was not finite
                 m = late.fetch()
                 window.add_metrics(m)
                 if due.log:
                     log_step(writer, progress, config, step, window, m, clocks, peak)
             if due.save:
-                save(step, data_state)
-            if due.evaluate and validation is not None and not evaluate_at(step):
-                agreement.signalled = stop = True
-                if not due.save:
-                    save(step, data_state)
-            elif tracker.exhausted and not stop:
-                stop = True
-                if last_saved != step:
-                    window.add_metrics(late.fetch())
-                    save(step, data_state)
+                last_saved = save(saver, step, state, data_state, run_info, window=window,
+                                  clocks=clocks, tracker=tracker, agreement=agreement)
+            row, best = None, False
+            if due.evaluate:
+                row = evaluate(due.evaluate, step, state, stop_signal=stop_signal, clocks=clocks,
+                               writer=writer)
+                if row is None:
+                    agreement.signalled = True
+                elif t.early_stop_patience:
+                    best = track(tracker, best_steps, step, row)
+            # The one place that ends the loop early: a signal, the time bound, early stopping.
+            # The step it ends at, and the best step found, are saved.
+            stop = due.stop or agreement.signalled or tracker.exhausted
+            if (stop or best) and last_saved != step:
+                window.add_metrics(late.fetch())  # never save a state whose loss was not finite
+                last_saved = save(saver, step, state, data_state, run_info, window=window,
+                                  clocks=clocks, tracker=tracker, agreement=agreement)
+            if row is not None and t.early_stop_patience:
+                write_best(tracker, saver, clocks, workdir)
+            if stop:
+                break
         late.fetch()
         with clocks.apart('save'):
             saver.wait()

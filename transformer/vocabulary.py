@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 
 from absl import logging
 
-from transformer import errors
+from transformer import checkpoint_info, errors
 from transformer import tokenizer as tokenizer_lib
 from transformer.errors import FieldError, UsageError
 from transformer.workdir import VOCAB_META, VOCAB_MODEL, atomic_write, path
@@ -56,8 +56,9 @@ def recorded_fingerprint(workdir: str, infos: list[dict] = ()) -> str | None:
     """The vocabulary fingerprint the run recorded: in its newest checkpoint (`infos`, oldest
     first, as checkpoint.info gives them), else in vocab.json; None if neither has one."""
     for info in reversed(list(infos)):
-        if info.get('vocab_sha256'):
-            return info['vocab_sha256']
+        recorded = checkpoint_info.parse(info).vocab_sha256
+        if recorded:
+            return recorded
     return (_vocab_meta_or_none(workdir) or {}).get('sha256')
 
 
