@@ -169,18 +169,21 @@ def test_evals_follow_the_train_fields_and_a_bad_entry_is_named(tmp_path):
     c = config_lib.base_config()
     c.train.eval_every_steps = 7
     assert config_lib.evals(c) == {
-        'loss': dict(type='loss', every=7, split='validation', prefix='eval/')}
+        'loss': dict(type='loss', every=7, split='validation', prefix='eval/', files='')}
     c.train.eval_bleu_sentences = 20
     assert config_lib.evals(c)['bleu'] == dict(type='bleu', every=7, split='validation',
-                                               prefix='eval/', sentences=20, beam_size=1)
+                                               prefix='eval/', files='', sentences=20,
+                                               beam_size=1)
     c.evals.beam = dict(type='bleu', beam_size=4, sentences=100, every=50)
     c.evals.news = dict(type='loss', split='test')
+    c.evals.second = dict(type='loss', files='/data/newstest2012')  # a second validation set
     config_lib.validate(c)
     entries = config_lib.evals(c)
-    assert list(entries) == ['beam', 'bleu', 'loss', 'news']  # the order they run in
+    assert list(entries) == ['beam', 'bleu', 'loss', 'news', 'second']  # the order they run in
     assert [config_lib.eval_keys(e)[0] for e in entries.values()] == [
-        'beam4_bleu', 'greedy_bleu', 'nll', 'nll']
+        'beam4_bleu', 'greedy_bleu', 'nll', 'nll', 'nll']
     assert entries['news']['prefix'] == 'test/' and entries['news']['every'] == 7
+    assert entries['second']['prefix'] == 'second/'
     for name, entry, needle in [
             ('x', dict(type='rouge'), "evals.x.type='rouge'; valid: loss, bleu"),
             ('x', dict(type='loss', beam_size=4), 'evals.x.beam_size: a loss evaluator has no'),
@@ -188,6 +191,7 @@ def test_evals_follow_the_train_fields_and_a_bad_entry_is_named(tmp_path):
             ('x', dict(type='bleu', beam_size=0), 'evals.x.beam_size=0 must be an integer >= 1'),
             ('x', dict(type='loss', split='train'), "evals.x.split='train'; valid: validation"),
             ('x', dict(type='loss', prefix='test'), "evals.x.prefix='test' must be a name"),
+            ('x', dict(type='loss', files=3), 'evals.x.files=3 must be a path prefix'),
             ('x', dict(type='loss', split='test'), 'evals.news and evals.x both write the row '
                                                    'test/nll: give evals.x another prefix')]:
         bad = config_lib.base_config()

@@ -332,14 +332,18 @@ def test_clocks_leave_evaluation_out_and_a_trace_is_written(repo_root, tmp_path)
 
 
 def test_evaluators_are_config_entries(tmp_path):
-    """A beam-4 BLEU every 2 steps (the default BLEU entry, changed on the command line) and a
-    loss on the test split (an entry added by a config file): their rows and lines."""
+    """A beam-4 BLEU every 2 steps (the default BLEU entry, changed on the command line), a
+    loss on the test split and a loss on other parallel text, a second validation set (entries
+    added by a config file): their rows and lines."""
+    (tmp_path / 'second.src').write_text('a b c\nd e\n')
+    (tmp_path / 'second.tgt').write_text('c b a\ne d\n')
     config_file = tmp_path / 'evals.py'
     config_file.write_text(
         'from transformer import config as config_lib\n\n\n'
         'def get_config(arg=None):\n'
         f'    c = config_lib.load_file({str(REPO / "configs" / "demo.py")!r} + ":runlocal")\n'
         "    c.evals.news = dict(type='loss', split='test')\n"
+        f"    c.evals.second = dict(type='loss', files={str(tmp_path / 'second')!r})\n"
         '    return c\n')
     workdir = tmp_path / 'run'
     r = run_train(workdir, '--config.train.steps=4', '--config.evals.bleu.beam_size=4',
@@ -349,11 +353,12 @@ def test_evaluators_are_config_entries(tmp_path):
         json.loads, (workdir / 'metrics.jsonl').read_text().splitlines()) if 'train/loss' not in r}
     assert rows == {2: {'eval/beam4_bleu'},
                     4: {'eval/beam4_bleu', 'eval/nll', 'eval/perplexity', 'eval/target_tokens',
-                        'test/nll', 'test/perplexity', 'test/target_tokens'}}
+                        'test/nll', 'test/perplexity', 'test/target_tokens',
+                        'second/nll', 'second/perplexity', 'second/target_tokens'}}
     lines = [x for x in r.stderr.replace('\r', '\n').splitlines() if x.startswith('step ')]
     assert [x.split(':')[0] for x in lines] == [
         'step 2 beam-4 BLEU on 4 validation sentences', 'step 4 beam-4 BLEU on 4 validation '
-        'sentences', 'step 4 validation', 'step 4 test'], r.stderr
+        'sentences', 'step 4 validation', 'step 4 test', 'step 4 second'], r.stderr
 
 
 def test_a_checkpoint_info_of_an_earlier_version_reads_back():

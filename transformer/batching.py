@@ -27,6 +27,7 @@ How it works, and why:
 from __future__ import annotations
 
 import dataclasses
+import os
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -340,10 +341,13 @@ class EncodedSplit:
 
 
 def encode_split(config, tokenizer: Tokenizer, split: str,
-                 limit: int | None = None) -> EncodedSplit:
-    """`split` read and tokenized once (its first `limit` sentences only, if given); the
-    truncated sides are counted and logged once."""
-    sources, references = data.load_text(config, split)
+                 limit: int | None = None, files: str = '') -> EncodedSplit:
+    """`split` (or the local `files`, a path prefix, named by their base name) read and
+    tokenized once (its first `limit` sentences only, if given); the truncated sides are
+    counted and logged once."""
+    sources, references = data.load_text(config, split, files)
+    if files:
+        split = os.path.basename(files.rstrip('/')) or files
     if limit is not None:
         sources, references = sources[:limit], references[:limit]
     src_ids, tgt_ids = data.encode_pairs(tokenizer, sources, references)

@@ -40,9 +40,12 @@ EARLY_STOP_METRICS = {'loss': 'nll', 'bleu': 'greedy_bleu'}
 # split, 'SPLIT/' on another. bleu: `sentences`, the first N of the split (0 =
 # train.eval_bleu_sentences; 0 there too: the entry is off); `beam_size`, 1 = greedy (row
 # greedy_bleu, else beamK_bleu), with decode.length_penalty and decode.max_extra_length.
+# `files`: a path prefix of other parallel text, PREFIX.<source_lang> and PREFIX.<target_lang>
+# (a second validation set, whatever data.source is), read in place of the split; its rows'
+# prefix is then NAME/ by default.
 EVAL_TYPES = {
-    'loss': dict(every=0, split='validation', prefix=''),
-    'bleu': dict(every=0, split='validation', prefix='', sentences=0, beam_size=1),
+    'loss': dict(every=0, split='validation', prefix='', files=''),
+    'bleu': dict(every=0, split='validation', prefix='', files='', sentences=0, beam_size=1),
 }
 EVAL_SPLITS = ('validation', 'test')
 
@@ -387,7 +390,8 @@ def evals(c: ml_collections.ConfigDict) -> dict[str, dict]:
         entry = _eval_entry(name, c.evals[name])
         entry['every'] = entry['every'] or c.train.eval_every_steps
         split = entry['split']
-        entry['prefix'] = entry['prefix'] or ('eval/' if split == 'validation' else f'{split}/')
+        entry['prefix'] = entry['prefix'] or (
+            f'{name}/' if entry['files'] else 'eval/' if split == 'validation' else f'{split}/')
         if entry['type'] == 'bleu':
             entry['sentences'] = entry['sentences'] or c.train.eval_bleu_sentences
             if entry['sentences'] == 0:
@@ -419,6 +423,9 @@ def _eval_entry(name: str, given) -> dict:
     if entry['split'] not in EVAL_SPLITS:
         raise UsageError(f'evals.{name}.split={entry["split"]!r}; valid: '
                          f'{", ".join(EVAL_SPLITS)}')
+    if not isinstance(entry['files'], str):
+        raise UsageError(f'evals.{name}.files={entry["files"]!r} must be a path prefix '
+                         '(PREFIX.<source_lang> and PREFIX.<target_lang>), or \'\' (the split)')
     prefix = entry['prefix']
     if not (isinstance(prefix, str) and (prefix == '' or (
             prefix.endswith('/') and prefix.count('/') == 1 and len(prefix) > 1))):

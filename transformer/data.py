@@ -64,37 +64,45 @@ def read_lines(path: str) -> list[str]:
     return [line[:-1] if line.endswith('\r') else line for line in lines]
 
 
-def pairs(config, split: str):
-    """Random-access pairs of `split`, oriented source_lang -> target_lang.
+def pairs(config, split: str, files: str = ''):
+    """Random-access pairs of `split`, oriented source_lang -> target_lang; with `files` (a
+    path prefix), the local files PREFIX.<source_lang> and PREFIX.<target_lang> instead.
 
     The result has `len()`, `get(ids) -> (sources, targets)` and a `name` for messages.
     """
     if split not in SPLITS:
         raise DataError(f'unknown split {split!r}; valid: {", ".join(SPLITS)}')
     d, src_lang, tgt_lang = config.data, config.source_lang, config.target_lang
+    if files:
+        return _local_pairs(files, src_lang, tgt_lang)
     if d.source == 'synthetic':
         return _ListPairs(*synthetic.generate(config, split), name=f'synthetic {split}')
     if d.source == 'local':
-        prefix = d[split]
-        if not prefix:
+        if not d[split]:
             raise DataError(f'config.data.{split} is not set (a path prefix; files are '
                             f'PREFIX.{src_lang} and PREFIX.{tgt_lang})')
-        src_path, tgt_path = f'{prefix}.{src_lang}', f'{prefix}.{tgt_lang}'
-        sources, targets = read_lines(src_path), read_lines(tgt_path)
-        if len(sources) != len(targets):
-            raise DataError(f'{src_path} has {len(sources)} lines but {tgt_path} has '
-                            f'{len(targets)}')
-        if not sources:
-            raise DataError(f'{src_path} and {tgt_path} are empty')
-        return _ListPairs(sources, targets, name=prefix)
+        return _local_pairs(d[split], src_lang, tgt_lang)
     if d.source == 'tfds':
         return tfds_source.split_pairs(config, split)
     raise DataError(f'data.source={d.source!r}; valid: tfds, local, synthetic')
 
 
-def load_text(config, split: str) -> tuple[list[str], list[str]]:
-    """Raw source sentences and references of `split`, in file order, never filtered."""
-    split_pairs = pairs(config, split)
+def _local_pairs(prefix: str, src_lang: str, tgt_lang: str) -> _ListPairs:
+    """The parallel text PREFIX.<src_lang> / PREFIX.<tgt_lang>, line by line."""
+    src_path, tgt_path = f'{prefix}.{src_lang}', f'{prefix}.{tgt_lang}'
+    sources, targets = read_lines(src_path), read_lines(tgt_path)
+    if len(sources) != len(targets):
+        raise DataError(f'{src_path} has {len(sources)} lines but {tgt_path} has '
+                        f'{len(targets)}')
+    if not sources:
+        raise DataError(f'{src_path} and {tgt_path} are empty')
+    return _ListPairs(sources, targets, name=prefix)
+
+
+def load_text(config, split: str, files: str = '') -> tuple[list[str], list[str]]:
+    """Raw source sentences and references of `split` (or of the local `files`, a path
+    prefix), in file order, never filtered."""
+    split_pairs = pairs(config, split, files)
     sources, targets = [], []
     for start in range(0, len(split_pairs), CHUNK):
         s, t = split_pairs.get(range(start, min(start + CHUNK, len(split_pairs))))

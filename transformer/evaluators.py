@@ -25,12 +25,17 @@ from transformer import batching, bleu, errors, host_decode, sharding
 from transformer import config as config_lib
 
 
+def text_of(entry: dict) -> str:
+    """What an entry reads: its split's name, or 'files:PREFIX' for other parallel text."""
+    return f'files:{entry["files"]}' if entry['files'] else entry['split']
+
+
 def entries(config, splits: dict | None = None) -> dict[str, dict]:
     """config.evals as this run evaluates them (config.evals, resolved): BLEU only in a
-    single-process run; with `splits`, only the entries whose split was read."""
+    single-process run; with `splits`, only the entries whose text was read."""
     return {name: entry for name, entry in config_lib.evals(config).items()
             if (entry['type'] != 'bleu' or jax.process_count() == 1)
-            and (splits is None or entry['split'] in splits)}
+            and (splits is None or text_of(entry) in splits)}
 
 
 def rows(config, splits: dict) -> set[str]:
@@ -40,12 +45,17 @@ def rows(config, splits: dict) -> set[str]:
 
 
 def read_splits(config, tokenizer) -> dict[str, batching.EncodedSplit]:
-    """The splits the evaluators read, each read and tokenized once. Local data whose split
-    is not configured leaves it out, with a warning; a configured split that cannot be read
-    stops the run before any training (DataError)."""
+    """The splits (and other parallel text, `files`) the evaluators read, each read and
+    tokenized once, by `text_of`. Local data whose split is not configured leaves it out,
+    with a warning; configured text that cannot be read stops the run before any training
+    (DataError)."""
     wanted = {}  # split -> the types of evaluator reading it
+    files = []
     for entry in entries(config).values():
-        wanted.setdefault(entry['split'], set()).add(entry['type'])
+        if entry['files']:
+            files.append(entry['files'])
+        else:
+            wanted.setdefault(entry['split'], set()).add(entry['type'])
     splits = {}
     for split in sorted(wanted, key=config_lib.EVAL_SPLITS.index):
         if config.data.source == 'local' and not config.data[split]:
@@ -53,6 +63,9 @@ def read_splits(config, tokenizer) -> dict[str, batching.EncodedSplit]:
                         f'{"loss" if "loss" in wanted[split] else "BLEU"}')
             continue
         splits[split] = batching.encode_split(config, tokenizer, split)
+    for prefix in sorted(set(files)):
+        splits[f'files:{prefix}'] = batching.encode_split(config, tokenizer, 'validation',
+                                                          files=prefix)
     return splits
 
 
@@ -130,7 +143,7 @@ def make(config, tokenizer, splits: dict, graphdef, eval_step: Callable,
     `eval_step(params, batch)` is the jitted loss of a batch (train_step.make_eval_step)."""
     made = []
     for name, entry in entries(config, splits).items():
-        split = splits[entry['split']]
+        split = splits[text_of(entry)]
         if entry['type'] == 'loss':
             made.append(Loss(name, entry, split, config, eval_step, mesh))
         else:
