@@ -235,6 +235,6 @@ class Agreement:
         signalled, save_time, out_of_time = _agree(
             self.stop_signal.requested,
             time.time() - self._last_save >= 60 * t.checkpoint_every_minutes,
-            0 < t.max_minutes <= self.clocks.seconds() / 60)
+            self.finished())
         self.signalled = signalled
         return Votes(signalled, save_time, out_of_time)
