@@ -108,7 +108,8 @@ def test_checkpoint_is_orbax_input_and_output_only():
 # roles are this table, in layers from the ground up, and the README's code map follows it. A
 # module imports only modules of its own role or of the roles before it.
 ROLES = {
-    'foundation': {'errors', 'supervisor', 'allocator', 'workdir', 'paper', 'checkpoint_info'},
+    'foundation': {'errors', 'supervisor', 'allocator', 'workdir', 'paper', 'checkpoint_info',
+                   'event_file'},
     'config': {'config'},
     'text and data': {'tokenizer', 'synthetic', 'tfds_compat', 'tfds_source', 'data',
                       'batching', 'vocabulary'},

@@ -21,8 +21,18 @@ from conftest import (
 )
 from flax import nnx
 
-from transformer import checkpoint, checkpoint_info, cli, run_config, saved_runs, sharding
+from transformer import (
+    checkpoint,
+    checkpoint_info,
+    cli,
+    event_file,
+    metrics,
+    run_config,
+    saved_runs,
+    sharding,
+)
 from transformer import train_step as train_step_lib
+from transformer import workdir as workdir_lib
 from transformer.schedule import learning_rate
 
 
@@ -369,3 +379,41 @@ def test_a_checkpoint_info_of_an_earlier_version_reads_back():
     stored = checkpoint_info.record(info._replace(clocks={'train': 3.0, 'eval': 1.0}))
     assert stored['train_seconds'] == 3.0 and checkpoint_info.parse(stored).clocks['eval'] == 1.0
     assert checkpoint_info.parse({}) == checkpoint_info.Info()
+
+
+
+def test_tensorboard_events_are_what_tensorboardx_wrote(tmp_path):
+    """event_file.py writes the bytes tensorboardX's record writer and protocol buffers wrote
+    before it; the frames' checksums agree with tensorboardX's own CRC-32C."""
+    from tensorboardX.crc32c import crc32c as their_crc32c
+    from tensorboardX.proto.event_pb2 import Event, SessionLog
+    from tensorboardX.summary import scalar
+
+    def masked(crc):
+        return ((((crc >> 15) | (crc << 17)) & 0xFFFFFFFF) + 0xA282EAD8) & 0xFFFFFFFF
+
+    assert event_file.crc32c(b'123456789') == 0xE3069283  # CRC-32C's published check value
+    writer = metrics.MetricWriter(str(tmp_path), start=3)
+    writer.write(4, {'loss': 2.5, 'zero': 0.0, 'tiny': -1e-30}, prefix='train/')
+    writer.write(2**40, {'bleu': 27.3}, prefix='eval/')
+    writer.close()
+    [path] = (tmp_path / workdir_lib.TENSORBOARD_DIR).iterdir()
+    data = written = path.read_bytes()
+    events = []
+    while data:
+        length = int.from_bytes(data[:8], 'little')
+        header, body = data[:8], data[12:12 + length]
+        assert int.from_bytes(data[8:12], 'little') == masked(their_crc32c(header))
+        assert int.from_bytes(data[12 + length:16 + length], 'little') == masked(
+            their_crc32c(body))
+        events.append(Event.FromString(body))
+        data = data[16 + length:]
+    t = [e.wall_time for e in events]
+    expected = [Event(wall_time=t[0], file_version='brain.Event:2'),
+                Event(wall_time=t[1], step=4, session_log=SessionLog(status=SessionLog.START)),
+                Event(wall_time=t[2], step=4, summary=scalar('train/loss', 2.5)),
+                Event(wall_time=t[3], step=4, summary=scalar('train/zero', 0.0)),
+                Event(wall_time=t[4], step=4, summary=scalar('train/tiny', -1e-30)),
+                Event(wall_time=t[5], step=2**40, summary=scalar('eval/bleu', 27.3))]
+    assert events == expected
+    assert written == b''.join(event_file.record(e.SerializeToString()) for e in expected)

@@ -2,8 +2,8 @@
 that split the loop's wall time into training and what is not training; the one-step-late
 fetch of a step's metrics; the window of steps whose throughput the loop reports.
 
-tensorboardX's protocol buffers and record format write event files without TensorFlow. Only
-process 0 writes.
+The event files are written by event_file.py, without TensorFlow or tensorboardX. Only process
+0 writes.
 """
 
 from __future__ import annotations
@@ -17,11 +17,8 @@ import time
 from collections.abc import Callable
 
 import jax
-from tensorboardX.proto.event_pb2 import Event, SessionLog
-from tensorboardX.record_writer import RecordWriter
-from tensorboardX.summary import scalar
 
-from transformer import errors
+from transformer import errors, event_file
 from transformer import workdir as workdir_lib
 
 # What the loop's wall time goes to besides training steps, each clocked apart (profile:
@@ -91,7 +88,8 @@ class MetricWriter:
 
 
 class _EventFile:
-    """A TensorBoard event file, written in the calling thread and flushed at each record.
+    """A TensorBoard event file, written in the calling thread and flushed at each record (a
+    kill loses none; like metrics.jsonl, not synced to the disk).
 
     (tensorboardX's SummaryWriter writes from a thread of its own: a write that fails there,
     a full disk, ends that thread with a traceback of its own and then blocks the loop's
@@ -109,14 +107,13 @@ class _EventFile:
                                  f'{socket.gethostname()}.{os.getpid()}.{self._opened}')
         with errors.writing('the TensorBoard events', self.file):
             os.makedirs(self._directory, exist_ok=True)
-            self._writer = RecordWriter(self.file)
-        self._put(Event(wall_time=time.time(), file_version='brain.Event:2'))
-        self._put(Event(wall_time=time.time(), step=self._purge_step,
-                        session_log=SessionLog(status=SessionLog.START)))
+            self._writer = open(self.file, 'wb')
+        self._put(event_file.file_version_event(time.time()))
+        self._put(event_file.session_start_event(time.time(), self._purge_step))
 
-    def _put(self, event: Event) -> None:
+    def _put(self, event: bytes) -> None:
         with errors.writing('the TensorBoard events', self.file, self._writer):
-            self._writer.write(event.SerializeToString())
+            self._writer.write(event_file.record(event))
             self._writer.flush()
 
     def write(self, step: int, scalars: dict) -> None:
@@ -126,7 +123,7 @@ class _EventFile:
             errors.discard(self._writer)  # everything was flushed to the deleted file
             self._open()
         for tag, value in scalars.items():
-            self._put(Event(wall_time=time.time(), step=step, summary=scalar(tag, value)))
+            self._put(event_file.scalar_event(time.time(), step, tag, value))
 
     def close(self) -> None:
         with errors.writing('the TensorBoard events', self.file):
