@@ -33,6 +33,24 @@ PROGRAM_XLA_CACHE = tempfile.mkdtemp(prefix='transformer-tests-xla-')
 atexit.register(shutil.rmtree, PROGRAM_XLA_CACHE, ignore_errors=True)
 
 
+# Each worker runs whole test files (--dist loadfile), handed out one at a time as a worker
+# runs short of work. The files that take longest go first, so the short ones fill in at the
+# end and both workers finish together (longest-first scheduling); xdist's own order, most
+# tests first, left the report fixture's minute for last. Seconds of each file on the 2-core
+# CPU (`pytest --durations=0`, 2026-12-03); a file not listed counts as short, and the tests
+# within a file keep their order.
+FILE_SECONDS = {
+    'test_reliability.py': 276, 'test_train.py': 252, 'test_evaluate_cli.py': 132,
+    'test_decode.py': 122, 'test_model.py': 109, 'test_prepare.py': 73, 'test_export.py': 56,
+    'test_configs.py': 41, 'test_report.py': 38, 'test_preflight.py': 25,
+    'test_allocator.py': 14, 'test_data.py': 3,
+}
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: -FILE_SECONDS.get(item.path.name, 0))  # stable within a file
+
+
 @pytest.fixture(scope='session')
 def repo_root() -> pathlib.Path:
     return REPO
