@@ -2,12 +2,14 @@
 tests/test_reliability.py and tests/test_train.py send them to real programs: while they load,
 start, train, evaluate, and to the supervisor of two processes."""
 
+import gc
 import signal
+import sys
 from types import SimpleNamespace
 
 import pytest
 
-from transformer import errors, stopping
+from transformer import cli, errors, stopping
 
 
 @pytest.fixture
@@ -35,6 +37,37 @@ def test_a_signal_while_starting_unwinds_once_and_is_not_lost(phases):
     assert stopping.stopped_message(signal.SIGTERM) == (
         'stopped by SIGTERM; nothing half-written is left (run the same command again to go on)')
 
+
+
+def test_a_signal_inside_a_gc_callback_is_raised_again_without_a_traceback(phases, capsys,
+                                                                             monkeypatch):
+    """JAX runs a garbage collector callback; a signal that strikes in it raises there, and
+    Python prints the exception it cannot propagate ("Exception ignored in ...", a
+    traceback) and goes on. A program's hook keeps that off the console, and the program
+    unwinds at its next check, as for an exception a library swallowed."""
+    monkeypatch.setattr(sys, 'unraisablehook', cli._unraisablehook)
+    stopping.enter(stopping.Phase.STARTING)
+
+    def collecting(stage, info):
+        if stage == 'start':
+            signal.raise_signal(signal.SIGINT)
+
+    gc.callbacks.append(collecting)
+    try:
+        gc.collect()
+    finally:
+        gc.callbacks.remove(collecting)
+    assert capsys.readouterr().err == ''
+    assert stopping.phase() == stopping.Phase.UNWINDING
+    with pytest.raises(errors.Interrupted) as raised:
+        stopping.raise_if_interrupted()
+    assert raised.value.exit_status == errors.EXIT_SIGNAL + signal.SIGINT
+    gc.callbacks.append(lambda stage, info: 1 / 0)  # any other exception is still printed
+    try:
+        gc.collect()
+    finally:
+        gc.callbacks.pop()
+    assert 'ZeroDivisionError' in capsys.readouterr().err
 
 def test_in_the_loop_a_signal_is_a_vote_to_save_and_stop(phases):
     stopping.enter(stopping.Phase.STARTING)

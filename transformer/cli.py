@@ -294,8 +294,15 @@ def _unraisablehook(unraisable) -> None:
     reported in one line): when one read or write of a checkpoint fails, TensorStore's
     callbacks for the others find the event loop closed, and the other reads' coroutines
     report their own errors when collected, each with a traceback and a whole TensorStore
-    spec (thousands of lines)."""
+    spec (thousands of lines).
+
+    Nor is a signal's exception that struck inside a callback Python cannot unwind from (a
+    garbage collector callback: JAX runs one at each collection) printed there with its
+    traceback: stopping.raise_if_interrupted raises it again where the program can unwind.
+    """
     value, source = unraisable.exc_value, repr(getattr(unraisable, 'object', None))
+    if isinstance(value, errors.Interrupted) and not os.environ.get('TRANSFORMER_TRACEBACK'):
+        return
     echo = ((isinstance(value, RuntimeError) and str(value) == 'Event loop is closed')
             or '_read_array_index' in source)
     if echo and not os.environ.get('TRANSFORMER_TRACEBACK'):
@@ -339,6 +346,7 @@ def run(main: Callable[[], None], positional: list | None = None) -> None:
                 raise errors.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
             slow_for_tests('start')
             main()
+            stopping.raise_if_interrupted()  # a signal whose exception a callback dropped
         except errors.Interrupted as e:
             if os.environ.get('TRANSFORMER_TRACEBACK'):
                 raise
