@@ -394,7 +394,7 @@ def test_tensorboard_events_are_what_tensorboardx_wrote(tmp_path):
 
     assert event_file.crc32c(b'123456789') == 0xE3069283  # CRC-32C's published check value
     writer = metrics.MetricWriter(str(tmp_path), start=3)
-    writer.write(4, {'loss': 2.5, 'zero': 0.0, 'tiny': -1e-30}, prefix='train/')
+    writer.write(4, {'loss': 2.5, 'zero': 0.0, 'tiny': -1e-30, 'huge': 1e39}, prefix='train/')
     writer.write(2**40, {'bleu': 27.3}, prefix='eval/')
     writer.close()
     [path] = (tmp_path / workdir_lib.TENSORBOARD_DIR).iterdir()
@@ -414,6 +414,7 @@ def test_tensorboard_events_are_what_tensorboardx_wrote(tmp_path):
                 Event(wall_time=t[2], step=4, summary=scalar('train/loss', 2.5)),
                 Event(wall_time=t[3], step=4, summary=scalar('train/zero', 0.0)),
                 Event(wall_time=t[4], step=4, summary=scalar('train/tiny', -1e-30)),
-                Event(wall_time=t[5], step=2**40, summary=scalar('eval/bleu', 27.3))]
+                Event(wall_time=t[5], step=4, summary=scalar('train/huge', 1e39)),
+                Event(wall_time=t[6], step=2**40, summary=scalar('eval/bleu', 27.3))]
     assert events == expected
     assert written == b''.join(event_file.record(e.SerializeToString()) for e in expected)

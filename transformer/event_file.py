@@ -9,6 +9,7 @@ seconds for a few dozen bytes a scalar.
 
 from __future__ import annotations
 
+import math
 import struct
 
 # Event's fields (event.proto) and those of the messages it holds.
@@ -91,6 +92,9 @@ def session_start_event(wall_time: float, step: int) -> bytes:
 
 def scalar_event(wall_time: float, step: int, tag: str, value: float) -> bytes:
     """One scalar (Summary.Value.simple_value, a float32) under `tag` at `step`."""
-    value_body = (_message(_VALUE_TAG, tag.encode()) + _key(_VALUE_SIMPLE_VALUE, _FIXED32)
-                  + struct.pack('<f', value))
+    try:
+        single = struct.pack('<f', value)
+    except OverflowError:  # beyond float32: infinite, as protobuf stores it
+        single = struct.pack('<f', math.copysign(math.inf, value))
+    value_body = _message(_VALUE_TAG, tag.encode()) + _key(_VALUE_SIMPLE_VALUE, _FIXED32) + single
     return _event(wall_time, step, _message(_SUMMARY, _message(_SUMMARY_VALUE, value_body)))
