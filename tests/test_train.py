@@ -381,7 +381,6 @@ def test_a_checkpoint_info_of_an_earlier_version_reads_back():
     assert checkpoint_info.parse({}) == checkpoint_info.Info()
 
 
-
 def test_tensorboard_events_are_what_tensorboardx_wrote(tmp_path):
     """event_file.py writes the bytes tensorboardX's record writer and protocol buffers wrote
     before it; the frames' checksums agree with tensorboardX's own CRC-32C."""
