@@ -18,7 +18,8 @@ largest of --averages (or --keep). Run again on a trained work directory, it onl
 Then the validation split is decoded for every (weights, checkpoints averaged, length penalty)
 in --weights x --averages x --alphas (the moving average and the raw parameters when the run
 keeps an EMA; one raw checkpoint is no candidate when more are averaged), the one with the best
-cased sacreBLEU is kept, and test2016 is decoded once with it. Arguments after `--` go to train
+cased sacreBLEU is kept (lowercased with --config.data.lowercase=True, whose output is
+lowercase), and test2016 is decoded once with it. Arguments after `--` go to train
 as extra overrides. Prints ONE JSON object: test2016 cased and lowercased sacreBLEU (with
 signatures), the paper-style tokenized BLEU, the lowercased tokenized BLEU Multi30k papers
 report, chrF, the validation scores behind the choice, the training clock, wall times and the
@@ -73,6 +74,12 @@ def uses_ema(settings: list[str]) -> bool:
     """Whether these overrides keep a moving average (train.ema_decay > 0)."""
     decay = [s.split('=', 1)[1] for s in settings if s.startswith('--config.train.ema_decay=')]
     return bool(decay) and float(decay[-1]) > 0
+
+
+def lowercases(settings: list[str]) -> bool:
+    """Whether these overrides train a lowercasing vocabulary (data.lowercase)."""
+    value = [s.split('=', 1)[1] for s in settings if s.startswith('--config.data.lowercase=')]
+    return bool(value) and value[-1].lower() in ('true', '1')
 
 
 def train_seconds(workdir: str) -> float | None:
@@ -148,10 +155,13 @@ def main():
     start = time.time()
     validation = {c: run_json(evaluate_command(args.workdir, 'validation', *c), env)
                   for c in grid}
-    chosen = max(grid, key=lambda c: validation[c]['sacrebleu'])
+    # A lowercasing run writes lowercase: chosen on the lowercased score.
+    chosen_on = 'sacrebleu_lowercase' if lowercases(settings) else 'sacrebleu'
+    chosen = max(grid, key=lambda c: validation[c][chosen_on])
     scores = {f'{w}_average{k}_alpha{a}': {m: v[m] for m in SCORES}
               for (w, k, a), v in validation.items()}
-    run = {'weights': chosen[0], 'average': chosen[1], 'alpha': chosen[2], 'validation': scores,
+    run = {'weights': chosen[0], 'average': chosen[1], 'alpha': chosen[2], 'chosen_on': chosen_on,
+           'validation': scores,
            'checkpoint_steps': validation[chosen]['steps'],
            'train_seconds': train_seconds(args.workdir),
            'train_minutes_requested': args.minutes, 'train_wall_seconds': train_wall,

@@ -99,3 +99,35 @@ def test_any_thread_count_gives_the_same_vocabulary_and_ids():
     ids = [tk.Tokenizer(proto, threads=n).encode_batch(lines) for n in (1, 2)]
     assert ids[0] == ids[1]
     assert tk.Tokenizer(proto).threads == tk.usable_cores() >= 1
+
+
+def test_a_lowercasing_vocabulary_lowercases_what_it_encodes_and_nothing_else(tmp_path, vocab_dir):
+    """data.lowercase: the vocabulary's own normalizer lowercases (Python's str.lower, so ß
+    stays ß, unlike case folding), keeps whitespace, and is recorded and checked."""
+    c = _config()
+    c.data.lowercase = True
+    workdir = str(tmp_path)
+    tok = vocabulary_lib.load_or_train(c, workdir, _corpus)
+    for text in RAW + ['ÜBER DIE STRASSE, İstanbul Ωμέγα']:
+        assert tok.decode(tok.encode(text)) == text.lower()
+    cased = 'Der Hund LÄUFT über die Straße.'
+    assert tok.encode(cased) == tok.encode(cased.lower())
+    assert not any(p != p.lower() for p in tok.pieces(range(tok.vocab_size)) if p[0] != '<')
+    meta = json.loads(open(os.path.join(workdir, workdir_lib.VOCAB_META)).read())
+    assert meta['lowercase'] is True
+    # A cased vocabulary is refused under lowercase and the other way round; a vocab.json from
+    # before the field existed means a cased one.
+    with pytest.raises(ValueError, match='lowercase: stored False vs config True'):
+        vocabulary_lib.load_or_train(c, vocab_dir, _corpus)
+    c.data.lowercase = False
+    with pytest.raises(ValueError, match='lowercase: stored True vs config False'):
+        vocabulary_lib.load_or_train(c, workdir, _corpus)
+    meta_file = os.path.join(vocab_dir, workdir_lib.VOCAB_META)
+    old = json.loads(open(meta_file).read())
+    del old['lowercase']
+    legacy = tmp_path / 'legacy'
+    legacy.mkdir()
+    (legacy / workdir_lib.VOCAB_META).write_text(json.dumps(old))
+    (legacy / workdir_lib.VOCAB_MODEL).write_bytes(
+        open(os.path.join(vocab_dir, workdir_lib.VOCAB_MODEL), 'rb').read())
+    assert vocabulary_lib.load_or_train(c, str(legacy), _corpus).encode('Der') != tok.encode('Der')

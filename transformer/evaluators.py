@@ -128,13 +128,15 @@ class Bleu(Evaluator):
         hypotheses, _ = host_decode.translate_split(decoder, self.config, self.tokenizer,
                                                     self.split, batch, limit=self.sentences)
         ordered = [hypotheses[i] for i in sorted(hypotheses)]
-        return {self.key: bleu.sacrebleu_score(ordered,
-                                               self.split.references[:len(ordered)])[0]}
+        # A lowercasing vocabulary (data.lowercase) writes lowercase: score it so.
+        return {self.key: bleu.sacrebleu_score(ordered, self.split.references[:len(ordered)],
+                                               lowercase=bool(self.config.data.lowercase))[0]}
 
     def line(self, step, result):
         search = 'greedy' if self.beam_size == 1 else f'beam-{self.beam_size}'
-        return (f'step {step} {search} BLEU on {self.sentences} {self.split.name} sentences: '
-                f'{result[self.key]:.2f}')
+        case = 'lowercased ' if self.config.data.lowercase else ''
+        return (f'step {step} {search} {case}BLEU on {self.sentences} {self.split.name} '
+                f'sentences: {result[self.key]:.2f}')
 
 
 def make(config, tokenizer, splits: dict, graphdef, eval_step: Callable,

@@ -4,7 +4,9 @@ Ids: PAD_ID = 0 (also the decoder's start symbol; there is no BOS), EOS_ID = 1, 
 every module takes them from here. Normalization is 'identity' and extra whitespace is kept, so
 raw text round-trips through encode/decode; with byte fallback (vocabularies of
 BYTE_FALLBACK_MIN_VOCAB pieces or more) characters unseen in training round-trip too instead
-of becoming UNK.
+of becoming UNK. A lowercasing vocabulary (data.lowercase) maps each character to its Python
+lowercase inside the model's normalizer, so whatever encodes with it (training, evaluation,
+translation, exported tokenizers) lowercases the same way, and decoded text is lowercase.
 
 This module trains a model on the sentences it is given and loads a stored one; which
 sentences, and where the model is stored, is the caller's business (`vocabulary.load_or_train`).
@@ -14,6 +16,8 @@ from __future__ import annotations
 
 import io
 import os
+import sys
+import tempfile
 from collections.abc import Iterable, Sequence
 
 import sentencepiece as spm
@@ -78,30 +82,57 @@ class Tokenizer:
         return [self._sp.id_to_piece(int(i)) for i in ids]
 
 
-def train(texts: Iterable[str], vocab_size: int, threads: int | None = None) -> bytes:
+def lowercase_rules() -> str:
+    """SentencePiece normalization rules (TSV of hex code points) mapping every character
+    whose Python lowercase differs to that lowercase, and nothing else: identity otherwise,
+    unlike SentencePiece's own 'nmt_nfkc_cf' (NFKC as well, and case folding, ß -> ss)."""
+    rules = []
+    for code in range(sys.maxunicode + 1):
+        char = chr(code)
+        if 0xD800 <= code <= 0xDFFF:  # surrogates are no characters
+            continue
+        lower = char.lower()
+        if lower != char:
+            rules.append(f'{code:X}\t{" ".join(f"{ord(c):X}" for c in lower)}\n')
+    return ''.join(rules)
+
+
+def train(texts: Iterable[str], vocab_size: int, threads: int | None = None,
+          lowercase: bool = False) -> bytes:
     """Trains a BPE model on `texts` on `threads` threads (default: the usable cores) and
-    returns the serialized model: the same bytes for any thread count."""
+    returns the serialized model: the same bytes for any thread count. With `lowercase`, the
+    model lowercases what it encodes (and so learns its pieces from lowercased text)."""
     from sentencepiece import sentencepiece_model_pb2  # protobuf: only to train
 
     model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(texts),
-        model_writer=model,
-        model_type='bpe',
-        vocab_size=vocab_size,
-        character_coverage=1.0,
-        # Raw text must round-trip: no NFKC, no whitespace squeezing.
-        normalization_rule_name='identity',
-        remove_extra_whitespaces=False,
-        byte_fallback=vocab_size >= BYTE_FALLBACK_MIN_VOCAB,
-        pad_id=PAD_ID, eos_id=EOS_ID, unk_id=UNK_ID, bos_id=-1,
-        # A small corpus may not support the requested size; take what it gives.
-        hard_vocab_limit=False,
-        # We sample ourselves (seeded); keep every sentence handed over.
-        input_sentence_size=0, shuffle_input_sentence=False,
-        num_threads=threads or usable_cores(),
-        minloglevel=2,
-    )
+    with tempfile.TemporaryDirectory() as tmp:
+        # Raw text must round-trip: no NFKC, no whitespace squeezing (only lowercasing when
+        # asked).
+        normalization = {'normalization_rule_name': 'identity'}
+        if lowercase:
+            rules = os.path.join(tmp, 'lowercase.tsv')
+            with open(rules, 'w') as f:
+                f.write(lowercase_rules())
+            normalization = {'normalization_rule_tsv': rules}
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(texts),
+            model_writer=model,
+            model_type='bpe',
+            vocab_size=vocab_size,
+            character_coverage=1.0,
+            **normalization,
+            remove_extra_whitespaces=False,
+            byte_fallback=vocab_size >= BYTE_FALLBACK_MIN_VOCAB,
+            pad_id=PAD_ID, eos_id=EOS_ID, unk_id=UNK_ID, bos_id=-1,
+            # A small corpus may not support the requested size; take what it gives.
+            hard_vocab_limit=False,
+            # We sample ourselves (seeded); keep every sentence handed over.
+            input_sentence_size=0, shuffle_input_sentence=False,
+            num_threads=threads or usable_cores(),
+            minloglevel=2,
+        )
     proto = sentencepiece_model_pb2.ModelProto.FromString(model.getvalue())
     proto.trainer_spec.num_threads = _RECORDED_THREADS
+    if lowercase:  # the rules' temporary path would change the fingerprint; the model holds them
+        proto.normalizer_spec.ClearField('normalization_rule_tsv')
     return proto.SerializeToString()

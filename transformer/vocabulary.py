@@ -19,7 +19,9 @@ from transformer import tokenizer as tokenizer_lib
 from transformer.errors import FieldError, UsageError
 from transformer.workdir import VOCAB_META, VOCAB_MODEL, atomic_write, path
 
-_VOCAB_FIELDS = ('vocab_size', 'source_lang', 'target_lang')
+_VOCAB_FIELDS = ('vocab_size', 'source_lang', 'target_lang', 'lowercase')
+# What a vocab.json written before a field existed meant by it.
+_VOCAB_DEFAULTS = {'lowercase': False}
 
 # The run's vocabulary is fingerprinted (sha256 of vocab.model) in vocab.json and in every
 # checkpoint: a missing or changed vocabulary under existing checkpoints is refused, never
@@ -28,7 +30,7 @@ _VOCAB_FIELDS = ('vocab_size', 'source_lang', 'target_lang')
 
 def _vocab_metadata(config) -> dict:
     return dict(vocab_size=int(config.vocab_size), source_lang=config.source_lang,
-                target_lang=config.target_lang)
+                target_lang=config.target_lang, lowercase=bool(config.data.lowercase))
 
 
 def _sha256(data: bytes) -> str:
@@ -104,8 +106,9 @@ def load_or_train(config, workdir: str, texts: Callable[[], Iterable[str]],
             raise UsageError(f'{meta_file} is missing or unreadable, so what {model_file} was '
                              f'made for is unknown; nothing was trained with it yet: delete '
                              f'{model_file} (a new one is trained)')
-        bad = [f'{k}: stored {have.get(k)!r} vs config {want[k]!r}'
-               for k in _VOCAB_FIELDS if have.get(k) != want[k]]
+        stored = {k: have.get(k, _VOCAB_DEFAULTS.get(k)) for k in _VOCAB_FIELDS}
+        bad = [f'{k}: stored {stored[k]!r} vs config {want[k]!r}'
+               for k in _VOCAB_FIELDS if stored[k] != want[k]]
         if bad:
             remedy = (f'use a new --workdir (checkpoints {", ".join(map(str, steps))} were '
                       'trained with it)' if steps else 'use a new workdir or delete the '
@@ -125,7 +128,8 @@ def load_or_train(config, workdir: str, texts: Callable[[], Iterable[str]],
                          f'data.source={config.data.source!r} holds only blank lines')
     os.makedirs(workdir, exist_ok=True)
     start = time.time()
-    proto = tokenizer_lib.train(itertools.chain([first], sentences), config.vocab_size)
+    proto = tokenizer_lib.train(itertools.chain([first], sentences), config.vocab_size,
+                                lowercase=bool(config.data.lowercase))
     seconds = time.time() - start
     tokenizer = tokenizer_lib.Tokenizer(proto)
     logging.info('Trained a %d-piece BPE vocabulary in %.1f s', tokenizer.vocab_size, seconds)
