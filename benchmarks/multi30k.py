@@ -3,6 +3,7 @@ weights, checkpoint averaging and length penalty on the validation split, score 
 
     python benchmarks/multi30k.py [--workdir=/tmp/multi30k] [--minutes=60]
                                   [--checkpoint_minutes=2] [--alphas=0.6,1.0,1.5,2.0]
+                                  [--beam_sizes=4]
                                   [--averages=1,5,10] [--weights=ema,raw] [--keep=N]
                                   [--validation_only] [--dry_run]
                                   [-- --config.model.dropout_rate=0.3 ...]
@@ -15,15 +16,16 @@ is the paper's (post-LN, Adam 0.9/0.98/1e-9, the inverse-square-root schedule, l
 saves and exits 0), with checkpoints every --checkpoint_minutes; the run keeps as many as the
 largest of --averages (or --keep). Run again on a trained work directory, it only evaluates.
 
-Then the validation split is decoded for every (weights, checkpoints averaged, length penalty)
-in --weights x --averages x --alphas (the moving average and the raw parameters when the run
-keeps an EMA; one raw checkpoint is no candidate when more are averaged), the one with the best
-cased sacreBLEU is kept (lowercased with --config.data.lowercase=True, whose output is
-lowercase), and test2016 is decoded once with it. Arguments after `--` go to train
-as extra overrides. Prints ONE JSON object: test2016 cased and lowercased sacreBLEU (with
-signatures), the paper-style tokenized BLEU, the lowercased tokenized BLEU Multi30k papers
-report, chrF, the validation scores behind the choice, the training clock, wall times and the
-exact commands. Data: ../shared/data/multi30k (train, val, test2016).
+Then the validation split is decoded for every (weights, checkpoints averaged, length penalty,
+beam size) in --weights x --averages x --alphas x --beam_sizes (the moving average and the raw
+parameters when the run keeps an EMA; one raw checkpoint is no candidate when more are
+averaged), the one with the best cased sacreBLEU is kept (lowercased with
+--config.data.lowercase=True, whose output is lowercase), and test2016 is decoded once with it.
+Arguments after `--` go to train as extra overrides. Prints ONE JSON object: test2016 cased and
+lowercased sacreBLEU (with signatures), the paper-style tokenized BLEU, the lowercased
+tokenized BLEU Multi30k papers report, chrF, the validation scores behind the choice, the
+training clock, wall times and the exact commands. Data: ../shared/data/multi30k (train, val,
+test2016).
 """
 
 from __future__ import annotations
@@ -63,10 +65,11 @@ def train_command(workdir: str, minutes: float, checkpoint_minutes: float, keep:
 
 
 def evaluate_command(workdir: str, split: str, weights: str, average: int | str,
-                     alpha: float | str) -> list[str]:
+                     alpha: float | str, beam_size: int | str = 4) -> list[str]:
     """`weights`: 'ema' (the moving average the run kept) or 'raw' (its parameters)."""
     return [sys.executable, '-m', 'transformer.evaluate', f'--workdir={workdir}',
-            f'--split={split}', f'--average={average}', '--beam_size=4', f'--alpha={alpha}',
+            f'--split={split}', f'--average={average}', f'--beam_size={beam_size}',
+            f'--alpha={alpha}',
             *(['--raw_weights'] if weights == 'raw' else [])]
 
 
@@ -110,6 +113,8 @@ def main():
     parser.add_argument('--checkpoint_minutes', type=float, default=2.0)
     parser.add_argument('--alphas', default='0.6,1.0,1.5,2.0',
                         help='length penalties tried on the validation split')
+    parser.add_argument('--beam_sizes', default='4',
+                        help='beam sizes tried on the validation split (the paper: 4)')
     parser.add_argument('--averages', default='1,5,10',
                         help='numbers of final checkpoints averaged, tried on the validation '
                         'split (the run keeps as many as the largest)')
@@ -125,13 +130,14 @@ def main():
     parser.add_argument('--dry_run', action='store_true')
     args = parser.parse_args(argv)
     alphas = [float(a) for a in args.alphas.split(',')]
+    beams = [int(b) for b in args.beam_sizes.split(',')]
     averages = [int(k) for k in args.averages.split(',')]
     settings = TUNED + extra
     weights = (args.weights.split(',') if args.weights
                else ['ema', 'raw'] if uses_ema(settings) else ['raw'])
     # The raw parameters of one checkpoint are what averaging exists to beat: not a candidate
     # when more are averaged.
-    grid = [(w, k, a) for w in weights for k in averages for a in alphas
+    grid = [(w, k, a, b) for w in weights for k in averages for a in alphas for b in beams
             if not (w == 'raw' and k == 1 and max(averages) > 1)]
 
     train = train_command(args.workdir, args.minutes, args.checkpoint_minutes,
@@ -140,7 +146,7 @@ def main():
                 'validation': [shlex.join(evaluate_command(args.workdir, 'validation', *c))
                                for c in grid],
                 'test': shlex.join(evaluate_command(args.workdir, 'test', '<chosen>',
-                                                    '<chosen>', '<chosen>'))}
+                                                    '<chosen>', '<chosen>', '<chosen>'))}
     if args.dry_run:
         print(json.dumps({'commands': commands}, indent=1))
         return
@@ -158,10 +164,10 @@ def main():
     # A lowercasing run writes lowercase: chosen on the lowercased score.
     chosen_on = 'sacrebleu_lowercase' if lowercases(settings) else 'sacrebleu'
     chosen = max(grid, key=lambda c: validation[c][chosen_on])
-    scores = {f'{w}_average{k}_alpha{a}': {m: v[m] for m in SCORES}
-              for (w, k, a), v in validation.items()}
-    run = {'weights': chosen[0], 'average': chosen[1], 'alpha': chosen[2], 'chosen_on': chosen_on,
-           'validation': scores,
+    scores = {f'{w}_average{k}_alpha{a}' + (f'_beam{b}' if b != 4 else ''):
+              {m: v[m] for m in SCORES} for (w, k, a, b), v in validation.items()}
+    run = {'weights': chosen[0], 'average': chosen[1], 'alpha': chosen[2],
+           'beam_size': chosen[3], 'chosen_on': chosen_on, 'validation': scores,
            'checkpoint_steps': validation[chosen]['steps'],
            'train_seconds': train_seconds(args.workdir),
            'train_minutes_requested': args.minutes, 'train_wall_seconds': train_wall,

@@ -91,6 +91,8 @@ def evaluate_split(workdir: str | None, *, split: str, average: int | None,
         'max_extra_length': settings.max_extra_length,
         'no_repeat_ngram_size': settings.no_repeat_ngram_size or None,
         'direction': f'{config.source_lang}->{config.target_lang}',
+        # A lowercasing vocabulary (data.lowercase) writes lowercase: read the lowercased scores.
+        'lowercase': bool(config.data.lowercase),
         **bleu.all_scores(ordered, references, config.target_lang),
         'decode_seconds': stats['decode_seconds'],
         'sentences_per_second': len(sources) / stats['decode_seconds'],
