@@ -102,13 +102,13 @@ def test_any_thread_count_gives_the_same_vocabulary_and_ids():
 
 
 def test_a_lowercasing_vocabulary_lowercases_what_it_encodes_and_nothing_else(tmp_path, vocab_dir):
-    """data.lowercase: the vocabulary's own normalizer lowercases (Python's str.lower, so ß
-    stays ß, unlike case folding), keeps whitespace, and is recorded and checked."""
+    """data.lowercase: the vocabulary's own normalizer lowercases as Python's str.lower does
+    (ß stays ß), keeps whitespace and all else, and is recorded and checked."""
     c = _config()
     c.data.lowercase = True
     workdir = str(tmp_path)
     tok = vocabulary_lib.load_or_train(c, workdir, _corpus)
-    for text in RAW + ['ÜBER DIE STRASSE, İstanbul Ωμέγα']:
+    for text in RAW + ['ÜBER DIE STRASSE, İstanbul Ωμέγα', 'no NFKC: ﬁ Ｆｕｌｌ']:
         assert tok.decode(tok.encode(text)) == text.lower()
     cased = 'Der Hund LÄUFT über die Straße.'
     assert tok.encode(cased) == tok.encode(cased.lower())

@@ -85,7 +85,7 @@ class Tokenizer:
 def lowercase_rules() -> str:
     """SentencePiece normalization rules (TSV of hex code points) mapping every character
     whose Python lowercase differs to that lowercase, and nothing else: identity otherwise,
-    unlike SentencePiece's own 'nmt_nfkc_cf' (NFKC as well, and case folding, ß -> ss)."""
+    unlike SentencePiece's own 'nmt_nfkc_cf' (which applies NFKC as well)."""
     rules = []
     for code in range(sys.maxunicode + 1):
         char = chr(code)
