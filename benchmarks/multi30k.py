@@ -41,6 +41,7 @@ import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DATA = REPO.parent / 'shared' / 'data' / 'multi30k'
+PAPER_BEAM = 4  # section 6.1
 SCORES = ('sacrebleu', 'sacrebleu_lowercase', 'tokenized_bleu', 'tokenized_bleu_lowercase')
 
 # Chosen on the validation split (benchmarks/README.md, "multi30k.py"): P_drop 0.2 and the
@@ -65,7 +66,7 @@ def train_command(workdir: str, minutes: float, checkpoint_minutes: float, keep:
 
 
 def evaluate_command(workdir: str, split: str, weights: str, average: int | str,
-                     alpha: float | str, beam_size: int | str = 4) -> list[str]:
+                     alpha: float | str, beam_size: int | str = PAPER_BEAM) -> list[str]:
     """`weights`: 'ema' (the moving average the run kept) or 'raw' (its parameters)."""
     return [sys.executable, '-m', 'transformer.evaluate', f'--workdir={workdir}',
             f'--split={split}', f'--average={average}', f'--beam_size={beam_size}',
@@ -73,16 +74,22 @@ def evaluate_command(workdir: str, split: str, weights: str, average: int | str,
             *(['--raw_weights'] if weights == 'raw' else [])]
 
 
+def override(settings: list[str], field: str) -> str | None:
+    """The value the last of these overrides gives config `field`, or None."""
+    values = [s.split('=', 1)[1] for s in settings if s.startswith(f'--config.{field}=')]
+    return values[-1] if values else None
+
+
 def uses_ema(settings: list[str]) -> bool:
     """Whether these overrides keep a moving average (train.ema_decay > 0)."""
-    decay = [s.split('=', 1)[1] for s in settings if s.startswith('--config.train.ema_decay=')]
-    return bool(decay) and float(decay[-1]) > 0
+    decay = override(settings, 'train.ema_decay')
+    return decay is not None and float(decay) > 0
 
 
 def lowercases(settings: list[str]) -> bool:
     """Whether these overrides train a lowercasing vocabulary (data.lowercase)."""
-    value = [s.split('=', 1)[1] for s in settings if s.startswith('--config.data.lowercase=')]
-    return bool(value) and value[-1].lower() in ('true', '1')
+    value = override(settings, 'data.lowercase')
+    return value is not None and value.lower() in ('true', '1')
 
 
 def train_seconds(workdir: str) -> float | None:
@@ -113,7 +120,7 @@ def main():
     parser.add_argument('--checkpoint_minutes', type=float, default=2.0)
     parser.add_argument('--alphas', default='0.6,1.0,1.5,2.0',
                         help='length penalties tried on the validation split')
-    parser.add_argument('--beam_sizes', default='4',
+    parser.add_argument('--beam_sizes', default=str(PAPER_BEAM),
                         help='beam sizes tried on the validation split (the paper: 4)')
     parser.add_argument('--averages', default='1,5,10',
                         help='numbers of final checkpoints averaged, tried on the validation '
@@ -164,7 +171,7 @@ def main():
     # A lowercasing run writes lowercase: chosen on the lowercased score.
     chosen_on = 'sacrebleu_lowercase' if lowercases(settings) else 'sacrebleu'
     chosen = max(grid, key=lambda c: validation[c][chosen_on])
-    scores = {f'{w}_average{k}_alpha{a}' + (f'_beam{b}' if b != 4 else ''):
+    scores = {f'{w}_average{k}_alpha{a}' + (f'_beam{b}' if b != PAPER_BEAM else ''):
               {m: v[m] for m in SCORES} for (w, k, a, b), v in validation.items()}
     run = {'weights': chosen[0], 'average': chosen[1], 'alpha': chosen[2],
            'beam_size': chosen[3], 'chosen_on': chosen_on, 'validation': scores,

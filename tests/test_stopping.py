@@ -38,7 +38,6 @@ def test_a_signal_while_starting_unwinds_once_and_is_not_lost(phases):
         'stopped by SIGTERM; nothing half-written is left (run the same command again to go on)')
 
 
-
 def test_a_signal_inside_a_gc_callback_is_raised_again_without_a_traceback(phases, capsys,
                                                                              monkeypatch):
     """JAX runs a garbage collector callback; a signal that strikes in it raises there, and
@@ -68,6 +67,7 @@ def test_a_signal_inside_a_gc_callback_is_raised_again_without_a_traceback(phase
     finally:
         gc.callbacks.pop()
     assert 'ZeroDivisionError' in capsys.readouterr().err
+
 
 def test_in_the_loop_a_signal_is_a_vote_to_save_and_stop(phases):
     stopping.enter(stopping.Phase.STARTING)
