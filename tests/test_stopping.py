@@ -5,6 +5,7 @@ start, train, evaluate, and to the supervisor of two processes."""
 import gc
 import signal
 import sys
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -91,6 +92,37 @@ def test_a_signal_ends_an_evaluation_at_once(phases):
     with pytest.raises(stopping.EvaluationStopped):  # the next batch of another process
         step(1)
     with pytest.raises(stopping.EvaluationStopped), stop.evaluation():  # the next evaluation
+        pass
+
+
+def test_an_evaluation_whose_signal_a_gc_callback_dropped_ends_at_the_next_check(
+        phases, capsys, monkeypatch):
+    """As above, in an evaluation: the evaluation ends at its next check (between
+    evaluators, before a batch, in the test hook's sleep), not at its end (CI once waited a
+    minute of TRANSFORMER_SLOW=eval:60 for it)."""
+    monkeypatch.setattr(sys, 'unraisablehook', cli._unraisablehook)
+    monkeypatch.setenv('TRANSFORMER_SLOW', 'eval:30')
+    stopping.enter(stopping.Phase.STARTING)
+    stop = stopping.StopSignal()
+
+    def collecting(stage, info):
+        if stage == 'start':
+            signal.raise_signal(signal.SIGTERM)
+
+    start = time.monotonic()
+    with pytest.raises(stopping.EvaluationStopped), stop.evaluation():
+        gc.callbacks.append(collecting)
+        try:
+            gc.collect()
+        finally:
+            gc.callbacks.remove(collecting)
+        assert stop.requested and stopping.phase() == stopping.Phase.TRAINING
+        cli.slow_for_tests('eval')
+    assert time.monotonic() - start < 5
+    assert capsys.readouterr().err == ('warning: received signal 15: saving after this step '
+                                       'and exiting\nslow for tests: eval:30\n')
+    stopping.raise_if_interrupted()  # the next evaluation starts afresh (and stops at once)
+    with pytest.raises(stopping.EvaluationStopped), stop.evaluation():
         pass
 
 

@@ -301,7 +301,8 @@ def _unraisablehook(unraisable) -> None:
     traceback: stopping.raise_if_interrupted raises it again where the program can unwind.
     """
     value, source = unraisable.exc_value, repr(getattr(unraisable, 'object', None))
-    if isinstance(value, errors.Interrupted) and not os.environ.get('TRANSFORMER_TRACEBACK'):
+    if (isinstance(value, (errors.Interrupted, stopping.EvaluationStopped))
+            and not os.environ.get('TRANSFORMER_TRACEBACK')):
         return
     echo = ((isinstance(value, RuntimeError) and str(value) == 'Event loop is closed')
             or '_read_array_index' in source)
@@ -322,7 +323,12 @@ def slow_for_tests(what: str) -> None:
     slow = os.environ.get('TRANSFORMER_SLOW', '')
     if slow.startswith(f'{what}:'):
         tqdm.write(f'slow for tests: {slow}', file=sys.stderr)
-        time.sleep(float(slow.split(':', 1)[1]))
+        # In slices, checking between them, as a long computation's batches do: a signal's
+        # exception may be lost (stopping.raise_if_interrupted).
+        end = time.monotonic() + float(slow.split(':', 1)[1])
+        while (left := end - time.monotonic()) > 0:
+            time.sleep(min(left, 0.1))
+            stopping.raise_if_interrupted()
 
 
 def run(main: Callable[[], None], positional: list | None = None) -> None:

@@ -56,7 +56,8 @@ class EvaluationStopped(BaseException):
 
 # The process's phase, and what the actions need: the signal it unwinds for, the loop's
 # StopSignal, the supervisor's child. Signal handlers are per process, so this is too.
-_now = SimpleNamespace(phase=None, unwinding_for=None, stop_signal=None, child=None)
+_now = SimpleNamespace(phase=None, unwinding_for=None, stop_signal=None, child=None,
+                       evaluation_stopped=False)
 
 
 def _exit_at_once(signum: int) -> None:
@@ -89,7 +90,7 @@ def _stop_after_the_step(signum: int) -> None:
 def _end_the_evaluation(signum: int) -> None:
     """A preemption's grace period may be shorter than an evaluation: it ends at once."""
     _stop_after_the_step(signum)
-    _now.phase = Phase.TRAINING
+    _now.phase, _now.evaluation_stopped = Phase.TRAINING, True
     raise EvaluationStopped()
 
 
@@ -144,11 +145,16 @@ def stopped_message(signum: int) -> str:
 
 
 def raise_if_interrupted() -> None:
-    """Raises Interrupted again for a signal whose exception was lost: a handler's exception
-    is raised in whatever code runs at that moment, and a library's broad `except` there may
-    swallow it (seen once in CI: a SIGTERM at start-up, then the whole run, exit 0)."""
+    """Raises again a signal's exception that was lost: Interrupted, or EvaluationStopped
+    during an evaluation. A handler's exception is raised in whatever code runs at that
+    moment: a library's broad `except` there may swallow it (seen once in CI: a SIGTERM at
+    start-up, then the whole run, exit 0), and in a garbage collector callback (JAX runs one
+    at each collection) Python drops it (seen once in CI: a SIGTERM that struck as an
+    evaluation began, which then ran to its end)."""
     if _now.unwinding_for is not None:
         raise errors.Interrupted(_now.unwinding_for)
+    if _now.evaluation_stopped:
+        raise EvaluationStopped()
 
 
 def _agree(*conditions: bool) -> list[bool]:
@@ -188,6 +194,7 @@ class StopSignal:
         try:
             yield
         finally:
+            _now.evaluation_stopped = False
             enter(Phase.TRAINING)
 
     def agreed(self) -> bool:

@@ -345,6 +345,7 @@ def evaluate(evals: tuple, at: int, state, *, stop_signal: stopping.StopSignal,
                 cli.slow_for_tests('eval')
                 _fault_injection('in-eval', at)
                 for evaluator in evals:
+                    stopping.raise_if_interrupted()  # a signal whose exception was lost
                     result = evaluator.run(params)
                     cli.say(evaluator.line(at, result))
                     row.update({evaluator.prefix + k: v for k, v in result.items()})
