@@ -24,7 +24,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from transformer import alignment, batching, search, sharding
+from transformer import alignment, batching, search, sharding, stopping
 from transformer.errors import UsageError
 from transformer.tokenizer import PAD_ID
 
@@ -288,6 +288,7 @@ def translate_split(decoder: Decoder, config, tokenizer, split: batching.Encoded
                                          process_count=jax.process_count()))
     start = time.perf_counter()  # the decoding's time, compilation included
     for i, batch in enumerate(batches):
+        stopping.raise_if_interrupted()  # a signal whose exception a callback dropped
         index = batch['index']
         keep = np.flatnonzero(index >= 0)
         if not len(keep):
