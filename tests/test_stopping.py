@@ -98,8 +98,8 @@ def test_a_signal_ends_an_evaluation_at_once(phases):
 def test_an_evaluation_whose_signal_a_gc_callback_dropped_ends_at_the_next_check(
         phases, capsys, monkeypatch):
     """As above, in an evaluation: the evaluation ends at its next check (between
-    evaluators, before each batch of loss or decoding, in the test hook's sleep), not at its end (CI once waited a
-    minute of TRANSFORMER_SLOW=eval:60 for it)."""
+    evaluators, before each batch of loss or decoding, in the test hook's sleep), not at its
+    end (CI once waited a minute of TRANSFORMER_SLOW=eval:60 for it)."""
     monkeypatch.setattr(sys, 'unraisablehook', cli._unraisablehook)
     monkeypatch.setenv('TRANSFORMER_SLOW', 'eval:30')
     stopping.enter(stopping.Phase.STARTING)
