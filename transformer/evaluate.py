@@ -32,7 +32,17 @@ import os
 import jax
 from absl import flags
 
-from transformer import batching, bleu, cli, data, distributed, host_decode, run_config, saved_runs
+from transformer import (
+    batching,
+    bleu,
+    cli,
+    data,
+    distributed,
+    host_decode,
+    run_config,
+    saved_runs,
+    stopping,
+)
 from transformer import workdir as workdir_lib
 from transformer.errors import RunError, UsageError
 
@@ -68,7 +78,8 @@ def evaluate_split(workdir: str | None, *, split: str, average: int | None,
 
     decoder = host_decode.make_decoder(loaded.models, config, settings, batch_sentences)
     hypotheses, stats = host_decode.translate_split(decoder, config, tokenizer, encoded,
-                                                    batch_sentences)
+                                                    batch_sentences,
+                                                    check=stopping.raise_if_interrupted)
 
     label = workdir_lib.eval_name(split, loaded.members, settings.beam_size, settings.alpha,
                                   limit, settings.no_repeat_ngram_size)

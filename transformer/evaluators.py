@@ -21,7 +21,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from transformer import batching, bleu, errors, host_decode, sharding
+from transformer import batching, bleu, errors, host_decode, sharding, stopping
 from transformer import config as config_lib
 
 
@@ -126,7 +126,8 @@ class Bleu(Evaluator):
         decoder = host_decode.make_decoder(nnx.merge(self.graphdef, params), self.config,
                                            self.settings, batch)
         hypotheses, _ = host_decode.translate_split(decoder, self.config, self.tokenizer,
-                                                    self.split, batch, limit=self.sentences)
+                                                    self.split, batch, limit=self.sentences,
+                                                    check=stopping.raise_if_interrupted)
         ordered = [hypotheses[i] for i in sorted(hypotheses)]
         # A lowercasing vocabulary (data.lowercase) writes lowercase: score it so.
         return {self.key: bleu.sacrebleu_score(ordered, self.split.references[:len(ordered)],

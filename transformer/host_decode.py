@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import jax
 import numpy as np
 from absl import logging
 
-from transformer import alignment, batching, search, sharding, stopping
+from transformer import alignment, batching, search, sharding
 from transformer.errors import UsageError
 from transformer.tokenizer import PAD_ID
 
@@ -273,10 +273,13 @@ def make_decoder(models, config, decode_settings: Settings, batch_sentences: int
 
 
 def translate_split(decoder: Decoder, config, tokenizer, split: batching.EncodedSplit,
-                    batch_sentences: int, limit: int | None = None):
+                    batch_sentences: int, limit: int | None = None,
+                    check: Callable[[], None] = lambda: None):
     """The best hypothesis (text) of each sentence of `split` this process decodes: all of
     them, or the first `limit`, which are chosen before batching (sorted by length among
-    themselves), so that a quick look decodes only what it shows.
+    themselves), so that a quick look decodes only what it shows. `check()` runs before each
+    batch: the programs pass stopping.raise_if_interrupted, so that a signal whose exception
+    a callback dropped ends the decoding there.
 
     Returns (hypotheses dict: index in the split -> text, stats dict).
     """
@@ -288,7 +291,7 @@ def translate_split(decoder: Decoder, config, tokenizer, split: batching.Encoded
                                          process_count=jax.process_count()))
     start = time.perf_counter()  # the decoding's time, compilation included
     for i, batch in enumerate(batches):
-        stopping.raise_if_interrupted()  # a signal whose exception a callback dropped
+        check()
         index = batch['index']
         keep = np.flatnonzero(index >= 0)
         if not len(keep):
