@@ -278,8 +278,8 @@ def translate_split(decoder: Decoder, config, tokenizer, split: batching.Encoded
     """The best hypothesis (text) of each sentence of `split` this process decodes: all of
     them, or the first `limit`, which are chosen before batching (sorted by length among
     themselves), so that a quick look decodes only what it shows. `check()` runs before each
-    batch: the programs pass stopping.raise_if_interrupted, so that a signal whose exception
-    a callback dropped ends the decoding there.
+    batch: evaluate and the BLEU evaluator pass stopping.raise_if_interrupted, so that a
+    signal whose exception a callback dropped ends the decoding there.
 
     Returns (hypotheses dict: index in the split -> text, stats dict).
     """
